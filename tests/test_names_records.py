@@ -1,0 +1,130 @@
+"""Dataset-name parser, file layout and record I/O (libml/names.py, libml/records.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from libml import errors, names, records
+from libml.errors import UserError
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("cifar10.3@250-5000", ("cifar10", 3, 250, 5000)),
+    ("cifar10.250", ("cifar10", 1, 250, 1)),
+    ("svhn_noextra.5@1000-1", ("svhn_noextra", 5, 1000, 1)),
+    ("cifar6_mismatch75.1@2400-1", ("cifar6_mismatch75", 1, 2400, 1)),
+    ("cifar10.0@4000-0", ("cifar10", 0, 4000, 0)),
+    (" mnist5k.2@100-50 ", ("mnist5k", 2, 100, 50)),
+])
+def test_parse_dataset_name(text, expected):
+    d = names.parse_dataset_name(text)
+    assert (d.name, d.seed, d.nlabeled, d.nvalid) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "", "cifar10", "cifar10.3@250", "cifar10@250-5000", "cifar10.3@-5000", "cifar10.a@250-1",
+    "cifar-10.3@250-1", "3cifar.1@250-1", "cifar10.3@250-5000-1", "cifar10.3@0-1", "cifar10.0",
+])
+def test_parse_dataset_name_rejects(text):
+    with pytest.raises(UserError) as e:
+        names.parse_dataset_name(text)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "cifar10.3@250-5000" in message or "at least 1" in message
+
+
+def test_file_layout_matches_libml():
+    d = names.parse_dataset_name("cifar10.3@250-5000")
+    assert str(d) == "cifar10.3@250-5000"
+    assert d.label_path("/d") == "/d/SSL/cifar10.3@250-label.tfrecord"
+    assert d.unlabel_path("/d") == "/d/SSL/cifar10.3@250-unlabel.tfrecord"
+    assert d.map_path("/d") == "/d/SSL/cifar10.3@250-map.json"
+    assert d.test_path("/d") == "/d/cifar10-test.tfrecord"
+    assert d.train_path("/d") == "/d/cifar10-train.tfrecord"
+
+
+def test_data_dir(monkeypatch):
+    monkeypatch.delenv("ML_DATA", raising=False)
+    with pytest.raises(UserError, match="ML_DATA"):
+        names.data_dir("")
+    assert names.data_dir("/x") == "/x"
+    monkeypatch.setenv("ML_DATA", "/env")
+    assert names.data_dir("") == "/env"
+    assert names.data_dir("/flag") == "/flag"
+
+
+def _images(n, shape=(8, 8, 3), seed=0):
+    return np.random.RandomState(seed).randint(0, 256, size=(n,) + shape).astype(np.uint8)
+
+
+def test_record_round_trip_matches_original_format(tmp_path):
+    images, labels = _images(20), np.arange(20) % 3
+    path = str(tmp_path / "x.tfrecord")
+    pngs = list(records.encode_png_images(images))
+    assert records.write_records(path, zip(pngs, labels)) == 20
+    got_images, got_labels = records.load_numpy(path)
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+    np.testing.assert_array_equal(records.load_labels(path), labels)
+    # The schema is exactly tf.train.Example{image: bytes PNG, label: int64}.
+    first = next(iter(tf.data.TFRecordDataset(path))).numpy()
+    example = tf.train.Example.FromString(first)
+    assert set(example.features.feature) == {"image", "label"}
+    assert example.features.feature["image"].bytes_list.value[0][:8] == b"\x89PNG\r\n\x1a\n"
+    assert example.features.feature["label"].int64_list.value[0] == 0
+
+
+def test_write_refuses_existing_file_and_keeps_it(tmp_path):
+    path = tmp_path / "x.tfrecord"
+    path.write_bytes(b"precious")
+    with pytest.raises(UserError, match="--overwrite"):
+        records.write_records(str(path), [(b"png", 1)])
+    assert path.read_bytes() == b"precious"
+    records.write_records(str(path), [(b"png", 1)], overwrite=True)
+    assert path.read_bytes() != b"precious"
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    path = tmp_path / "x.tfrecord"
+
+    def examples():
+        yield b"png", 1
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        records.write_records(str(path), examples())
+    assert os.listdir(tmp_path) == []
+
+
+def test_corrupt_record_names_the_file(tmp_path):
+    path = str(tmp_path / "bad.tfrecord")
+    records.write_records(path, zip(records.encode_png_images(_images(5)), range(5)))
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(UserError, match="corrupt TFRecord .*bad.tfrecord"):
+        records.load_numpy(path)
+    with pytest.raises(UserError, match="bad.tfrecord"):
+        list(records.iterate_serialized(path))
+
+
+def test_require_file_names_command(tmp_path):
+    missing = str(tmp_path / "nothing.tfrecord")
+    with pytest.raises(UserError) as e:
+        records.require_file(missing, "python -m data_prep.create_datasets cifar10")
+    assert missing in str(e.value) and "create_datasets cifar10" in str(e.value)
+
+
+def test_run_cli_prints_one_line_and_exits_2(capsys):
+    def main(argv):
+        raise UserError("bad thing: do this instead")
+
+    with pytest.raises(SystemExit) as e:
+        errors.run_cli(main, [])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "error: bad thing: do this instead\n"
