@@ -1,0 +1,464 @@
+"""Dataset metadata and the SSL input streams (spec §3.1, §3.6).
+
+``load_ssl("cifar10.3@250-5000", root)`` returns an ``SSLData`` whose methods build tf.data
+pipelines:
+
+- ``train_labeled(B)``:   infinite, shuffled, one augmented view   {'image': f32[B,H,W,C]}
+- ``train_unlabeled(B)``: infinite, shuffled, two independent views {'image': f32[B,2,H,W,C]}
+- ``eval_labeled(B)``, ``valid(B)``, ``test(B)``: finite, in file order, no augmentation.
+
+Validation is the first ``nvalid`` records of ``-unlabel.tfrecord``; the unlabeled training
+stream is the rest (or the extension shards given as ``unlabeled_files``).
+
+Two ways to feed a stream:
+- cached (small sets, the default under ~1 GB decoded): the set is decoded once into a uint8
+  tensor; the stream shuffles *indices*, gathers a batch and augments it. The checkpointed
+  iterator state is then a few indices, not image buffers.
+- streamed (large sets, e.g. millions of extended records): the files are interleaved, the
+  serialized records shuffled with a buffer of ``STREAM_SHUFFLE_BUFFER``, parsed and decoded
+  in parallel, batched, and augmented per batch.
+
+All randomness is stateless and derived from the run seed and the stream's own batch counter,
+so a stream is reproducible and a restored iterator continues exactly where it stopped.
+"""
+import dataclasses
+import json
+import os
+import re
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+from libml import augment, records
+from libml.errors import UserError
+from libml.names import DatasetName, parse_dataset_name
+
+CACHE_MAX_DECODED_BYTES = 1 << 30      # auto-cache a set when its decoded size is under 1 GiB
+PNG_EXPANSION_ESTIMATE = 4             # decoded bytes per PNG byte assumed for that estimate
+STREAM_SHUFFLE_BUFFER = 8192           # records; as the released code (R:libml/data.py:66-88)
+INTERLEAVE_CYCLE = 16                  # shard files read at once when streaming several files
+SHIFT = 4                              # translation range in pixels (spec §4)
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                   "ship", "truck")
+DIGITS = tuple(str(i) for i in range(10))
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    nclass: int
+    height: int
+    width: int
+    channels: int
+    flip: bool
+    class_names: Tuple[str, ...] = ()
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+
+REGISTRY = {
+    "cifar10": DatasetInfo("cifar10", 10, 32, 32, 3, True, CIFAR10_CLASSES),
+    "cifar100": DatasetInfo("cifar100", 100, 32, 32, 3, True),
+    "svhn": DatasetInfo("svhn", 10, 32, 32, 3, False, DIGITS),
+    "svhn_noextra": DatasetInfo("svhn_noextra", 10, 32, 32, 3, False, DIGITS),
+    "mnist5k": DatasetInfo("mnist5k", 10, 32, 32, 1, False, DIGITS),
+}
+_MISMATCH = re.compile(r"^cifar6_mismatch(?P<percent>\d+)$")
+_EXTENDED = re.compile(r"^(?P<base>.+)_aug\d+$")    # released make_aug_copy names: cifar10_aug50
+
+
+def meta_path(root: str, name: str) -> str:
+    return os.path.join(root, f"{name}-meta.json")
+
+
+def dataset_info(name: Union[str, DatasetName], root: str) -> DatasetInfo:
+    """Metadata of a dataset: built-in registry, else {name}-meta.json, else inferred.
+
+    `name` is a base name (cifar10) or a full dataset name (cifar10.3@250-5000). Mismatch sets
+    (cifar6_mismatch*) keep CIFAR-10 labels, hence 10 classes, unless their meta file says
+    otherwise; released `{base}_aug{K}` names inherit the base dataset's metadata.
+    """
+    base = _base_name(name)
+    if base in REGISTRY:
+        return REGISTRY[base]
+    path = meta_path(root, base)
+    if tf.io.gfile.exists(path):
+        return _read_meta(path, base)
+    if _MISMATCH.match(base):
+        return dataclasses.replace(REGISTRY["cifar10"], name=base)
+    extended = _EXTENDED.match(base)
+    if extended and (extended["base"] in REGISTRY or tf.io.gfile.exists(meta_path(root, extended["base"]))):
+        return dataclasses.replace(dataset_info(extended["base"], root), name=base)
+    return _infer_info(base, root)
+
+
+def _base_name(name: Union[str, DatasetName]) -> str:
+    if isinstance(name, DatasetName):
+        return name.name
+    return parse_dataset_name(name).name if "." in name else name
+
+
+def _read_meta(path: str, name: str) -> DatasetInfo:
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            meta = json.load(f)
+        return DatasetInfo(name=name, nclass=int(meta["nclass"]), height=int(meta["height"]),
+                           width=int(meta["width"]), channels=int(meta["channels"]),
+                           flip=bool(meta.get("flip", True)),
+                           class_names=tuple(meta.get("class_names", ())))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"malformed dataset metadata {path} ({type(e).__name__}: {e}): fix it or "
+                        f"delete it to infer the metadata from the records") from None
+
+
+def _infer_info(name: str, root: str) -> DatasetInfo:
+    """Shape from the first record, classes from the largest label (files of other tools)."""
+    candidates = [os.path.join(root, f"{name}-{subset}.tfrecord") for subset in ("test", "train")]
+    path = next((p for p in candidates if tf.io.gfile.exists(p)), None)
+    if path is None:
+        raise UserError(f"unknown dataset {name!r}: no {meta_path(root, name)} and no {candidates[0]} "
+                        f"to infer it from; create it with `{_create_dataset_command(name, root)}`")
+    shape = _first_image_shape(path, how_to_create=_create_dataset_command(name, root))
+    nclass = int(records.load_labels(path).max(initial=-1)) + 1
+    if nclass < 1:
+        raise UserError(f"cannot infer the classes of {name!r}: {path} has no labeled record; "
+                        f"write {meta_path(root, name)} with its nclass")
+    return DatasetInfo(name, nclass, *shape, flip=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands named by error messages.
+
+def _create_split_command(dataset: DatasetName, root: str) -> str:
+    if _MISMATCH.match(dataset.name):
+        return _create_dataset_command(dataset.name, root, seed=dataset.seed, nlabeled=dataset.nlabeled)
+    ssl = os.path.join(root, "SSL", dataset.name)
+    return (f"python -m data_prep.create_split --seed={dataset.seed} --size={dataset.nlabeled} "
+            f"{ssl} {dataset.train_path(root)}")
+
+
+def _create_dataset_command(name: str, root: str, seed: int = 1, nlabeled: int = 2400) -> str:
+    data_flag = "" if os.environ.get("ML_DATA") == root else f" --data_dir={root}"
+    mismatch = _MISMATCH.match(name)
+    if mismatch:    # 6 labeled classes, 400 labels each by default
+        per_class = "" if nlabeled == 2400 else f" --labels_per_class={max(nlabeled // 6, 1)}"
+        return (f"python -m data_prep.create_mismatch --source=cifar10 "
+                f"--mismatch={int(mismatch['percent'])} --seed={seed}{per_class}{data_flag}")
+    if name in REGISTRY:
+        return f"python -m data_prep.create_datasets {name}{data_flag}"
+    return (f"python -m data_prep.create_datasets custom --name={name} --labeled_dir=DIR "
+            f"--unlabeled_dir=DIR --test_dir=DIR --size=32{data_flag}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Record reading.
+
+def _corrupt(path: str, error: Exception, how_to_create: str) -> UserError:
+    return UserError(f"corrupt TFRecord {path} ({records._first_line(error)}): delete it and "
+                     f"re-create it with `{how_to_create}`")
+
+
+def _first_image_shape(path: str, how_to_create: str) -> Tuple[int, int, int]:
+    try:
+        first = list(tf.data.TFRecordDataset(path).take(1))
+        if not first:
+            raise UserError(f"{path} holds no records: re-create it with `{how_to_create}`")
+        image = records.decode_image(records.parse_example(first[0])["image"])
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        raise _corrupt(path, e, how_to_create) from None
+    return tuple(int(s) for s in image.shape)
+
+
+def _count_at_most(path: str, limit: int) -> int:
+    """Number of records of `path`, counting no further than `limit`."""
+    ds = tf.data.TFRecordDataset(path).take(limit)
+    return int(ds.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Records of one set: `files`, minus the first `skip` records, at most `take` of them."""
+    files: Tuple[str, ...]
+    skip: int = 0
+    take: int = -1
+    how_to_create: str = ""
+
+    def records(self) -> tf.data.Dataset:
+        """Serialized records in file order (one pass)."""
+        if len(self.files) == 1:
+            ds = tf.data.TFRecordDataset(self.files[0])
+        else:
+            ds = tf.data.Dataset.from_tensor_slices(list(self.files)).flat_map(tf.data.TFRecordDataset)
+        return ds.skip(self.skip).take(self.take)
+
+    def decoded_bytes_estimate(self, info: DatasetInfo) -> int:
+        if self.take >= 0:
+            return self.take * info.height * info.width * info.channels
+        return PNG_EXPANSION_ESTIMATE * sum(tf.io.gfile.stat(f).length for f in self.files)
+
+
+def _decoder(info: DatasetInfo):
+    def decode(serialized):
+        example = records.parse_example(serialized)
+        image = tf.io.decode_image(example["image"], channels=info.channels, expand_animations=False)
+        return {"image": tf.ensure_shape(image, info.shape), "label": example["label"]}
+    return decode
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds: stateless, from (run seed, stream id) and then the stream's own counters.
+
+def _stream_seed(run_seed: int, stream: int, purpose: int):
+    base = tf.constant([run_seed, stream], tf.int64)
+    return tf.random.experimental.stateless_fold_in(base, purpose)
+
+
+_SHUFFLE, _AUGMENT = 0, 1
+_LABELED, _UNLABELED = 1, 2
+
+
+def test_options() -> tf.data.Options:
+    """tf.data options for tests: autotune off (many small pipelines on a shared CPU)."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.deterministic = True
+    return options
+
+
+test_options.__test__ = False    # not a pytest test when imported into a test module
+
+
+class SSLData:
+    """The SSL streams of one dataset. Build it with `load_ssl`."""
+
+    def __init__(self, info: DatasetInfo, dataset: DatasetName, root: str, seed: int,
+                 sources: dict, cache: Optional[bool], parallel: Optional[int],
+                 shuffle_buffer: int, options: Optional[tf.data.Options]):
+        self.info = info
+        self.dataset = dataset
+        self.root = root
+        self.seed = int(seed)
+        self._sources = sources
+        self._cache_flag = cache
+        self._parallel = parallel or tf.data.AUTOTUNE
+        self._shuffle_buffer = int(shuffle_buffer)
+        self._options = options
+        self._cached = {}
+
+    # -- public streams -----------------------------------------------------------------------
+    def train_labeled(self, batch: int) -> tf.data.Dataset:
+        """Infinite {'image': f32[B,H,W,C] in [-1,1], 'label': i64[B]}, one augmented view."""
+        return self._train("labeled", batch, views=1, stream=_LABELED)
+
+    def train_unlabeled(self, batch: int) -> tf.data.Dataset:
+        """Infinite {'image': f32[B,2,H,W,C], 'label': i64[B]}: two independent views per image."""
+        return self._train("unlabeled", batch, views=2, stream=_UNLABELED)
+
+    def eval_labeled(self, batch: int) -> tf.data.Dataset:
+        return self._eval("labeled", batch)
+
+    def valid(self, batch: int) -> tf.data.Dataset:
+        return self._eval("valid", batch)
+
+    def test(self, batch: int) -> tf.data.Dataset:
+        return self._eval("test", batch)
+
+    @property
+    def nclass(self) -> int:
+        return self.info.nclass
+
+    def is_cached(self, which: str) -> bool:
+        """Whether set `which` (labeled, unlabeled, valid, test) is fed from a decoded cache."""
+        if self._cache_flag is not None:
+            return bool(self._cache_flag)
+        return self._sources[which].decoded_bytes_estimate(self.info) <= CACHE_MAX_DECODED_BYTES
+
+    # -- building blocks ----------------------------------------------------------------------
+    def _finish(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        ds = ds.prefetch(tf.data.AUTOTUNE)
+        return ds.with_options(self._options) if self._options is not None else ds
+
+    def _train(self, which: str, batch: int, views: int, stream: int) -> tf.data.Dataset:
+        _check_batch(batch)
+        augment_seed = _stream_seed(self.seed, stream, _AUGMENT)
+        flip = self.info.flip
+
+        def augment_batch(step, example):
+            image = example["image"]
+            if views > 1:    # [B,...] -> [B*views,...], each copy gets its own draw
+                image = tf.repeat(image, views, axis=0)
+            seed = tf.random.experimental.stateless_fold_in(augment_seed, step)
+            image = augment.to_float(augment.augment(image, seed, flip=flip, shift=SHIFT))
+            if views > 1:
+                image = tf.reshape(image, [-1, views, *self.info.shape])
+            return {"image": image, "label": example["label"]}
+
+        if self.is_cached(which):
+            images, labels = self._load(which)
+            indices = self._index_stream(int(images.shape[0]), stream)
+            gather = _gatherer(images, labels)
+            ds = indices.batch(batch, drop_remainder=True).map(gather)
+        else:
+            ds = self._record_stream(which, stream)
+            ds = ds.map(_decoder(self.info), num_parallel_calls=self._parallel)
+            ds = ds.batch(batch, drop_remainder=True)
+        ds = ds.enumerate().map(augment_batch, num_parallel_calls=self._parallel)
+        return self._finish(ds)
+
+    def _eval(self, which: str, batch: int) -> tf.data.Dataset:
+        _check_batch(batch)
+
+        def to_float(example):
+            return {"image": augment.to_float(example["image"]), "label": example["label"]}
+
+        if self.is_cached(which):
+            images, labels = self._load(which)
+            # Label -1 marks an unknown class (custom unlabeled data, mismatch OOD): not scored.
+            keep = tf.boolean_mask(tf.range(tf.shape(labels, out_type=tf.int64)[0]), labels >= 0)
+            ds = tf.data.Dataset.from_tensor_slices(keep).batch(batch).map(_gatherer(images, labels))
+        else:
+            ds = self._sources[which].records()
+            ds = ds.map(_decoder(self.info), num_parallel_calls=self._parallel)
+            ds = ds.filter(lambda example: example["label"] >= 0).batch(batch)
+        return self._finish(ds.map(to_float, num_parallel_calls=self._parallel))
+
+    def _index_stream(self, size: int, stream: int) -> tf.data.Dataset:
+        """Infinite shuffled indices into a cached set of `size` images."""
+        if self._shuffle_buffer > 0:    # the released code: a shuffle buffer over a repeated range
+            buffer = min(size, self._shuffle_buffer)
+            return tf.data.Dataset.range(size).repeat().shuffle(
+                buffer, seed=_python_seed(self.seed, stream))
+        seed = _stream_seed(self.seed, stream, _SHUFFLE)
+        # Default: a fresh uniform permutation each epoch (every image once per epoch).
+        def epoch(e):
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(size, dtype=tf.int64), tf.random.experimental.stateless_fold_in(seed, e))
+            return tf.data.Dataset.from_tensor_slices(order)
+        return tf.data.Dataset.counter().flat_map(epoch)
+
+    def _record_stream(self, which: str, stream: int) -> tf.data.Dataset:
+        """Infinite shuffled serialized records of a set too large to cache."""
+        source = self._sources[which]
+        shuffle_seed = _stream_seed(self.seed, stream, _SHUFFLE)
+        if len(source.files) == 1:
+            ds = source.records().repeat()
+        else:
+            files = tf.constant(list(source.files))
+
+            def epoch(e):   # a new file order each pass over the shards
+                order = tf.random.experimental.stateless_shuffle(
+                    files, tf.random.experimental.stateless_fold_in(shuffle_seed, e))
+                return tf.data.Dataset.from_tensor_slices(order)
+
+            ds = tf.data.Dataset.counter().flat_map(epoch).interleave(
+                tf.data.TFRecordDataset, cycle_length=min(len(source.files), INTERLEAVE_CYCLE),
+                block_length=1, num_parallel_calls=self._parallel, deterministic=True)
+        buffer = self._shuffle_buffer or STREAM_SHUFFLE_BUFFER
+        return ds.shuffle(buffer, seed=_python_seed(self.seed, stream))
+
+    def _load(self, which: str):
+        """Decodes a set once into (uint8 [N,H,W,C], int64 [N]) host tensors."""
+        if which not in self._cached:
+            source = self._sources[which]
+            images, labels = [], []
+            for path in source.files:   # one file at a time, so an error names its file
+                one = dataclasses.replace(source, files=(path,))
+                x, y = _decode_all(one, self.info)
+                images.append(x)
+                labels.append(y)
+            with tf.device("/CPU:0"):
+                self._cached[which] = (tf.constant(np.concatenate(images)),
+                                       tf.constant(np.concatenate(labels)))
+        return self._cached[which]
+
+
+def _decode_all(source: _Source, info: DatasetInfo):
+    ds = source.records().map(_decoder(info), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(4096)
+    images, labels = [np.zeros([0, *info.shape], np.uint8)], [np.zeros([0], np.int64)]
+    try:
+        for example in ds.as_numpy_iterator():
+            images.append(example["image"])
+            labels.append(example["label"])
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        raise _corrupt(source.files[0], e, source.how_to_create) from None
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _gatherer(images, labels):
+    def gather(index):
+        return {"image": tf.gather(images, index), "label": tf.gather(labels, index)}
+    return gather
+
+
+def _python_seed(run_seed: int, stream: int) -> int:
+    """A tf.data op-level shuffle seed (Python int) for one stream of one run."""
+    return (int(run_seed) * 1_000_003 + 7919 * int(stream) + 1) % (2 ** 31 - 1)
+
+
+def _check_batch(batch: int) -> None:
+    if int(batch) < 1:
+        raise UserError(f"batch size {batch} is not positive: use a batch size of at least 1")
+
+
+def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
+             unlabeled_files: Optional[Sequence[str]] = None, cache: Optional[bool] = None,
+             parallel: Optional[int] = None, shuffle_buffer: int = 0,
+             options: Optional[tf.data.Options] = None) -> SSLData:
+    """Checks the prepared files of `dataset` under `root` and returns its streams.
+
+    unlabeled_files: extension shards to read instead of `-unlabel.tfrecord` minus its first
+        nvalid records (they already exclude the validation images).
+    cache: True/False forces decoding sets into memory or streaming them from the records;
+        None caches each set whose decoded size is under ~1 GB.
+    parallel: parallel parse/decode/augment calls (None: tf.data autotune).
+    shuffle_buffer: 0 draws a fresh uniform permutation per epoch for cached sets (and uses a
+        buffer of 8192 records when streaming); N > 0 reproduces the released code's
+        `range(n).repeat().shuffle(min(n, N))` (`--shuffle_buffer=8192`).
+    options: tf.data.Options applied to every stream (tests pass `test_options()`).
+    """
+    name = dataset if isinstance(dataset, DatasetName) else parse_dataset_name(dataset)
+    if shuffle_buffer < 0:
+        raise UserError(f"shuffle buffer {shuffle_buffer} is negative: use 0 (per-epoch permutation) "
+                        f"or a positive number of records")
+    split_cmd = _create_split_command(name, root)
+    data_cmd = _create_dataset_command(name.name, root, seed=name.seed, nlabeled=name.nlabeled)
+    label_path = records.require_file(name.label_path(root), split_cmd)
+    unlabel_path = records.require_file(name.unlabel_path(root), split_cmd)
+    test_path = records.require_file(name.test_path(root), data_cmd)
+    extension = tuple(unlabeled_files or ())
+    for path in extension:
+        records.require_file(path, "python -m data_prep.extend_unlabeled "
+                                   f"--dataset={name} --copies=K --aug=AUG --seed=S")
+
+    info = dataset_info(name, root)
+    for path, how in [(label_path, split_cmd), (unlabel_path, split_cmd), (test_path, data_cmd),
+                      *[(p, "python -m data_prep.extend_unlabeled") for p in extension]]:
+        shape = _first_image_shape(path, how)
+        if shape != info.shape:
+            raise UserError(f"{path} holds {'x'.join(map(str, shape))} images but {info.name} is "
+                            f"{'x'.join(map(str, info.shape))}: re-create the file, or fix "
+                            f"{meta_path(root, info.name)}")
+
+    need = name.nvalid if extension else name.nvalid + 1
+    try:
+        count = _count_at_most(unlabel_path, need)
+    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+        raise _corrupt(unlabel_path, e, split_cmd) from None
+    if count < need:
+        raise UserError(f"{name} asks for {name.nvalid} validation images but {unlabel_path} holds "
+                        f"only {count} records{' and none would be left to train on' if not extension else ''}: "
+                        f"use a smaller validation size in the dataset name")
+
+    sources = {
+        "labeled": _Source((label_path,), how_to_create=split_cmd),
+        "unlabeled": (_Source(extension, how_to_create="python -m data_prep.extend_unlabeled")
+                      if extension else _Source((unlabel_path,), skip=name.nvalid, how_to_create=split_cmd)),
+        "valid": _Source((unlabel_path,), take=name.nvalid, how_to_create=split_cmd),
+        "test": _Source((test_path,), how_to_create=data_cmd),
+    }
+    return SSLData(info, name, root, seed, sources, cache, parallel, shuffle_buffer, options)
