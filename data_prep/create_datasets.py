@@ -2,6 +2,7 @@
 
     python -m data_prep.create_datasets cifar10 [cifar100 svhn mnist5k] [--data_dir=...] [--archive_dir=DIR]
     python -m data_prep.create_datasets custom --name=NAME --labeled_dir=D [--unlabeled_dir=D] --test_dir=D --size=32
+    python -m data_prep.create_datasets imagenet32 [--archive_dir=DIR]   # Table 4 pretraining
 
 Outputs under $ML_DATA (or --data_dir): ``{name}-train.tfrecord``, ``{name}-test.tfrecord``
 (svhn also ``-extra`` and a copy ``svhn_noextra-test``; custom also ``-unlabeled``) and
@@ -10,6 +11,9 @@ Outputs under $ML_DATA (or --data_dir): ``{name}-train.tfrecord``, ``{name}-test
 CIFAR / SVHN sources, first found wins: the original archives in --archive_dir,
 $ML_DATA/downloads or ~/tensorflow_datasets/downloads/manual; then tensorflow-datasets'
 prepared copy; then a tensorflow-datasets download (only with --download and a network).
+ImageNet 32x32 (imagenet32, 1.28 M train / 50,000 validation images written as -test) comes
+from tensorflow-datasets' ``imagenet_resized/32x32``, prepared from the two manually downloaded
+zip files of image-net.org (login required); it is streamed, so memory stays bounded.
 """
 import concurrent.futures
 import dataclasses
@@ -22,7 +26,7 @@ import shutil
 import socket
 import tarfile
 import zlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import flags
@@ -58,7 +62,7 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
 SVHN_CLASSES = [str((i + 1) % 10) for i in range(10)]   # label 0 is digit 1, ..., label 9 is digit 0
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-BUILTIN = ("cifar10", "cifar100", "svhn", "mnist5k")
+BUILTIN = ("cifar10", "cifar100", "svhn", "mnist5k", "imagenet32")
 MNIST5K_TEST_PER_CLASS = 100
 
 
@@ -330,6 +334,83 @@ def mnist5k_test_mask(labels: np.ndarray, per_class: int = MNIST5K_TEST_PER_CLAS
 
 
 # ----------------------------------------------------------------------------------------
+# ImageNet 32x32 (Table 4 pretraining): tensorflow-datasets imagenet_resized/32x32, streamed
+
+IMAGENET32_TFDS = "imagenet_resized/32x32"
+IMAGENET32_FILES = ("Imagenet32_train_npz.zip", "Imagenet32_val_npz.zip")
+IMAGENET32_SPLITS = {"train": "train", "test": "validation"}     # our subset -> tfds split
+IMAGENET32_PAGE = "https://image-net.org/download-images.php"
+
+
+def imagenet32_manual_dir(dirs: Sequence[str]) -> Optional[str]:
+    """The first folder holding both ImageNet32 zip files, or None."""
+    for d in dirs:
+        if all(os.path.isfile(os.path.join(d, f)) for f in IMAGENET32_FILES):
+            return d
+    return None
+
+
+def imagenet32_builder(dirs: Sequence[str], tfds_data_dir: str = ""):
+    """The prepared tfds builder; prepares it once from the manual zip files (never downloads:
+    image-net.org needs a login)."""
+    import zipfile
+    import tensorflow_datasets as tfds
+    builder = tfds.builder(IMAGENET32_TFDS, data_dir=tfds_data_dir or None)
+    if builder.is_prepared():
+        return builder
+    manual = imagenet32_manual_dir(dirs)
+    if manual is None:
+        raise UserError(f"no imagenet32 data found: download {' and '.join(IMAGENET32_FILES)} "
+                        f"(ImageNet 'Downsampled Images 32x32', {IMAGENET32_PAGE}, login required) "
+                        f"into {dirs[0]} (or pass --archive_dir=DIR), then run the command again")
+    print(f"imagenet32: preparing tensorflow-datasets {IMAGENET32_TFDS} from {manual} "
+          f"(once; about 4 GB under its data folder)")
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
+    except (tfds.download.NonMatchingChecksumError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"cannot prepare imagenet32 from {manual} ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}): "
+                        f"delete the zip files and download them again") from None
+    return builder
+
+
+def imagenet32_examples(builder, split: str) -> Iterator[Tuple[bytes, int]]:
+    """(PNG bytes, label) of one tfds split in its stored order, encoded in parallel tf.data
+    workers; only a few batches are in memory at any time."""
+    import tensorflow as tf
+    ds = builder.as_dataset(split=split, shuffle_files=False)
+    ds = ds.map(lambda ex: (tf.io.encode_png(ex["image"]), ex["label"]),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(256)
+    for png, label in ds.as_numpy_iterator():
+        yield png, int(label)
+
+
+def create_imagenet32(root: str, dirs: Sequence[str], overwrite: bool = False,
+                      tfds_data_dir: str = "") -> List[str]:
+    """Writes imagenet32-train (1,281,167) and imagenet32-test (the 50,000 validation images)
+    and imagenet32-meta.json (1000 classes, WordNet ids as class names, flip)."""
+    common.require_free(output_paths(root, "imagenet32", list(IMAGENET32_SPLITS)), overwrite)
+    builder = imagenet32_builder(dirs, tfds_data_dir)
+    written, counts = [], []
+    for subset, split in IMAGENET32_SPLITS.items():
+        path = os.path.join(root, f"imagenet32-{subset}.tfrecord")
+        try:
+            total = builder.info.splits[split].num_examples
+        except KeyError:
+            total = None
+        count = records.write_records(path, imagenet32_examples(builder, split), overwrite,
+                                      progress=f"writing {os.path.basename(path)}", total=total)
+        written.append(path)
+        counts.append(f"{subset} {count}")
+    class_names = list(builder.info.features["label"].names)
+    path = common.meta_path(root, "imagenet32")
+    common.write_json(path, common.make_meta("imagenet32", len(class_names), (32, 32, 3), True,
+                                             class_names), overwrite)
+    print(f"imagenet32: {', '.join(counts)} images -> {root}")
+    return written + [path]
+
+
+# ----------------------------------------------------------------------------------------
 # Custom datasets from image folders
 
 def list_images(folder: str) -> List[str]:
@@ -487,6 +568,8 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
                                custom.get("test_dir", ""), custom.get("size", 32),
                                custom.get("flip", True), custom.get("workers", 0))
     else:
+        if dataset == "imagenet32":
+            return create_imagenet32(root, archive_dirs(archive_dir, root), overwrite, tfds_data_dir)
         copies = ["svhn_noextra-test"] if dataset == "svhn" else []
         common.require_free(output_paths(root, dataset, expected_subsets(dataset), copies), overwrite)
         dirs = archive_dirs(archive_dir, root)

@@ -202,7 +202,7 @@ def test_exit_code_and_one_line_error(tmp_path):
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2
     assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [
-        "error: unknown dataset 'cifar11': choose from cifar10, cifar100, svhn, mnist5k, custom"]
+        "error: unknown dataset 'cifar11': choose from cifar10, cifar100, svhn, mnist5k, imagenet32, custom"]
 
 
 def test_tfds_fallback_when_no_archive(tmp_path, monkeypatch):
@@ -219,3 +219,42 @@ def test_tfds_fallback_when_no_archive(tmp_path, monkeypatch):
     images, labels = records.load_numpy(str(out / "cifar10-train.tfrecord"))
     assert images.shape == (5, 32, 32, 3) and ((labels >= 0) & (labels < 10)).all()
     assert read_meta(out, "cifar10")["class_names"] == cd.CIFAR10_CLASSES
+
+
+def test_imagenet32_offline_names_the_zip_files(tmp_path):
+    out = tmp_path / "data"
+    with pytest.raises(UserError) as e:
+        run_main("imagenet32", f"--data_dir={out}", f"--tfds_data_dir={tmp_path / 'tfds'}")
+    message = str(e.value)
+    assert "Imagenet32_train_npz.zip and Imagenet32_val_npz.zip" in message
+    assert str(out / "downloads") in message and "--archive_dir" in message and "\n" not in message
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_imagenet32_from_tfds_manual_files(tmp_path):
+    """tensorflow-datasets imagenet_resized/32x32 (mocked) prepared from the manual zip files;
+    train and validation (as -test) streamed to records, in tfds order, with the metadata."""
+    import tensorflow_datasets as tfds
+    archives, out, tfds_dir = tmp_path / "manual", tmp_path / "data", tmp_path / "tfds"
+    os.makedirs(archives)
+    for name in cd.IMAGENET32_FILES:
+        (archives / name).write_bytes(b"zip placeholder: the mock never opens it")
+    with tfds.testing.mock_data(num_examples=7):
+        run_main("imagenet32", f"--archive_dir={archives}", f"--data_dir={out}",
+                 f"--tfds_data_dir={tfds_dir}")
+        builder = tfds.builder(cd.IMAGENET32_TFDS, data_dir=str(tfds_dir))
+        expected = {subset: list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
+                    for subset, split in cd.IMAGENET32_SPLITS.items()}
+    for subset in ("train", "test"):
+        images, labels = records.load_numpy(str(out / f"imagenet32-{subset}.tfrecord"))
+        assert images.shape == (7, 32, 32, 3)
+        np.testing.assert_array_equal(images, np.stack([ex["image"] for ex in expected[subset]]))
+        assert labels.tolist() == [int(ex["label"]) for ex in expected[subset]]
+    meta = read_meta(out, "imagenet32")
+    assert meta["nclass"] == 1000 and meta["flip"] is True and (meta["height"], meta["channels"]) == (32, 3)
+    assert len(meta["class_names"]) == 1000 and meta["class_names"][0] == "n02119789"
+    with pytest.raises(UserError, match="imagenet32-train.tfrecord already exists"):
+        run_main("imagenet32", f"--archive_dir={archives}", f"--data_dir={out}")
+    with pytest.raises(UserError, match="--name=imagenet32 is a built-in dataset"):
+        run_main("custom", "--name=imagenet32", f"--labeled_dir={archives}", f"--test_dir={archives}",
+                 f"--data_dir={out}")

@@ -1,0 +1,166 @@
+"""Export of the EMA model, loading it back, and transfer learning (spec §7.4).
+
+An export folder (`{run}/export/` by default) holds:
+    model.keras      the EMA Wide ResNet (EMA weights + live BN statistics), Keras 3 format;
+                     input float32 in [-1, 1], output logits
+    saved_model/     TF SavedModel, signature `serving_default(images: uint8 [N,H,W,C])`
+                     -> {probabilities, class, confidence}; needs no Python code to serve
+    meta.json        dataset, image shape, class names, training step, hyper-parameters
+"""
+import json
+import os
+import shutil
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from libml.errors import UserError
+from libml.models import WideResNet
+
+KERAS_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+META_FILE = "meta.json"
+
+# WideResNet has get_config; registering it makes `.keras` files loadable by name.
+keras.saving.register_keras_serializable(package="libml")(WideResNet)
+
+
+def normalize(images):
+    """uint8 [0, 255] -> float32 [-1, 1], as in training."""
+    return tf.cast(images, tf.float32) * (2.0 / 255) - 1.0
+
+
+class ServingModule(tf.Module):
+    """Wraps a net for the SavedModel: uint8 images in, probabilities out."""
+
+    def __init__(self, net, image_shape):
+        super().__init__()
+        self.net = net
+        self.net_variables = list(net.weights)   # tracked explicitly for the SavedModel
+        self.serve = tf.function(
+            self._serve, input_signature=[tf.TensorSpec([None, *image_shape], tf.uint8, name="images")])
+
+    def _serve(self, images):
+        probs = tf.nn.softmax(tf.cast(self.net(normalize(images), training=False), tf.float32))
+        return {"probabilities": probs, "class": tf.argmax(probs, axis=-1),
+                "confidence": tf.reduce_max(probs, axis=-1)}
+
+
+def export_model(model, info, out_dir: str, meta: dict = None) -> dict:
+    """Writes the EMA net of `model` (an SSLModel) to `out_dir` (replaced as a whole: the new
+    export is written beside it and renamed in place when complete). Returns the paths."""
+    out_dir = os.path.abspath(out_dir)
+    tmp = f"{out_dir}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        net = model.ema_net
+        net.save(os.path.join(tmp, KERAS_FILE))
+        serving = ServingModule(net, info.shape)
+        tf.saved_model.save(serving, os.path.join(tmp, SAVED_MODEL_DIR),
+                            signatures={"serving_default": serving.serve})
+        description = dict(meta or {}, nclass=info.nclass, height=info.height, width=info.width,
+                           channels=info.channels, class_names=list(info.class_names),
+                           input="uint8 images for saved_model; float32 x*2/255-1 for model.keras")
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(description, f, indent=2, sort_keys=True, default=str)
+        old = f"{out_dir}.old-{os.getpid()}"
+        if os.path.exists(out_dir):
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"keras": os.path.join(out_dir, KERAS_FILE),
+            "saved_model": os.path.join(out_dir, SAVED_MODEL_DIR),
+            "meta": os.path.join(out_dir, META_FILE)}
+
+
+def load_keras_net(path: str):
+    try:
+        net = keras.saving.load_model(path, compile=False)
+    except Exception as e:  # keras raises many types for a bad file
+        raise UserError(f"cannot load {path} ({type(e).__name__}: {_first_line(e)}): pass a "
+                        f".keras file written by the trainer's export") from None
+    if not isinstance(net, WideResNet):
+        raise UserError(f"{path} holds a {type(net).__name__}, not a WideResNet export: pass a "
+                        f".keras file written by the trainer's export")
+    return net
+
+
+# ---------------------------------------------------------------------------------------------
+# Transfer learning
+
+def transfer_weights(model, source: str, info) -> str:
+    """Initialises `model.net` and `model.ema_net` from `source` (a run folder, its tf/ folder,
+    a checkpoint prefix, or an exported .keras file) except the classifier head, which keeps
+    its fresh initialisation; the optimizer and the step stay fresh (spec §7.4).
+    A different architecture (filters, repeat, scales, channels) is a UserError."""
+    targets = [model.net, model.ema_net]
+    if source.endswith(".keras"):
+        src = load_keras_net(source)
+        pairs = [(t, src) for t in targets]
+    else:
+        from libml.train import resolve_checkpoint
+        prefix = resolve_checkpoint(source)
+        src_net, src_ema = _restore_source_nets(model.net, prefix, info)
+        pairs = [(model.net, src_net), (model.ema_net, src_ema)]
+    for target, src in pairs:
+        _copy_except_head(target, src, source)
+    return source
+
+
+def _restore_source_nets(net, prefix: str, info):
+    """Builds nets like `net` (same layer names) with the source's class count and restores
+    them from the checkpoint, matching variables by path."""
+    from libml.train import checkpoint_key
+    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    head_bias = checkpoint_key(f"net/{net.classifier.name}/bias")
+    if head_bias not in shapes:
+        raise UserError(f"{prefix} is not a checkpoint of this trainer (no {head_bias}): pass a "
+                        f"run folder or checkpoint written by realmix_tf")
+    src_nclass = int(shapes[head_bias][0])
+    nets = [WideResNet(src_nclass, filters=net.filters, repeat=net.repeat, scales=net.scales,
+                       name=name).build_for(info.shape) for name in ("net", "ema_net")]
+    variables = {v.path: v for src in nets for v in src.weights}
+    for path, v in variables.items():
+        shape = shapes.get(checkpoint_key(path))
+        if shape is None or tuple(shape) != tuple(v.shape):
+            have = "no such variable" if shape is None else f"shape {tuple(shape)}"
+            raise UserError(f"{prefix} has a different architecture ({path}: {have}, this model "
+                            f"needs {tuple(v.shape)}): use the source run's "
+                            f"--filters/--repeat/--scales and an image size like its own")
+    prefix_paths = {checkpoint_key(p).split("/")[1].split(".S")[0] for p in variables}
+    stored = {k for k in shapes if k.startswith("variables/") and k.split("/")[1].split(".S")[0] in prefix_paths}
+    if len(stored) != len(variables):
+        raise UserError(f"{prefix} has a different architecture ({len(stored)} network variables, "
+                        f"this model has {len(variables)}): use the source run's "
+                        f"--filters/--repeat/--scales")
+    tf.train.Checkpoint(variables=variables).read(prefix).expect_partial()
+    return nets
+
+
+def _copy_except_head(target, src, source: str) -> None:
+    head = {id(v) for v in target.classifier.weights}
+    src_head = {id(v) for v in src.classifier.weights}
+    if len(target.weights) != len(src.weights):
+        raise UserError(f"{source} has a different architecture ({len(src.weights)} variables, "
+                        f"this model has {len(target.weights)}): use the source run's "
+                        f"--filters/--repeat/--scales")
+    updates = []
+    for t, s in zip(target.weights, src.weights):
+        if id(t) in head:
+            continue
+        if id(s) in src_head or tuple(t.shape) != tuple(s.shape):
+            raise UserError(f"{source} has a different architecture ({t.path} is {tuple(t.shape)}, "
+                            f"the source's {s.path} is {tuple(s.shape)}): use the source run's "
+                            f"--filters/--repeat/--scales and channel count")
+        updates.append((t, s))
+    for t, s in updates:
+        t.assign(np.asarray(s.numpy()))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__

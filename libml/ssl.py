@@ -1,0 +1,143 @@
+"""SSLModel: what every semi-supervised algorithm here shares (spec §6.8, §13).
+
+- `net`: the raw Wide ResNet; its BN moving statistics are the live ones.
+- `ema_net`: the same architecture; its trainable weights are the EMA shadows
+  (shadow <- shadow - (1 - ema) * (shadow - var), constant decay, starting at the initial
+  weights) and its BN moving statistics are copied from `net` after every update, so
+  `ema_net` alone is a complete, exportable model: EMA weights + live BN statistics.
+- `optimizer`: Adam(lr, epsilon=1e-8), in a LossScaleOptimizer under mixed_float16.
+- `step`: int64 count of labeled images seen (each step adds the global batch).
+- `apply_update(grads)`: Adam step, then decoupled weight decay of the conv and dense kernels
+  (k <- k * (1 - wd * lr)), then the EMA update and the BN-statistics copy.
+
+A subclass implements `train_step(data)` and returns its scalars keyed by TensorBoard tag.
+"""
+import keras
+import tensorflow as tf
+
+from libml.errors import UserError
+from libml.models import WideResNet, scales_for_size
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def default_precision() -> str:
+    """mixed_float16 on a GPU, mixed_bfloat16 on a CPU (fast with AVX-512 bf16 / AMX)."""
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+
+
+def run_cross_replica(fn):
+    """Runs fn(strategy) once in cross-replica context, from replica or cross-replica code."""
+    context = tf.distribute.get_replica_context()
+    if context is None:
+        return fn(tf.distribute.get_strategy())
+    return context.merge_call(fn)
+
+
+def tf_variable(v):
+    return v.value if isinstance(v, keras.Variable) else v
+
+
+class SSLModel(keras.Model):
+    """Base for RealMix and the baselines. Create it under `strategy.scope()`."""
+
+    def __init__(self, nclass, input_shape, filters=32, repeat=4, scales=0, lr=0.002, wd=0.02,
+                 ema=0.999, seed=0, precision="float32", jit_compile=False, bn_momentum=0.999,
+                 name=None):
+        super().__init__(name=name or type(self).__name__.lower())
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+        if not 0.0 <= ema < 1.0:
+            raise UserError(f"ema decay {ema} is out of range: use a value in [0, 1)")
+        if not 0.0 <= bn_momentum < 1.0:
+            raise UserError(f"bn_momentum {bn_momentum} is out of range: use a value in [0, 1)")
+        if lr <= 0 or wd < 0:
+            raise UserError(f"lr={lr}, wd={wd}: use lr > 0 and wd >= 0")
+        self.nclass = int(nclass)
+        self.image_shape = tuple(int(d) for d in input_shape)
+        self.filters, self.repeat = int(filters), int(repeat)
+        self.scales = int(scales) or scales_for_size(self.image_shape[0])
+        self.lr, self.wd, self.ema_decay, self.seed = float(lr), float(wd), float(ema), int(seed)
+        self.precision = precision
+        self.bn_momentum = float(bn_momentum)
+        self.use_jit = bool(jit_compile)
+
+        arch = dict(nclass=self.nclass, filters=self.filters, repeat=self.repeat,
+                    scales=self.scales, dtype=precision, bn_momentum=self.bn_momentum)
+        self.net = WideResNet(seed=self.seed, name="net", **arch).build_for(self.image_shape)
+        self.ema_net = WideResNet(seed=self.seed, name="ema_net", **arch).build_for(
+            self.image_shape)
+        self._ema_pairs = list(zip(self.ema_net.trainable_variables, self.net.trainable_variables))
+        self._bn_pairs = [(e, n) for le, ln in zip(self.ema_net.bn_layers(), self.net.bn_layers())
+                          for e, n in ((le.moving_mean, ln.moving_mean),
+                                       (le.moving_variance, ln.moving_variance))]
+        self._decayed = self.net.kernels()
+        for shadow, var in self._ema_pairs + self._bn_pairs:
+            shadow.assign(var)
+
+        optimizer = keras.optimizers.Adam(learning_rate=self.lr, epsilon=1e-8)
+        if precision == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer.build(self.net.trainable_variables)
+        self.optimizer = optimizer
+        self.step = keras.Variable(0, dtype="int64", trainable=False, name="step",
+                                   aggregation="only_first_replica")
+
+    # ----------------------------------------------------------------------------------------
+    def hparams(self) -> dict:
+        """Hyper-parameters that define the run (folder name, args.json). Precision and
+        jit_compile are left out: they change speed, not the algorithm."""
+        return dict(filters=self.filters, repeat=self.repeat, scales=self.scales, lr=self.lr,
+                    wd=self.wd, ema=self.ema_decay, seed=self.seed)
+
+    @property
+    def num_replicas(self) -> int:
+        return tf.distribute.get_strategy().num_replicas_in_sync
+
+    def scale_loss(self, loss):
+        """Per-replica loss to differentiate: divided by the replica count (the optimizer sums
+        gradients across replicas), and scaled by the LossScaleOptimizer under float16."""
+        loss = loss / self.num_replicas
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            loss = self.optimizer.scale_loss(loss)
+        return loss
+
+    def gradients(self, tape, scaled_loss):
+        """Gradients of `scaled_loss` (= self.scale_loss(loss), computed inside the tape)."""
+        return tape.gradient(scaled_loss, self.net.trainable_variables)
+
+    def apply_update(self, grads):
+        """Adam step, then kernel-only decoupled weight decay, then the EMA update."""
+        self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
+        decay = 1.0 - self.wd * self.lr
+        ema_rate = 1.0 - self.ema_decay
+
+        def update(strategy):
+            for kernel in self._decayed:
+                strategy.extended.update(tf_variable(kernel), lambda k: k.assign(k * decay),
+                                         group=False)
+            for shadow, var in self._ema_pairs:
+                strategy.extended.update(tf_variable(shadow),
+                                         lambda s, v: s.assign_sub(ema_rate * (s - v)),
+                                         args=(tf_variable(var),), group=False)
+
+        run_cross_replica(update)
+        # BN moving statistics are per-replica (sync on read): each replica copies its own.
+        for copy, live in self._bn_pairs:
+            copy.assign(live)
+
+    def count_images(self, batch):
+        """Adds the global batch (per-replica batch x replicas) to `step`."""
+        self.step.assign_add(tf.cast(batch * self.num_replicas, tf.int64))
+
+    def classify(self, images, ema: bool = True):
+        """Float32 class probabilities for images in [-1, 1]: inference-mode BN with the live
+        moving statistics, and the EMA weights unless ema=False."""
+        net = self.ema_net if ema else self.net
+        return tf.nn.softmax(tf.cast(net(images, training=False), tf.float32))
+
+    def call(self, images, training=False):
+        return self.ema_net(images, training=False)
+
+    def train_step(self, data):
+        raise NotImplementedError

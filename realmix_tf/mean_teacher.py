@@ -1,0 +1,143 @@
+"""Mean Teacher (Tarvainen & Valpola, 2017) as the MixMatch repository's baseline
+(M:mean_teacher.py), which the RealMix paper compares against (Table 2, Figure 2).
+
+One step, with u = the two augmented views of the unlabeled batch:
+  teacher = EMA weights (ema_net) on view 0, training-mode BN (batch statistics), no gradient;
+  student = raw weights (net) on view 1, training-mode BN;
+  loss = xe(labeled) + consistency_weight * warmup(step) * mean_{b,c} (softmax(teacher) - softmax(student))^2
+  warmup(step) = clip(step_images / (warmup_pos * train_kimg * 1024), 0, 1), a linear ramp.
+
+BN policy, made explicit: only the labeled pass updates the moving statistics, as the released
+code (it keeps the update ops of the first classifier call, the labeled one). The labeled and
+student passes run as one call with bn_groups=2 (each half normalised with its own batch
+statistics, moving statistics from chunk 0 = the labeled half); the teacher pass updates
+nothing. Its consistency target uses the EMA weights of the previous step, as released.
+
+Command line:
+    python -m realmix_tf.mean_teacher --dataset=cifar10.3@250-5000 [--consistency_weight=50]
+"""
+import tensorflow as tf
+
+from libml import baseline_losses
+from libml.errors import UserError
+from libml.ssl import SSLModel
+from realmix_tf.supervised import check_no_arguments, labeled_cross_entropy
+
+KIMG = 1024
+
+
+class MeanTeacher(SSLModel):
+    """Mean Teacher on a Wide ResNet. consistency_weight: weight of the consistency loss
+    (the released default 50); warmup_pos: fraction of the run over which it ramps up linearly
+    (0.4); train_kimg: run length in kimg, the ramp's unit. Other arguments as SSLModel."""
+
+    def __init__(self, nclass, input_shape, filters=32, repeat=4, scales=0, lr=0.002, wd=0.02,
+                 ema=0.999, consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
+                 warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, seed=0,
+                 precision="float32", jit_compile=False, name="mean_teacher"):
+        if consistency_weight < 0 or not 0 <= warmup_pos <= 1 or train_kimg <= 0:
+            raise UserError(f"consistency_weight={consistency_weight}, warmup_pos={warmup_pos}, "
+                            f"train_kimg={train_kimg}: use a weight >= 0, warmup_pos in [0, 1] "
+                            f"and train_kimg > 0")
+        super().__init__(nclass, input_shape, filters=filters, repeat=repeat, scales=scales,
+                         lr=lr, wd=wd, ema=ema, seed=seed, precision=precision,
+                         jit_compile=jit_compile, name=name)
+        self.consistency_weight = float(consistency_weight)
+        self.warmup_pos = float(warmup_pos)
+        self.train_kimg = int(train_kimg) if float(train_kimg).is_integer() else float(train_kimg)
+        self._losses_and_gradients = tf.function(self._losses_and_gradients_eager,
+                                                 jit_compile=self.use_jit)
+
+    def hparams(self) -> dict:
+        return dict(super().hparams(), consistency_weight=self.consistency_weight,
+                    warmup_pos=self.warmup_pos, train_kimg=self.train_kimg)
+
+    def consistency_ramp(self, step):
+        """consistency_weight * linear warm-up at `step` images (float32 scalar)."""
+        ramp = baseline_losses.linear_warmup(step, self.warmup_pos, self.train_kimg * KIMG)
+        return self.consistency_weight * ramp
+
+    def train_step(self, data):
+        """data = (labeled, unlabeled): labeled['image'] f32[B,H,W,C], labeled['label'] int[B],
+        unlabeled['image'] f32[B,2,H,W,C]. Returns scalar float32 tensors keyed by tag."""
+        labeled, unlabeled = data
+        x, u = labeled["image"], unlabeled["image"]
+        if x.shape[0] is None or u.shape[0] != x.shape[0] or u.shape[1] != 2:
+            raise ValueError(f"MeanTeacher needs static, equal batch sizes and 2 unlabeled views: "
+                             f"got labeled {x.shape}, unlabeled {u.shape} (batch the datasets "
+                             f"with drop_remainder=True)")
+        step = tf.convert_to_tensor(self.step)
+        grads, scalars = self._losses_and_gradients(x, labeled["label"], u, step)
+        self.apply_update(grads)
+        self.count_images(x.shape[0])
+        return scalars
+
+    def _losses_and_gradients_eager(self, x, labels, u, step):
+        teacher_view, student_view = u[:, 0], u[:, 1]
+        teacher_logits = self.ema_net(teacher_view, training=True, update_bn_stats=False)
+        with tf.GradientTape() as tape:
+            logits = self.net(tf.concat([x, student_view], axis=0), training=True,
+                              update_bn_stats=True, bn_groups=2)   # moving stats: labeled half
+            logits_x, student_logits = tf.split(logits, 2)
+            loss_xe = labeled_cross_entropy(logits_x, labels, self.nclass)
+            loss_mt = baseline_losses.mean_teacher_consistency(student_logits, teacher_logits)
+            weight = self.consistency_ramp(step)
+            loss = loss_xe + weight * loss_mt
+            scaled_loss = self.scale_loss(loss)
+        grads = self.gradients(tape, scaled_loss)
+        return grads, {"losses/xe": loss_xe, "losses/mt": loss_mt, "losses/overall": loss,
+                       "monitors/consistency_weight": weight}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line (the trainer is libml/train.py)
+
+from absl import flags  # noqa: E402
+
+from libml import train  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The trainer's flags plus Mean Teacher's own (defaults: M:mean_teacher.py)."""
+    train.define_train_flags()
+    if "consistency_weight" in FLAGS:
+        return
+    flags.DEFINE_float("consistency_weight", baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
+                       "Weight of the teacher-student consistency loss (ramped over --warmup_pos).")
+    flags.DEFINE_float("warmup_pos", baseline_losses.WARMUP_POS,
+                       "Fraction of --train_kimg over which the consistency weight ramps up "
+                       "linearly from 0.")
+
+
+def mean_teacher_hparams(flag_values=FLAGS) -> dict:
+    if flag_values.consistency_weight < 0:
+        raise UserError(f"--consistency_weight={flag_values.consistency_weight} is negative: "
+                        f"use a weight >= 0 (the released default is 50)")
+    if not 0 <= flag_values.warmup_pos <= 1:
+        raise UserError(f"--warmup_pos={flag_values.warmup_pos} is out of range: use a fraction "
+                        f"of the run in [0, 1] (the released default is 0.4)")
+    return dict(consistency_weight=flag_values.consistency_weight,
+                warmup_pos=flag_values.warmup_pos)
+
+
+def make_model(info, config: "train.TrainConfig") -> MeanTeacher:
+    ema, _ = config.effective_decays()
+    return MeanTeacher(info.nclass, info.shape, filters=config.filters, repeat=config.repeat,
+                       scales=config.scales, lr=config.lr, wd=config.wd, ema=ema,
+                       train_kimg=config.train_kimg, seed=config.seed,
+                       precision=config.precision(), jit_compile=config.jit_compile,
+                       **config.algorithm)
+
+
+def main(argv):
+    check_no_arguments(argv)
+    config = train.config_from_flags(FLAGS, **mean_teacher_hparams(FLAGS))
+    return train.Trainer(config, make_model, "MeanTeacher").run()
+
+
+define_flags()
+
+if __name__ == "__main__":
+    train.cli_run(main)

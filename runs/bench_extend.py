@@ -1,0 +1,135 @@
+"""Benchmark of the Extend step (issue 3): time, peak memory and disk size of extending a
+CIFAR-10-sized unlabeled set, and throughput of the unlabeled training stream on the
+extension against the unextended set.
+
+    .venv/bin/python -m runs.bench_extend --root=/tmp/bench_extend [--copies=50] [--aug=erase]
+
+Synthetic, CIFAR-like images (smooth 6x6 colour fields upsampled to 32x32 plus noise; their
+PNGs average ~2.4 KB, about CIFAR-10's size) stand in for the real set: the cost is PNG
+encoding, which depends on the image size, not the content class. The extension runs as a
+separate process (the real command line) so that its peak RSS is measured alone.
+"""
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("root", "/tmp/bench_extend", "Scratch data folder (needs ~7 GB for 50 copies).")
+flags.DEFINE_integer("images", 49750, "Unlabeled training images (CIFAR-10 at 250 labels: 49,750).")
+flags.DEFINE_integer("copies", 50, "Copies to write.")
+flags.DEFINE_string("aug", "erase", "Augmentation.")
+flags.DEFINE_integer("batch", 64, "Batch of the training-stream throughput test.")
+flags.DEFINE_integer("steps", 300, "Batches timed per stream (after 30 warm-up batches).")
+flags.DEFINE_bool("skip_extend", False, "Reuse an existing extension (stream throughput only).")
+flags.DEFINE_integer("png_compression", -1, "Passed to the extension (-1: its default).")
+
+DATASET = "synth.1@250-0"    # no validation records: all 49,750 unlabeled images are extended
+
+
+def synthetic_images(n: int, seed: int = 0) -> np.ndarray:
+    import tensorflow as tf
+    rng = np.random.RandomState(seed)
+    out = np.empty([n, 32, 32, 3], np.uint8)
+    for start in range(0, n, 4096):
+        m = min(4096, n - start)
+        base = rng.randint(0, 256, (m, 6, 6, 3)).astype(np.float32)
+        smooth = tf.image.resize(base, (32, 32), "bicubic").numpy()
+        out[start:start + m] = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def make_source(root: str, n: int) -> None:
+    from libml import names, records
+    d = names.parse_dataset_name(DATASET)
+    if os.path.exists(d.unlabel_path(root)):
+        return
+    os.makedirs(os.path.join(root, "SSL"), exist_ok=True)
+    with open(os.path.join(root, "synth-meta.json"), "w") as f:
+        json.dump({"name": "synth", "nclass": 10, "height": 32, "width": 32, "channels": 3,
+                   "flip": True, "class_names": []}, f)
+    images = synthetic_images(n + 250 + 1000)
+    labels = np.arange(len(images)) % 10
+    write = records.write_records
+    write(d.label_path(root), zip(records.encode_png_images(images[:250]), labels[:250]))
+    write(d.unlabel_path(root), zip(records.encode_png_images(images[250:250 + n]), labels[250:250 + n]),
+          progress="source", total=n)
+    write(d.test_path(root), zip(records.encode_png_images(images[250 + n:]), labels[250 + n:]))
+
+
+def run_extend(root: str) -> dict:
+    command = [sys.executable, "-m", "data_prep.extend_unlabeled", f"--dataset={DATASET}",
+               f"--copies={FLAGS.copies}", f"--aug={FLAGS.aug}", "--seed=0", "--overwrite",
+               f"--data_dir={root}"]
+    if FLAGS.png_compression >= 0:
+        command.append(f"--png_compression={FLAGS.png_compression}")
+    start = time.time()
+    subprocess.run(command, check=True)
+    seconds = time.time() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"command": " ".join(command[1:]), "seconds": seconds, "peak_rss_gib": peak_kib / 2**20}
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def stream_rate(data, batch: int, steps: int):
+    """(images/s, CPU microseconds per image) of the unlabeled training stream.
+
+    CPU time per image is the steadier figure on a shared machine: wall-clock rates move
+    with the other jobs' load.
+    """
+    it = iter(data.train_unlabeled(batch))
+    for _ in range(30):
+        next(it)
+    start, cpu = time.time(), _cpu_seconds()
+    for _ in range(steps):
+        next(it)["image"].numpy()
+    images = steps * batch
+    return images / (time.time() - start), (_cpu_seconds() - cpu) / images * 1e6
+
+
+def main(_):
+    from libml import data, extend, names
+    root = FLAGS.root
+    make_source(root, FLAGS.images)
+    d = names.parse_dataset_name(DATASET)
+    report = {"images": FLAGS.images, "copies": FLAGS.copies, "aug": FLAGS.aug,
+              "source_bytes": os.path.getsize(d.unlabel_path(root))}
+    if not FLAGS.skip_extend:
+        report.update(run_extend(root))
+    files = extend.extended_unlabeled_files(DATASET, root, FLAGS.copies, FLAGS.aug, 0)
+    out_bytes = sum(os.path.getsize(f) for f in files)
+    report.update(records=FLAGS.copies * FLAGS.images, output_gib=out_bytes / 2**30,
+                  bytes_ratio=out_bytes / (FLAGS.copies * report["source_bytes"]))
+    if "seconds" in report:
+        report["images_per_second"] = report["records"] / report["seconds"]
+    streams = {"plain_cached": data.load_ssl(DATASET, root, seed=0),
+               "plain_streamed": data.load_ssl(DATASET, root, seed=0, cache=False),
+               "extended": data.load_ssl(DATASET, root, seed=0, unlabeled_files=files)}
+    rates = {name: [] for name in streams}
+    for _ in range(3):   # alternate, then take medians: the load of other jobs drifts
+        for name, ssl in streams.items():
+            rates[name].append(stream_rate(ssl, FLAGS.batch, FLAGS.steps))
+    for name, values in rates.items():
+        report[f"stream_{name}_img_s"] = float(np.median([v[0] for v in values]))
+        report[f"stream_{name}_cpu_us_per_img"] = float(np.median([v[1] for v in values]))
+    for base in ("plain_cached", "plain_streamed"):
+        report[f"ratio_vs_{base}_wall"] = report["stream_extended_img_s"] / report[f"stream_{base}_img_s"]
+        report[f"ratio_vs_{base}_cpu"] = (report[f"stream_{base}_cpu_us_per_img"]
+                                          / report["stream_extended_cpu_us_per_img"])
+    report["load_average"] = os.getloadavg()
+    report["disk_free_gib"] = shutil.disk_usage(root).free / 2**30
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)

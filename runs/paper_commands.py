@@ -1,0 +1,581 @@
+"""The command lines of every experiment of the RealMix paper (Tables 1-6), with the paper's
+numbers beside them; optionally runs them, or compares finished runs with the paper.
+
+    python -m runs.paper_commands --table=2                 # print Table 2 (Markdown)
+    python -m runs.paper_commands --table=all --seeds=1,2,3,4,5 --train_dir=/ssd/exp
+    python -m runs.paper_commands --table=5 --run           # run it (skips finished steps)
+    python -m runs.paper_commands --table=1 --results       # measured vs paper
+
+Every experiment is one `Experiment` in `EXPERIMENTS`; the data preparation (create_datasets,
+create_split, create_mismatch, extend_unlabeled) is derived from its dataset name and flags.
+Settings (paper §4 and spec §11.2): WRN-28-2, Adam lr 0.002, wd 0.02, EMA 0.999, batch 64,
+"500k iterations" = --train_kimg=32768 (512 reports of 64 kimg, 524,288 steps), beta 0.75,
+w_match 75 (CIFAR) / 250 (SVHN), linear TSA at <= 250 labels, Extend = 50 random-erasing copies,
+gamma = 0 / 0.2 / 0.4 / 0.6 / 0.85 at 0-100 % mismatch. The paper reports the standard
+deviation over 2 seeds (here splits 1 and 2); libml's own tables used splits 1-5.
+"""
+import dataclasses
+import glob
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from absl import flags
+
+from libml.errors import UserError, run_cli
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("table", "all", "Paper table to print or run: 1..6 or all.", flag_values=FLAGS)
+flags.DEFINE_list("seeds", ["1", "2"], "Split seeds (the paper: 2 seeds; libml: 1,2,3,4,5).",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("nvalid", 500, "Validation images taken from the unlabeled set (the dataset "
+                     "name's -V; released RealMix: 500, MixMatch tables: 1).", flag_values=FLAGS)
+flags.DEFINE_float("train_kimg", 32768, "Run length of every training command, in kimg "
+                   "(32768 = 524,288 steps of 64: the paper's 500k iterations).", flag_values=FLAGS)
+flags.DEFINE_bool("run", False, "Execute the commands in order, stopping at the first failure; "
+                  "finished steps (outputs present, runs with all their reports) are skipped.",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("results", False, "Print the measured median-of-last-20 error (mean +- std over "
+                  "seeds) of finished runs beside the paper's numbers.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", "", "Data folder passed to every command (default: $ML_DATA).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("train_dir", "./experiments", "Root folder of the runs.", flag_values=FLAGS)
+
+TABLES = {
+    1: "Distribution mismatch: CIFAR-10, 6 animal classes x 400 labels, error %",
+    2: "CIFAR-10, error % (fully supervised on all 50,000 labels: 4.48)",
+    3: "SVHN (train set only, 73,257 images), error % (fully supervised: 2.72)",
+    4: "Transfer learning from ImageNet 32x32, CIFAR-10, error %",
+    5: "Extend ablation, CIFAR-10 with 250 labels, error %",
+    6: "OOD-mask ablation, 75 % mismatch, error % (supervised baseline: 20.32)",
+}
+TRAIN_KIMG = 32768
+REPORT_KIMG = 64
+MISMATCH_GAMMA = {0: 0.0, 25: 0.2, 50: 0.4, 75: 0.6, 100: 0.85}
+EXTEND = (("extend", "50"), ("extend_aug", "erase"))
+CIFAR = (("w_match", "75"), ("beta", "0.75"))
+SVHN = (("w_match", "250"), ("beta", "0.75"))
+PRETRAIN_RUNS = "{train}/imagenet32-1/FullySupervised_*"      # the Table 4 pretraining run
+TRANSFER = "transfer"          # TL runs have RealMix's hyper-parameters: kept in their own folder
+ALGORITHMS = {"realmix_tf.realmix": "RealMix", "realmix_tf.mixmatch": "MixMatch",
+              "realmix_tf.mean_teacher": "MeanTeacher", "realmix_tf.supervised": "Supervised",
+              "realmix_tf.fully_supervised": "FullySupervised"}
+# Flags a module defines (shared with RealMix) but refuses; and those the trainer leaves out of
+# args.json at their default.
+REFUSED_FLAGS = {"realmix_tf.supervised": {"extend"}, "realmix_tf.fully_supervised": {"extend"}}
+OMITTED_AT_DEFAULT = {"extend": "0"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One row x column of a paper table. `dataset` may hold {seed} and {nvalid}; flag values
+    may hold {train} (the train_dir). module None: a number quoted by the paper from another
+    paper, with nothing to run here."""
+    table: int
+    method: str
+    setting: str
+    paper_error: Optional[float]
+    paper_std: Optional[float] = None
+    module: Optional[str] = None
+    dataset: str = ""
+    flags: Tuple[Tuple[str, str], ...] = ()
+    subdir: str = ""              # runs under {train_dir}/{subdir}
+    note: str = ""
+
+    @property
+    def per_seed(self) -> bool:
+        return "{seed}" in self.dataset
+
+    @property
+    def paper(self) -> str:
+        if self.paper_error is None:
+            return "-"
+        return f"{self.paper_error:.2f}" + (f" ± {self.paper_std:.2f}" if self.paper_std is not None else "")
+
+    def datasets(self, seeds: Sequence[int], nvalid: int) -> List[str]:
+        if not self.module:
+            return []
+        seeds = seeds if self.per_seed else [0]
+        return [self.dataset.format(seed=s, nvalid=nvalid) for s in seeds]
+
+
+def _ssl(table, method, setting, paper, module, dataset, flags_=(), std=None, subdir="", note=""):
+    return Experiment(table, method, setting, paper, std, module, dataset, tuple(flags_), subdir, note)
+
+
+def _cifar10(n):
+    return f"cifar10.{{seed}}@{n}-{{nvalid}}"
+
+
+def _tsa(n):
+    return (("tsa", "linear" if n <= 250 else "none"),)
+
+
+def _realmix_cifar(n):
+    return CIFAR + (("gamma", "0"),) + _tsa(n) + EXTEND
+
+
+def build_experiments() -> List[Experiment]:
+    e: List[Experiment] = []
+    R, MM, MT = "realmix_tf.realmix", "realmix_tf.mixmatch", "realmix_tf.mean_teacher"
+    SUP, FS = "realmix_tf.supervised", "realmix_tf.fully_supervised"
+    quoted = "quoted by the paper from MixMatch [2] (1M iterations); not implemented here"
+    mt_note = "paper quotes MixMatch [2] (1M iterations); re-run here at the paper's length"
+
+    # Table 1: mismatch (cifar6_mismatch{x}.{seed}@2400, labels 0..5, OOD unlabeled = -1).
+    mismatch = {"MT [14]": (MT, (17.85, 17.25, 18.95, 20.14, 20.57)),
+                "MM [2]": (MM, (16.75, 18.14, 21.01, 21.07, 22.08)),
+                "RealMix": (R, (16.41, 16.60, 16.51, 16.99, 17.62))}
+    for method, (module, numbers) in mismatch.items():
+        for level, paper in zip(MISMATCH_GAMMA, numbers):
+            flags_ = CIFAR if module == MM else ()
+            if module == R:
+                flags_ = CIFAR + (("gamma", f"{MISMATCH_GAMMA[level]:g}"), ("tsa", "none")) + EXTEND
+            e.append(_ssl(1, method, f"{level}%", paper, module,
+                          f"cifar6_mismatch{level}.{{seed}}@2400-{{nvalid}}", flags_))
+    e.append(_ssl(1, "Supervised (labeled only)", "all levels", 20.32, SUP,
+                  "cifar6_mismatch0.{seed}@2400-{nvalid}",
+                  note="the 2,400 labels are the same at every level (Fig. 2 text)"))
+
+    # Table 2: CIFAR-10; Figure 3 adds 500 and 1000 labels (plot only, no number).
+    t2 = {"Π-Model [8]": (None, (53.02, 18.13)), "VAT [9]": (None, (36.03, 11.32)),
+          "Mean Teacher [14]": (MT, (47.32, 10.72)), "MixMatch [2]": (MM, (11.78, 6.45)),
+          "RealMix": (R, (9.79, 6.39))}
+    t2_std = {"RealMix": (0.75, 0.27)}
+    for method, (module, numbers) in t2.items():
+        for i, (n, paper) in enumerate(zip((250, 4000), numbers)):
+            flags_ = {R: _realmix_cifar(n), MM: CIFAR, MT: ()}.get(module, ())
+            note = quoted if module is None else (mt_note if module == MT else "")
+            std = t2_std.get(method, (None, None))[i]
+            e.append(_ssl(2, method, f"{n} labels", paper, module, _cifar10(n) if module else "",
+                          flags_, std, note=note))
+    for n in (500, 1000):
+        e.append(_ssl(2, "MixMatch [2]", f"{n} labels", None, MM, _cifar10(n), CIFAR,
+                      note="Figure 3 (plot only)"))
+        e.append(_ssl(2, "RealMix", f"{n} labels", None, R, _cifar10(n), _realmix_cifar(n),
+                      note="Figure 3 (plot only)"))
+    e.append(_ssl(2, "Fully supervised", "50000 labels", 4.48, FS, "cifar10-1"))
+
+    # Table 3: SVHN, train set only (svhn_noextra; released RealMix's 'svhn').
+    t3 = {"Π-Model [8]": (None, (17.65, 5.57), (0.27, 0.14)),
+          "VAT [9]": (None, (8.41, 4.20), (1.01, 0.15)),
+          "Mean Teacher [14]": (MT, (6.45, 3.39), (2.43, 0.11)),
+          "MixMatch [2]": (MM, (3.63, 3.07), (0.24, 0.14)),
+          "RealMix": (R, (3.53, 3.13), (0.38, 0.11))}
+    for method, (module, numbers, stds) in t3.items():
+        for n, paper, std in zip((250, 4000), numbers, stds):
+            flags_ = {R: SVHN + (("gamma", "0"),) + _tsa(n) + EXTEND, MM: SVHN, MT: ()}.get(module, ())
+            note = quoted if module is None else (mt_note if module == MT else "")
+            e.append(_ssl(3, method, f"{n} labels", paper, module,
+                          f"svhn_noextra.{{seed}}@{n}-{{nvalid}}" if module else "", flags_, std,
+                          note=note))
+    e.append(_ssl(3, "Fully supervised", "73257 labels", 2.72, FS, "svhn-1"))
+
+    # Table 4: transfer learning from ImageNet 32x32 (pretraining, then --load_checkpoint).
+    e.append(_ssl(4, "ImageNet32 pretraining", "1.28 M labels", None, FS, "imagenet32-1",
+                  note="fully supervised, 1000 classes; its run folder is the checkpoint below"))
+    load = (("load_checkpoint", PRETRAIN_RUNS),)
+    for n, (tl, mm, rm, rm_tl) in zip((250, 4000), ((20.60, 11.78, 9.78, 8.48), (8.45, 6.45, 6.39, 6.05))):
+        e.append(_ssl(4, "TL & Fine-Tuning", f"{n} labels", tl, SUP, _cifar10(n), load, subdir=TRANSFER,
+                      note="labeled images only, from the ImageNet32 weights"))
+        e.append(_ssl(4, "MixMatch [2]", f"{n} labels", mm, MM, _cifar10(n), CIFAR, note="Table 2 run"))
+        e.append(_ssl(4, "RealMix", f"{n} labels", rm, R, _cifar10(n), _realmix_cifar(n),
+                      note="Table 2 run"))
+        e.append(_ssl(4, "RealMix + TL", f"{n} labels", rm_tl, R, _cifar10(n), _realmix_cifar(n) + load,
+                      subdir=TRANSFER))
+
+    # Table 5: Extend ablation at 250 labels.
+    base = CIFAR + (("gamma", "0"),) + _tsa(250)
+    e.append(_ssl(5, "RealMix", "250 labels", 9.79, R, _cifar10(250), _realmix_cifar(250),
+                  note="Table 2 run: 50 random-erasing ('CutOut') copies"))
+    e.append(_ssl(5, "RealMix w/ Simple Aug", "250 labels", 10.42, R, _cifar10(250),
+                  base + (("extend", "50"), ("extend_aug", "simple")), note="50 flip+translate copies"))
+    e.append(_ssl(5, "RealMix w/ 25 Augs", "250 labels", 10.80, R, _cifar10(250),
+                  base + (("extend", "25"), ("extend_aug", "erase"))))
+
+    # Table 6: OOD-mask ablation at 75 % mismatch.
+    for method, gamma, paper in (("RealMix (γ = 0.60)", "0.6", 16.99), ("RealMix (γ = 0.3)", "0.3", 20.73),
+                                 ("RealMix w/o OODMask", "0", 22.70)):
+        e.append(_ssl(6, method, "75% mismatch", paper, R, "cifar6_mismatch75.{seed}@2400-{nvalid}",
+                      CIFAR + (("gamma", gamma), ("tsa", "none")) + EXTEND,
+                      note="Table 1 run" if gamma == "0.6" else ""))
+    return e
+
+
+EXPERIMENTS = build_experiments()
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One command line. args may hold {data} and {train}; `outputs` (paths with {data}) all
+    present means a data step is done; `experiment`/`dataset` identify a training run."""
+    module: str
+    args: Tuple[str, ...]
+    outputs: Tuple[str, ...] = ()
+    experiment: Optional[Experiment] = None
+    dataset: str = ""
+
+    def argv(self, data: str, train: str) -> List[str]:
+        return [a.format(data=data, train=train) for a in self.args]
+
+    def render(self, data: str, train: str) -> str:
+        parts = ["python", "-m", self.module] + [_shell_word(a) for a in self.argv(data, train)]
+        return " ".join(parts)
+
+
+def _shell_word(arg: str) -> str:
+    """Quoted for the shell, except $ML_DATA and glob patterns, which the shell must expand."""
+    if any(c in arg for c in "*$"):
+        return arg
+    return shlex.quote(arg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    seeds: Tuple[int, ...] = (1, 2)
+    nvalid: int = 500
+    train_kimg: float = TRAIN_KIMG
+    data_dir: str = ""            # passed as --data_dir when set
+    train_dir: str = "./experiments"
+
+    def data_flag(self) -> Tuple[str, ...]:
+        return ("--data_dir={data}",) if self.data_dir else ()
+
+
+def _source_of(name: str) -> Tuple[str, str]:
+    """(create_datasets name, train file stem) of an SSL dataset name."""
+    if name == "svhn_noextra":
+        return "svhn", "svhn"
+    return name, name
+
+
+def create_datasets_command(source: str, s: Settings) -> Command:
+    outputs = [f"{{data}}/{source}-train.tfrecord", f"{{data}}/{source}-test.tfrecord",
+               f"{{data}}/{source}-meta.json"]
+    if source == "svhn":
+        outputs.append("{data}/svhn_noextra-test.tfrecord")
+    return Command("data_prep.create_datasets", (source,) + s.data_flag(), tuple(outputs))
+
+
+def prep_commands(exp: Experiment, dataset: str, s: Settings) -> List[Command]:
+    """The data-preparation commands a training run needs, in order."""
+    if exp.module == "realmix_tf.fully_supervised":
+        return [create_datasets_command(dataset.split("-")[0], s)]
+    from libml.names import parse_dataset_name
+    d = parse_dataset_name(dataset)
+    split = f"{{data}}/SSL/{d.split}"
+    split_outputs = (f"{split}-label.tfrecord", f"{split}-unlabel.tfrecord")
+    if d.name.startswith("cifar6_mismatch"):
+        level = d.name[len("cifar6_mismatch"):]
+        steps = [create_datasets_command("cifar10", s),
+                 Command("data_prep.create_mismatch", ("--source=cifar10", f"--mismatch={level}",
+                                                       f"--seed={d.seed}") + s.data_flag(),
+                         split_outputs + (f"{{data}}/{d.name}-test.tfrecord", f"{{data}}/{d.name}-meta.json"))]
+    else:
+        source, stem = _source_of(d.name)
+        steps = [create_datasets_command(source, s),
+                 Command("data_prep.create_split", (f"--seed={d.seed}", f"--size={d.nlabeled}",
+                                                    f"{{data}}/SSL/{d.name}", f"{{data}}/{stem}-train.tfrecord"),
+                         split_outputs + (f"{split}-map.json",))]
+    values = dict(exp.flags)
+    if int(values.get("extend", 0)):
+        copies, aug = values["extend"], values.get("extend_aug", "erase")
+        folder = f"{{data}}/SSL/extend/{d}/{aug}{copies}-seed0"
+        steps.append(Command("data_prep.extend_unlabeled", (f"--dataset={d}", f"--copies={copies}",
+                                                            f"--aug={aug}", "--seed=0") + s.data_flag(),
+                             (f"{folder}/manifest.json",)))
+    return steps
+
+
+def train_command(exp: Experiment, dataset: str, s: Settings) -> Command:
+    train = "{train}/" + exp.subdir if exp.subdir else "{train}"
+    args = [f"--dataset={dataset}"] + [f"--{k}={v}" for k, v in exp.flags]
+    args += [f"--train_kimg={s.train_kimg:g}", f"--train_dir={train}"] + list(s.data_flag())
+    return Command(exp.module, tuple(args), experiment=exp, dataset=dataset)
+
+
+def extraction_command(exps: Iterable[Experiment], s: Settings) -> Optional[Command]:
+    """runs.extract_accuracy over the dataset folders of these experiments (seeds as *)."""
+    folders = []
+    for exp in exps:
+        if not exp.module:
+            continue
+        dataset = exp.dataset.format(seed="*", nvalid=s.nvalid)
+        folder = "/".join(p for p in ("{train}", exp.subdir, dataset) if p)
+        if folder not in folders:
+            folders.append(folder)
+    return Command("runs.extract_accuracy", tuple(folders)) if folders else None
+
+
+def table_commands(table: int, s: Settings) -> Dict[str, List[Command]]:
+    """{'prep': [...], 'train': [...], 'extract': [...]} of one table, without repeats."""
+    exps = [e for e in EXPERIMENTS if e.table == table]
+    prep, train = [], []
+    for exp in exps:
+        for dataset in exp.datasets(s.seeds, s.nvalid):
+            for c in prep_commands(exp, dataset, s):
+                if c not in prep:
+                    prep.append(c)
+            c = train_command(exp, dataset, s)
+            if c not in train:
+                train.append(c)
+    extract = extraction_command(exps, s)
+    return {"prep": prep, "train": train, "extract": [extract] if extract else []}
+
+
+def module_flags(module_name: str) -> set:
+    """The flag names a command-line module accepts. Data scripts keep their own FlagValues
+    (FLAGS or make_flags()); the trainers share absl's global FLAGS, so a trainer's flags are
+    those defined by the module itself and by the libml / realmix_tf modules it imports, less
+    the ones it refuses. Imports the module (and TensorFlow)."""
+    import importlib
+    import types
+    module = importlib.import_module(module_name)
+    if hasattr(module, "make_flags"):
+        return set(module.make_flags())
+    if getattr(module, "FLAGS", flags.FLAGS) is not flags.FLAGS:
+        return set(module.FLAGS)
+    owners = {module_name} | {m.__name__ for m in vars(module).values() if isinstance(m, types.ModuleType)
+                              and m.__name__.startswith(("libml.", "realmix_tf."))}
+    by_module = flags.FLAGS.flags_by_module_dict()
+    names = {f.name for owner in owners for f in by_module.get(owner, [])}
+    refused = set(REFUSED_FLAGS.get(module_name, ())) | set(getattr(module, "REALMIX_ONLY_FLAGS", ()))
+    return names - refused
+
+
+def all_commands(s: Settings) -> List[Command]:
+    """Every command of every table, without repeats."""
+    out: List[Command] = []
+    for t in TABLES:
+        for group in table_commands(t, s).values():
+            out += [c for c in group if c not in out]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Printing
+
+def _paper_table(table: int) -> List[str]:
+    """The paper's numbers of one table as a Markdown table (methods x settings)."""
+    exps = [e for e in EXPERIMENTS if e.table == table and e.paper_error is not None]
+    settings = list(dict.fromkeys(e.setting for e in exps))
+    methods = list(dict.fromkeys(e.method for e in exps))
+    cell = {(e.method, e.setting): e.paper for e in exps}
+    lines = ["| method | " + " | ".join(settings) + " |", "|---" * (len(settings) + 1) + "|"]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(cell.get((m, st), "") for st in settings) + " |")
+    return lines
+
+
+def format_table(table: int, s: Settings, data: str, train: str) -> str:
+    cmds = table_commands(table, s)
+    out = [f"## Table {table}: {TABLES[table]}", "", "Paper:", ""] + _paper_table(table)
+    out += ["", "Data preparation:", "", "```bash"]
+    out += [c.render(data, train) for c in cmds["prep"]] + ["```", "", "Training:", "", "```bash"]
+    for exp in (e for e in EXPERIMENTS if e.table == table):
+        note = f" ({exp.note})" if exp.note else ""
+        out.append(f"# {exp.method}, {exp.setting}: paper {exp.paper} % error{note}")
+        for dataset in exp.datasets(s.seeds, s.nvalid):
+            out.append(train_command(exp, dataset, s).render(data, train))
+    out += ["```", "", "Median of the last 20 reports (mean ± std over seeds):", "", "```bash"]
+    out += [c.render(data, train) for c in cmds["extract"]] + ["```", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding finished runs (for --run skips and --results)
+
+def _same(value, wanted: str) -> bool:
+    import fnmatch
+    if isinstance(value, bool) or value is None:
+        return str(value).lower() == wanted.lower()
+    try:
+        return math.isclose(float(value), float(wanted), rel_tol=1e-9, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return str(value) == wanted or fnmatch.fnmatch(str(value), wanted)
+
+
+def matching_runs(command: Command, train: str) -> List[str]:
+    """Run folders of `command`: {train_dir}/{dataset}/* whose args/args.json has the
+    command's algorithm and every flag value it records."""
+    argv = command.argv("", train)
+    values = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    root = os.path.join(values.pop("train_dir"), values.pop("dataset"))
+    values.pop("data_dir", None)
+    for k, default in OMITTED_AT_DEFAULT.items():
+        values.setdefault(k, default)
+    found = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(root), "*", "args", "args.json"))):
+        try:
+            with open(path) as f:
+                args = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if args.get("algorithm") != ALGORITHMS.get(command.module):
+            continue
+        if all(_same(args[k], v) if k in args else OMITTED_AT_DEFAULT.get(k, v) == v
+               for k, v in values.items()):
+            found.append(os.path.dirname(os.path.dirname(path)))
+    return found
+
+
+def finished_reports(run_dir: str) -> int:
+    try:
+        with open(os.path.join(run_dir, "stats", "accuracy.json")) as f:
+            return int(json.load(f).get("reports", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
+def required_reports(train_kimg: float) -> int:
+    return math.ceil(train_kimg / REPORT_KIMG - 1e-9)
+
+
+def is_done(command: Command, data: str, train: str, s: Settings) -> bool:
+    if command.experiment is None:
+        return bool(command.outputs) and all(os.path.exists(p.format(data=data)) for p in command.outputs)
+    need = required_reports(s.train_kimg)
+    return any(finished_reports(r) >= need for r in matching_runs(command, train))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+def resolve_globs(argv: List[str]) -> List[str]:
+    """--flag=pattern arguments expanded like the shell would; exactly one match needed."""
+    out = []
+    for a in argv:
+        if "*" in a and a.startswith("--") and "=" in a:
+            name, pattern = a.split("=", 1)
+            matches = sorted(glob.glob(pattern))
+            if len(matches) != 1:
+                raise UserError(f"{name}={pattern} matches {len(matches)} folders: "
+                                f"{'run the pretraining first' if not matches else 'keep exactly one'} "
+                                f"(see Table 4)")
+            a = f"{name}={matches[0]}"
+        out.append(a)
+    return out
+
+
+def run_order(c: Command) -> int:
+    """Data first, then the ImageNet32 pretraining (Table 4 loads it), other runs, extraction."""
+    if c.module == "runs.extract_accuracy":
+        return 2
+    return 0 if c.experiment is None or c.dataset.startswith("imagenet32") else 1
+
+
+def run_commands(commands: Sequence[Command], s: Settings, data: str, train: str,
+                 runner=subprocess.call) -> int:
+    """Runs the commands in order; skips finished ones; stops at the first failure (UserError).
+    Returns the number of commands run."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    count = 0
+    for c in commands:
+        shown = c.render(data, train)
+        if c.module != "runs.extract_accuracy" and is_done(c, data, train, s):
+            print(f"[done] {shown}", flush=True)
+            continue
+        print(f"[run]  {shown}", flush=True)
+        argv = c.argv(data, train)
+        if c.module == "runs.extract_accuracy":
+            argv = [p for a in argv for p in (sorted(glob.glob(a)) or [a])]
+        rc = runner([sys.executable, "-m", c.module] + resolve_globs(argv), cwd=repo)
+        count += 1
+        if rc != 0:
+            raise UserError(f"command failed with exit code {rc}: {shown}: fix the problem shown "
+                            f"above and run the same paper_commands line again (finished steps "
+                            f"are skipped)")
+    return count
+
+
+def results_lines(table: int, s: Settings, train: str) -> List[str]:
+    """Measured median-of-last-20 error (mean ± std over seeds) beside the paper's number."""
+    from runs.extract_accuracy import mean_std, run_stats
+    lines = [f"## Table {table}: {TABLES[table]}", "",
+             "| method | setting | paper | measured (mean ± std) | seeds done |", "|---|---|---|---|---|"]
+    for exp in (e for e in EXPERIMENTS if e.table == table):
+        errors = []
+        datasets = exp.datasets(s.seeds, s.nvalid)
+        for dataset in datasets:
+            runs = matching_runs(train_command(exp, dataset, s), train)
+            stats = [run_stats(r) for r in runs]
+            stats = [x for x in stats if x and x.get("last20") is not None]
+            if stats:
+                errors.append(100.0 - stats[0]["last20"])
+        measured = mean_std(errors) if errors else "-"
+        lines.append(f"| {exp.method} | {exp.setting} | {exp.paper} | {measured} | "
+                     f"{len(errors)}/{len(datasets)} |")
+    return lines + [""]
+
+
+# ---------------------------------------------------------------------------------------------
+
+def parse_tables(value: str) -> List[int]:
+    if value == "all":
+        return sorted(TABLES)
+    try:
+        tables = [int(t) for t in value.split(",")]
+    except ValueError:
+        tables = [0]
+    bad = [t for t in tables if t not in TABLES]
+    if bad:
+        raise UserError(f"--table={value}: use 1..6, a comma-separated list of them, or all")
+    return tables
+
+
+def parse_seeds(values: Sequence[str]) -> Tuple[int, ...]:
+    try:
+        seeds = tuple(int(v) for v in values)
+    except ValueError:
+        seeds = ()
+    if not seeds or any(v < 1 for v in seeds):
+        raise UserError(f"--seeds={','.join(values)}: use split seeds >= 1, e.g. --seeds=1,2")
+    return seeds
+
+
+def settings_from_flags(fv=FLAGS) -> Settings:
+    if fv.nvalid < 1:
+        raise UserError(f"--nvalid={fv.nvalid}: use at least 1 validation image")
+    if not fv.train_kimg > 0:
+        raise UserError(f"--train_kimg={fv.train_kimg}: use a positive run length")
+    return Settings(parse_seeds(fv.seeds), fv.nvalid, fv.train_kimg, fv.data_dir, fv.train_dir)
+
+
+def main(argv=None):
+    from data_prep import common
+    rest = common.parse_flags(FLAGS, argv)
+    if rest:
+        raise UserError(f"unexpected arguments {' '.join(rest)}: every option is a --flag")
+    tables = parse_tables(FLAGS.table)
+    s = settings_from_flags()
+    train = s.train_dir
+    if FLAGS.results:
+        print("\n".join(line for t in tables for line in results_lines(t, s, train)))
+        return 0
+    if not FLAGS.run:
+        data = s.data_dir or "$ML_DATA"
+        print("\n".join(format_table(t, s, data, train) for t in tables))
+        return 0
+    from libml.names import data_dir
+    data = data_dir(s.data_dir)
+    commands: List[Command] = []
+    for t in tables:
+        cmds = table_commands(t, s)
+        for c in cmds["prep"] + cmds["train"] + cmds["extract"]:
+            if c not in commands:
+                commands.append(c)
+    # Table 4's pretraining must finish before the runs that load it.
+    commands.sort(key=run_order)
+    run_commands(commands, s, data, train)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

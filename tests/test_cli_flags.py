@@ -1,0 +1,156 @@
+"""Command-line flags of the trainer: defaults, --helpfull text, and every flag error as a
+one-line UserError (exit code 2 for the command)."""
+import os
+import subprocess
+import sys
+
+import pytest
+from absl import flags
+
+from libml import train
+from libml.errors import UserError
+from realmix_tf import realmix
+from tests.fixtures_data import make_ssl_dataset
+
+FLAGS = flags.FLAGS
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_ssl_dataset(tmp_path_factory.mktemp("flags_data"), nlabeled=16, nunlabeled=48,
+                            nvalid=8, ntest=16, size=8)
+
+
+@pytest.fixture
+def parse():
+    def parse_args(*args):
+        FLAGS.unparse_flags()
+        FLAGS(["realmix", *args])
+        return FLAGS
+    yield parse_args
+    FLAGS.unparse_flags()
+
+
+def start(*args):
+    """Parses the flags and runs the command's start-up checks (no data needed)."""
+    FLAGS.unparse_flags()
+    FLAGS(["realmix", *args])
+    return train.config_from_flags(FLAGS, **realmix.realmix_hparams(FLAGS))
+
+
+def test_defaults_are_the_released_ones(parse):
+    parse()
+    config = train.config_from_flags(FLAGS, **realmix.realmix_hparams(FLAGS))
+    assert (config.dataset, config.batch, config.lr, config.wd, config.ema) == \
+        ("cifar10.3@250-5000", 64, 0.002, 0.02, 0.999)
+    assert (config.train_kimg, config.report_kimg, config.save_kimg, config.keep_ckpt) == (65536, 64, 64, 50)
+    assert (config.filters, config.repeat, config.scales) == (32, 4, 0)
+    assert config.algorithm == dict(beta=0.75, w_match=75.0, warmup_kimg=1024, tsa="none",
+                                    tsa_source="labels", gamma=0.0)
+    assert config.train_nimg == 65536 * 1024 and config.report_nimg == 65536
+
+
+def test_percent_mask_is_an_alias_of_gamma_and_released_tsa_names_work(parse):
+    parse("--percent_mask=0.6", "--tsa=linear_schedule")
+    hp = realmix.realmix_hparams(FLAGS)
+    assert hp["gamma"] == 0.6 and hp["tsa"] == "linear"
+
+
+def test_fractional_kimg(parse):
+    parse("--train_kimg=0.5", "--report_kimg=0.125", "--save_kimg=0.25", "--batch=8")
+    config = train.config_from_flags(FLAGS)
+    assert (config.train_nimg, config.report_nimg, config.save_nimg, config.total_steps) == (512, 128, 256, 64)
+
+
+def test_every_flag_is_documented():
+    help_text = FLAGS.get_help()
+    for name in ("dataset", "data_dir", "train_dir", "batch", "lr", "wd", "ema", "beta", "w_match",
+                 "warmup_kimg", "train_kimg", "report_kimg", "save_kimg", "keep_ckpt", "filters",
+                 "repeat", "scales", "tsa", "tsa_source", "gamma", "percent_mask", "extend",
+                 "extend_aug", "extend_seed", "seed", "mixed_precision", "jit_compile",
+                 "load_checkpoint", "eval_ckpt", "bn_momentum", "short_run_scaling", "export_only"):
+        assert name in FLAGS, name
+        assert FLAGS[name].help and (f"--{name}" in help_text or f"--[no]{name}" in help_text), name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset=cifar10-250"], "malformed dataset name"),
+    (["--batch=0"], "--batch=0 must be positive"),
+    (["--train_kimg=0"], "--train_kimg=0.0 must be positive"),
+    (["--report_kimg=-1"], "--report_kimg=-1.0 must be positive"),
+    (["--save_kimg=0"], "--save_kimg=0.0 must be positive"),
+    (["--keep_ckpt=0"], "--keep_ckpt=0 must be positive"),
+    (["--filters=0"], "--filters=0 must be positive"),
+    (["--lr=0"], "--lr=0.0 must be positive"),
+    (["--wd=-0.1"], "--wd=-0.1 is negative"),
+    (["--ema=1"], "--ema=1.0 is out of range"),
+    (["--bn_momentum=-0.5"], "--bn_momentum=-0.5 is out of range"),
+    (["--scales=-1"], "--scales=-1 is negative"),
+    (["--train_kimg=1", "--report_kimg=2"], "exceeds --train_kimg"),
+    (["--train_kimg=1", "--report_kimg=0.03125", "--batch=64"], "larger than one report period"),
+    (["--mixed_precision=fp8"], "--mixed_precision='fp8' is unknown"),
+    (["--extend=-1"], "--extend=-1 is negative"),
+    (["--extend=50", "--extend_aug=blur"], "--extend_aug='blur' is unknown"),
+    (["--shuffle_buffer=-1"], "--shuffle_buffer=-1 is negative"),
+    (["--eval_ckpt=/nonexistent/run"], "--eval_ckpt=/nonexistent/run not found"),
+    (["--load_checkpoint=/nonexistent/run"], "--load_checkpoint=/nonexistent/run not found"),
+    (["--eval_ckpt=/tmp", "--load_checkpoint=/tmp"], "both given"),
+    (["--eval_ckpt=/tmp", "--export_only"], "both given"),
+    (["--gamma=1"], "--gamma=1.0 is out of range"),
+    (["--percent_mask=-1"], "--gamma=-1.0 is out of range"),
+    (["--tsa=cosine"], "--tsa='cosine' is unknown"),
+    (["--tsa_source=probs"], "--tsa_source='probs' is unknown"),
+    (["--beta=0"], "--beta=0.0 must be positive"),
+    (["--w_match=-1"], "both must be >= 0"),
+])
+def test_flag_errors_are_one_line_user_errors(args, message):
+    try:
+        with pytest.raises(UserError) as error:
+            start(*args)
+        assert message in str(error.value)
+        assert "\n" not in str(error.value) and ": " in str(error.value)
+    finally:
+        FLAGS.unparse_flags()
+
+
+def test_positional_arguments_are_rejected(parse):
+    parse()
+    with pytest.raises(UserError, match="unexpected arguments extra"):
+        realmix.main(["realmix", "extra"])
+
+
+def test_missing_data_names_the_command_that_creates_it(parse, tmp_path):
+    parse(f"--data_dir={tmp_path}", "--dataset=cifar10.3@250-5000", f"--train_dir={tmp_path}/exp")
+    with pytest.raises(UserError, match="create_split"):
+        realmix.main(["realmix"])
+
+
+def test_extend_without_extension_files_names_the_command(parse, toy, tmp_path):
+    parse(f"--data_dir={toy.root}", f"--dataset={toy.name}", "--extend=50", "--extend_aug=erase",
+          f"--train_dir={tmp_path}", "--batch=8")
+    with pytest.raises(UserError, match="extend_unlabeled"):
+        realmix.main(["realmix"])
+
+
+def test_batch_not_divisible_by_the_replicas(toy, tmp_path):
+    class ThreeReplicas:
+        num_replicas_in_sync = 3
+    config = train.TrainConfig(dataset=toy.name, data_dir=toy.root, train_dir=str(tmp_path), batch=8)
+    with pytest.raises(UserError, match="--batch=8 does not split over 3 devices"):
+        train.Trainer(config, realmix.make_model, "RealMix", strategy=ThreeReplicas())
+
+
+def run_command(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "realmix_tf.realmix", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_command_exit_code_2_and_one_line_on_bad_values_and_bad_types():
+    for args, expected in ((["--gamma=1.5"], "error: --gamma=1.5 is out of range"),
+                           (["--batch=abc"], "error: flag --batch=abc")):
+        result = run_command(*args)
+        assert result.returncode == 2, result.stderr
+        lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+        assert len(lines) == 1 and lines[0].startswith(expected), result.stderr

@@ -1,0 +1,118 @@
+"""Exports (.keras, SavedModel) predict what the in-memory EMA model predicts; the predict
+command writes one CSV row per image; --export_only re-exports a run."""
+import csv
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from libml import export
+from libml.errors import UserError
+from realmix_tf import predict
+from tests.fixtures_data import toy_images
+from tests.test_train import finished_run, make_trainer, tiny_config, toy  # noqa: F401 (fixtures)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return toy_images(12, 3, size=8, seed=7)[0]
+
+
+def ema_probs(trainer, images):
+    return trainer.model.classify(export.normalize(images), ema=True).numpy()
+
+
+def test_export_folder_contents(finished_run):
+    trainer, _ = finished_run
+    assert sorted(os.listdir(trainer.export_dir)) == ["meta.json", "model.keras", "saved_model"]
+    meta = predict.Predictor(trainer.export_dir).meta
+    assert meta["step"] == 128 and meta["nclass"] == 3 and meta["height"] == 8
+    assert meta["class_names"] == ["class0", "class1", "class2"]
+
+
+def test_keras_export_predicts_like_the_ema_model(finished_run, images):
+    trainer, _ = finished_run
+    net = export.load_keras_net(os.path.join(trainer.export_dir, export.KERAS_FILE))
+    probs = tf.nn.softmax(net(export.normalize(images), training=False)).numpy()
+    np.testing.assert_allclose(probs, ema_probs(trainer, images), rtol=0, atol=1e-6)
+    raw = trainer.model.classify(export.normalize(images), ema=False).numpy()
+    assert not np.allclose(raw, probs, atol=1e-6)     # it is the EMA net, not the raw one
+
+
+def test_saved_model_predicts_like_the_ema_model(finished_run, images):
+    trainer, _ = finished_run
+    loaded = tf.saved_model.load(os.path.join(trainer.export_dir, export.SAVED_MODEL_DIR))
+    out = loaded.signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(out["probabilities"].numpy(), ema_probs(trainer, images), atol=1e-6)
+    np.testing.assert_array_equal(out["class"].numpy(), ema_probs(trainer, images).argmax(-1))
+
+
+def write_folder(folder, images):
+    os.makedirs(os.path.join(folder, "sub"), exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        name = f"sub/img{i:02d}.jpg" if i == 0 else f"img{i:02d}.png"
+        Image.fromarray(image).save(os.path.join(folder, name), quality=100)
+        paths.append(name)
+    Image.fromarray(np.repeat(np.repeat(images[1], 2, 0), 2, 1)).save(os.path.join(folder, "big.png"))
+    return paths
+
+
+def test_predict_command_writes_one_row_per_image(finished_run, images, tmp_path):
+    trainer, _ = finished_run
+    folder, output = tmp_path / "images", tmp_path / "out.csv"
+    write_folder(str(folder), images)
+    assert predict.main(["predict", f"--model={trainer.run_dir}", f"--images={folder}",
+                         f"--output={output}", "--batch=5"]) == 0
+    with open(output) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 13
+    assert list(rows[0]) == ["path", "class", "class_name", "confidence", "p_class0", "p_class1", "p_class2"]
+    by_path = {r["path"]: r for r in rows}
+    expected = ema_probs(trainer, images)
+    for i in range(1, 12):                       # lossless PNGs: exactly the EMA model's output
+        row = by_path[f"img{i:02d}.png"]
+        probs = [float(row[f"p_class{k}"]) for k in range(3)]
+        np.testing.assert_allclose(probs, expected[i], atol=2e-6)
+        assert int(row["class"]) == expected[i].argmax() and row["class_name"] == f"class{expected[i].argmax()}"
+        assert float(row["confidence"]) == pytest.approx(expected[i].max(), abs=2e-6)
+    assert "sub/img00.jpg" in by_path and "big.png" in by_path     # JPEG and a resized image
+
+    with pytest.raises(UserError, match="already exists"):
+        predict.main(["predict", f"--model={trainer.export_dir}", f"--images={folder}", f"--output={output}"])
+    saved_model = os.path.join(trainer.export_dir, export.SAVED_MODEL_DIR)
+    assert predict.main(["predict", f"--model={saved_model}", f"--images={folder}",
+                         f"--output={output}", "--overwrite"]) == 0
+    with open(output) as f:
+        again = {r["path"]: r for r in csv.DictReader(f)}
+    assert again["img03.png"]["class"] == by_path["img03.png"]["class"]
+
+
+def test_predict_errors(finished_run, tmp_path):
+    trainer, _ = finished_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        predict.main(["predict", f"--model={trainer.export_dir}", f"--images={empty}",
+                      f"--output={tmp_path / 'o.csv'}"])
+    with pytest.raises(UserError, match="not a folder"):
+        predict.main(["predict", f"--model={trainer.export_dir}", f"--images={tmp_path / 'nope'}"])
+    with pytest.raises(UserError, match="not found"):
+        predict.main(["predict", f"--model={tmp_path / 'nope'}", f"--images={empty}"])
+    (empty / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="broken.png"):
+        predict.main(["predict", f"--model={trainer.export_dir}", f"--images={empty}",
+                      f"--output={tmp_path / 'o.csv'}"])
+
+
+def test_export_only_re_exports_the_newest_checkpoint(finished_run, toy, tmp_path):  # noqa: F811
+    trainer, _ = finished_run
+    stamp = os.path.getmtime(os.path.join(trainer.export_dir, export.KERAS_FILE))
+    config = tiny_config(toy, trainer.config.train_dir, export_only=True)
+    paths = make_trainer(config).run()
+    assert os.path.getmtime(paths["keras"]) > stamp
+    assert predict.Predictor(trainer.export_dir).meta["step"] == 128
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        make_trainer(tiny_config(toy, tmp_path, export_only=True)).run()
