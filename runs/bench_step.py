@@ -7,8 +7,9 @@ forward+backward on 3B images with an Adam step (no MixUp, no interleave, no WD,
 
   python -m runs.bench_step --precisions=float32,mixed_bfloat16 --tsa=linear --gamma=0.6
 
-Prints steps/s and images/s (labeled images per second: B per step) for each precision, the
-ratio RealMix/bare, and the bf16 speed-up. Warm-up steps (tracing) are excluded.
+Prints s/step (median and best of the rounds), steps/s and images/s (labeled images: B per
+step) for each precision, the ratio RealMix/bare, and the bf16 speed-up. Warm-up steps
+(tracing) are excluded; the two steps alternate so that other jobs slow both alike.
 """
 import os
 import time
@@ -27,10 +28,10 @@ FLAGS = flags.FLAGS
 # Importing realmix_tf.realmix defined the trainer's flags; this script reuses --batch,
 # --filters, --jit_compile, --tsa and --gamma from them and adds its own below.
 flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Precisions to measure.")
-flags.DEFINE_integer("steps", 3, "Timed steps per measurement.")
+flags.DEFINE_integer("steps", 2, "Timed steps per round.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, allocator warm-up).")
-flags.DEFINE_integer("repeats", 4, "Alternating measurements of each step; the fastest is kept "
-                     "(robust to other jobs on a shared machine).")
+flags.DEFINE_integer("repeats", 6, "Rounds alternating the RealMix and the bare step; the "
+                     "median and the best round are reported.")
 flags.DEFINE_integer("size", 32, "Image size.")
 flags.DEFINE_bool("batched_passes", True, "Run BN chunks as one grouped call (False: "
                   "separate calls, as the released code).")
@@ -72,10 +73,7 @@ def bare_step_fn(model):
     return step
 
 
-def seconds_per_step(step, data, steps, warmup):
-    for _ in range(warmup):
-        out = step(data)
-    tf.nest.map_structure(lambda t: t.numpy(), out)
+def seconds_per_step(step, data, steps):
     start = time.perf_counter()
     for _ in range(steps):
         out = step(data)
@@ -84,17 +82,21 @@ def seconds_per_step(step, data, steps, warmup):
 
 
 def measure(precision):
+    """Per-step seconds of each step function: `repeats` rounds that alternate the two, so
+    that load from other jobs hits both alike. Returns {name: [seconds per round]}."""
     model = RealMix(10, (FLAGS.size, FLAGS.size, 3), filters=FLAGS.filters,
-                    precision=precision, jit_compile=FLAGS.jit_compile, tsa=FLAGS.tsa.replace("_schedule", ""),
-                    gamma=FLAGS.gamma, batched_passes=FLAGS.batched_passes, warmup_kimg=1)
+                    precision=precision, jit_compile=FLAGS.jit_compile,
+                    tsa=FLAGS.tsa.replace("_schedule", ""), gamma=FLAGS.gamma,
+                    batched_passes=FLAGS.batched_passes, warmup_kimg=1)
     data = random_batch(FLAGS.batch, FLAGS.size)
     steps = {"realmix": tf.function(model.train_step), "bare": bare_step_fn(model)}
-    best = {name: float("inf") for name in steps}
-    for repeat in range(FLAGS.repeats):
+    for fn in steps.values():
+        seconds_per_step(fn, data, FLAGS.warmup)
+    rounds = {name: [] for name in steps}
+    for _ in range(FLAGS.repeats):
         for name, fn in steps.items():
-            warmup = FLAGS.warmup if repeat == 0 else 1
-            best[name] = min(best[name], seconds_per_step(fn, data, FLAGS.steps, warmup))
-    return best
+            rounds[name].append(seconds_per_step(fn, data, FLAGS.steps))
+    return rounds
 
 
 def main(argv):
@@ -102,17 +104,19 @@ def main(argv):
     for p in FLAGS.precisions:
         if p not in PRECISIONS:
             raise UserError(f"unknown precision {p!r}: use {', '.join(PRECISIONS)}")
-    results = {}
+    medians = {}
     for precision in FLAGS.precisions:
-        results[precision] = measure(precision)
-        r = results[precision]
-        print(f"{precision:15s} realmix {r['realmix']:.3f} s/step ({1 / r['realmix']:.2f} steps/s,"
-              f" {FLAGS.batch / r['realmix']:.1f} img/s)  bare {r['bare']:.3f} s/step "
-              f"({1 / r['bare']:.2f} steps/s)  realmix/bare {r['realmix'] / r['bare']:.3f}",
-              flush=True)
-    if "float32" in results and "mixed_bfloat16" in results:
-        print(f"bf16 speed-up of the RealMix step: "
-              f"{results['float32']['realmix'] / results['mixed_bfloat16']['realmix']:.2f}x")
+        rounds = measure(precision)
+        best = {k: min(v) for k, v in rounds.items()}
+        med = medians[precision] = {k: float(np.median(v)) for k, v in rounds.items()}
+        print(f"{precision:15s} realmix {med['realmix']:.3f} s/step median, {best['realmix']:.3f} "
+              f"best ({1 / med['realmix']:.2f} steps/s, {FLAGS.batch / med['realmix']:.1f} img/s)"
+              f" | bare {med['bare']:.3f} median, {best['bare']:.3f} best | realmix/bare "
+              f"{med['realmix'] / med['bare']:.3f} (medians), "
+              f"{best['realmix'] / best['bare']:.3f} (best)", flush=True)
+    if "float32" in medians and "mixed_bfloat16" in medians:
+        print(f"bf16 speed-up of the RealMix step (medians): "
+              f"{medians['float32']['realmix'] / medians['mixed_bfloat16']['realmix']:.2f}x")
 
 
 if __name__ == "__main__":
