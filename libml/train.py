@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -478,7 +477,8 @@ class Trainer:
         self._load_history(int(self.model.step.numpy()))
         writer = tf.summary.create_file_writer(self.tf_dir)
         step = int(self.model.step.numpy())
-        if step >= c.train_nimg:
+        finished_before = step >= c.train_nimg
+        if finished_before:
             print(f"{self.run_dir}: already trained to {step / KIMG:g} kimg", file=sys.stderr)
         while step < c.train_nimg:
             end = min((step // c.report_nimg + 1) * c.report_nimg, c.train_nimg)
@@ -487,7 +487,7 @@ class Trainer:
             if (step - c.batch) // c.save_nimg < step // c.save_nimg or step >= c.train_nimg:
                 self._save(manager, step)
         writer.close()
-        if c.export:
+        if c.export and not (finished_before and os.path.isdir(self.export_dir)):
             from libml.export import export_model
             export_model(self.model, self.info, self.export_dir, self._export_meta())
         return self._accuracy_stats()

@@ -247,7 +247,8 @@ def main(argv):
         raise UserError(f"unexpected arguments {' '.join(argv[1:])}: every option is a --flag "
                         f"(see --helpfull)")
     config = train.config_from_flags(FLAGS, **realmix_hparams(FLAGS))
-    return train.Trainer(config, make_model, "RealMix").run()
+    train.Trainer(config, make_model, "RealMix").run()
+    return 0
 
 
 define_flags()

@@ -74,11 +74,13 @@ def bare_step_fn(model):
 
 
 def seconds_per_step(step, data, steps):
-    start = time.perf_counter()
+    """(wall, cpu) seconds per step; cpu = process CPU time of all threads, less sensitive to
+    other jobs than the wall clock."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         out = step(data)
     tf.nest.map_structure(lambda t: t.numpy(), out)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
 def measure(precision):
@@ -91,7 +93,7 @@ def measure(precision):
     data = random_batch(FLAGS.batch, FLAGS.size)
     steps = {"realmix": tf.function(model.train_step), "bare": bare_step_fn(model)}
     for fn in steps.values():
-        seconds_per_step(fn, data, FLAGS.warmup)
+        seconds_per_step(fn, data, max(FLAGS.warmup, 1))
     rounds = {name: [] for name in steps}
     for _ in range(FLAGS.repeats):
         for name, fn in steps.items():
@@ -107,13 +109,17 @@ def main(argv):
     medians = {}
     for precision in FLAGS.precisions:
         rounds = measure(precision)
-        best = {k: min(v) for k, v in rounds.items()}
-        med = medians[precision] = {k: float(np.median(v)) for k, v in rounds.items()}
-        print(f"{precision:15s} realmix {med['realmix']:.3f} s/step median, {best['realmix']:.3f} "
-              f"best ({1 / med['realmix']:.2f} steps/s, {FLAGS.batch / med['realmix']:.1f} img/s)"
-              f" | bare {med['bare']:.3f} median, {best['bare']:.3f} best | realmix/bare "
-              f"{med['realmix'] / med['bare']:.3f} (medians), "
-              f"{best['realmix'] / best['bare']:.3f} (best)", flush=True)
+        med = medians[precision] = {k: float(np.median([w for w, _ in v]))
+                                    for k, v in rounds.items()}
+        best = {k: min(w for w, _ in v) for k, v in rounds.items()}
+        cpu = {k: float(np.median([c for _, c in v])) for k, v in rounds.items()}
+        print(f"{precision:15s} realmix {med['realmix']:.3f} s/step (median; best "
+              f"{best['realmix']:.3f}) = {1 / med['realmix']:.2f} steps/s, "
+              f"{FLAGS.batch / med['realmix']:.1f} img/s | bare {med['bare']:.3f} (best "
+              f"{best['bare']:.3f}) | realmix/bare wall {med['realmix'] / med['bare']:.3f} "
+              f"median, {best['realmix'] / best['bare']:.3f} best; CPU time "
+              f"{cpu['realmix']:.2f}/{cpu['bare']:.2f} s = {cpu['realmix'] / cpu['bare']:.3f}",
+              flush=True)
     if "float32" in medians and "mixed_bfloat16" in medians:
         print(f"bf16 speed-up of the RealMix step (medians): "
               f"{medians['float32']['realmix'] / medians['mixed_bfloat16']['realmix']:.2f}x")

@@ -154,3 +154,15 @@ def test_command_exit_code_2_and_one_line_on_bad_values_and_bad_types():
         assert result.returncode == 2, result.stderr
         lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
         assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+
+
+def test_main_trains_a_tiny_run_and_returns_0(parse, toy, tmp_path, monkeypatch):
+    from libml.data import test_options
+    monkeypatch.setattr(train, "DEFAULT_DATA_OPTIONS", test_options())
+    parse(f"--data_dir={toy.root}", f"--dataset={toy.name}", f"--train_dir={tmp_path}", "--batch=8",
+          "--filters=8", "--repeat=1", "--train_kimg=0.015625", "--report_kimg=0.015625",
+          "--noexport", "--noprogress", "--tsa=exp", "--percent_mask=0.5")
+    assert realmix.main(["realmix"]) == 0
+    (run_dir,) = (tmp_path / toy.name).iterdir()
+    assert run_dir.name.startswith("RealMix_") and "gamma0.5" in run_dir.name and "tsaexp" in run_dir.name
+    assert (run_dir / "stats" / "accuracy.json").exists() and (run_dir / "tf" / "checkpoint").exists()
