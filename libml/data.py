@@ -38,6 +38,7 @@ CACHE_MAX_DECODED_BYTES = 1 << 30      # auto-cache a set when its decoded size 
 PNG_EXPANSION_ESTIMATE = 4             # decoded bytes per PNG byte assumed for that estimate
 STREAM_SHUFFLE_BUFFER = 8192           # records; as the released code (R:libml/data.py:66-88)
 INTERLEAVE_CYCLE = 16                  # shard files read at once when streaming several files
+UNROLL_MAX_BATCH = 256             # streamed batches up to this size decode in an unrolled graph
 SHIFT = 4                              # translation range in pixels (spec §4)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -209,6 +210,29 @@ def _decoder(info: DatasetInfo):
     return decode
 
 
+def _batch_decoder(info: DatasetInfo, batch: int):
+    """Decodes a batch of `batch` serialized records (the streamed training path).
+
+    One `parse_example` call per batch instead of one parse per record, and the PNG decodes of
+    a batch unrolled into one graph: this removes most of the per-record tf.data overhead,
+    which costs as much as the decode of a CIFAR-sized PNG itself (docs/benchmarks.md).
+    """
+    def decode_one(png):
+        image = tf.io.decode_image(png, channels=info.channels, expand_animations=False)
+        return tf.ensure_shape(image, info.shape)
+
+    def decode(serialized):
+        example = tf.io.parse_example(serialized, records.FEATURES)
+        pngs = example["image"]
+        if batch <= UNROLL_MAX_BATCH:
+            images = tf.stack([decode_one(png) for png in tf.unstack(pngs, num=batch)])
+        else:   # a while loop keeps the graph small for very large batches
+            images = tf.map_fn(decode_one, pngs, parallel_iterations=UNROLL_MAX_BATCH,
+                               fn_output_signature=tf.TensorSpec(info.shape, tf.uint8))
+        return {"image": images, "label": example["label"]}
+    return decode
+
+
 # ---------------------------------------------------------------------------------------------
 # Seeds: stateless, from (run seed, stream id) and then the stream's own counters.
 
@@ -302,10 +326,9 @@ class SSLData:
             indices = self._index_stream(int(images.shape[0]), stream)
             gather = _gatherer(images, labels)
             ds = indices.batch(batch, drop_remainder=True).map(gather)
-        else:
-            ds = self._record_stream(which, stream)
-            ds = ds.map(_decoder(self.info), num_parallel_calls=self._parallel)
-            ds = ds.batch(batch, drop_remainder=True)
+        else:   # batch the shuffled serialized records first, then parse and decode per batch
+            ds = self._record_stream(which, stream).batch(batch, drop_remainder=True)
+            ds = ds.map(_batch_decoder(self.info, batch), num_parallel_calls=self._parallel)
         ds = ds.enumerate().map(augment_batch, num_parallel_calls=self._parallel)
         return self._finish(ds)
 
