@@ -15,8 +15,9 @@ Two ways to feed a stream:
   tensor; the stream shuffles *indices*, gathers a batch and augments it. The checkpointed
   iterator state is then a few indices, not image buffers.
 - streamed (large sets, e.g. millions of extended records): the files are interleaved, the
-  serialized records shuffled with a buffer of ``STREAM_SHUFFLE_BUFFER``, parsed and decoded
-  in parallel, batched, and augmented per batch.
+  serialized records shuffled with a buffer of ``STREAM_SHUFFLE_BUFFER`` and batched; each
+  batch is parsed in one call, its PNGs decoded, and augmented. Working per batch rather than
+  per record keeps the extended stream within ~20 % of the cached one (docs/benchmarks.md).
 
 All randomness is stateless and derived from the run seed and the stream's own batch counter,
 so a stream is reproducible and a restored iterator continues exactly where it stopped.
@@ -377,9 +378,14 @@ class SSLData:
                     files, tf.random.experimental.stateless_fold_in(shuffle_seed, e))
                 return tf.data.Dataset.from_tensor_slices(order)
 
+            # Local shards are read by one sequential interleave: the reads are cheap, and a
+            # parallel interleave costs more CPU per record than it saves (docs/benchmarks.md).
+            # Remote shards (gs://...) are read in parallel to hide their latency.
+            remote = any("://" in path for path in source.files)
             ds = tf.data.Dataset.counter().flat_map(epoch).interleave(
                 tf.data.TFRecordDataset, cycle_length=min(len(source.files), INTERLEAVE_CYCLE),
-                block_length=1, num_parallel_calls=self._parallel, deterministic=True)
+                block_length=1, num_parallel_calls=self._parallel if remote else None,
+                deterministic=True if remote else None)
         buffer = self._shuffle_buffer or STREAM_SHUFFLE_BUFFER
         return ds.shuffle(buffer, seed=_python_seed(self.seed, stream))
 

@@ -15,10 +15,11 @@ def fail(message: str) -> None:
 def run_cli(main, argv=None):
     """Runs main(argv); a UserError becomes one line on stderr and exit code 2."""
     try:
-        return main(argv)
+        result = main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
+    return result
 
 
 def absl_run(main):
@@ -27,9 +28,10 @@ def absl_run(main):
 
     def wrapped(argv):
         try:
-            return main(argv)
+            result = main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        return result if isinstance(result, int) else 0  # app.run exits with this value
 
     app.run(wrapped)

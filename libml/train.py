@@ -79,9 +79,13 @@ class TrainConfig:
     progress: bool = True
     algorithm: dict = dataclasses.field(default_factory=dict)   # algorithm hyper-parameters
 
+    def dataset_name(self):
+        """The parsed --dataset; trainers with other naming schemes (fully supervised) override it."""
+        return parse_dataset_name(self.dataset)
+
     def validate(self) -> "TrainConfig":
         """Checks values and combinations; raises UserError with one line naming the fix."""
-        parse_dataset_name(self.dataset)
+        self.dataset_name()
         positive = dict(batch=self.batch, train_kimg=self.train_kimg, report_kimg=self.report_kimg,
                         save_kimg=self.save_kimg, keep_ckpt=self.keep_ckpt, filters=self.filters,
                         repeat=self.repeat, lr=self.lr, eval_batch=self.eval_batch)
@@ -228,11 +232,19 @@ def cli_run(main):
     from libml.errors import EXIT_USER_ERROR
 
     def wrapped(argv):
+        from absl import flags as absl_flags
+        if not absl_flags.FLAGS["verbosity"].present:
+            # TensorFlow logs every checkpoint and export at INFO: keep the console to our own
+            # lines and warnings unless the user asks for more (--verbosity=0).
+            logging.set_verbosity(logging.WARNING)
+            tf.get_logger().setLevel("WARNING")
         try:
-            return main(argv)
+            result = main(argv)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
+        # app.run exits with main's return value: a stats dict must not become exit code 1.
+        return result if isinstance(result, int) else 0
 
     app.run(wrapped, flags_parser=flags_parser)
 
@@ -374,6 +386,13 @@ def read_events(folder: str) -> Dict[str, List[tuple]]:
 # ---------------------------------------------------------------------------------------------
 # The trainer
 
+def _placeholder_unlabeled(batch: int, shape) -> tf.data.Dataset:
+    """Endless all-zero unlabeled batches (label -1) for algorithms that use no unlabeled data."""
+    element = {"image": tf.zeros([batch, 2, *shape], tf.float32),
+               "label": tf.fill([batch], tf.constant(-1, tf.int64))}
+    return tf.data.Dataset.from_tensors(element).repeat()
+
+
 class Trainer:
     """Builds data, strategy and model from a TrainConfig, and runs training, evaluation-only
     or export. `make_model(info, config)` creates the algorithm's SSLModel; it is called under
@@ -399,7 +418,7 @@ class Trainer:
             self.model = make_model(self.info, config)
             self._set_bn_momentum(config.effective_decays()[1])
         self.hparams = self._run_hparams()
-        self.run_dir = os.path.join(config.train_dir, str(parse_dataset_name(config.dataset)),
+        self.run_dir = os.path.join(config.train_dir, str(config.dataset_name()),
                                     run_folder_name(algorithm, self.hparams))
         self.tf_dir = os.path.join(self.run_dir, "tf")
         self.stats_dir = os.path.join(self.run_dir, "stats")
@@ -443,8 +462,11 @@ class Trainer:
     def _make_iterators(self):
         c, s = self.config, self.strategy
         labeled = s.experimental_distribute_dataset(self.data.train_labeled(c.batch))
-        unlabeled = s.experimental_distribute_dataset(self.data.train_unlabeled(c.batch))
-        return iter(labeled), iter(unlabeled)
+        if getattr(self.model, "uses_unlabeled", True):
+            unlabeled = self.data.train_unlabeled(c.batch)
+        else:  # the step ignores it: a constant batch instead of decoding and augmenting images
+            unlabeled = _placeholder_unlabeled(c.batch, self.info.shape)
+        return iter(labeled), iter(s.experimental_distribute_dataset(unlabeled))
 
     def _checkpoint(self, iterators=None) -> tf.train.Checkpoint:
         parts = dict(variables=model_variables(self.model))
@@ -473,7 +495,7 @@ class Trainer:
         if not restored and c.load_checkpoint:
             from libml.export import transfer_weights
             source = transfer_weights(self.model, c.load_checkpoint, self.info)
-            logging.info("initialised from %s except the classifier head", source)
+            print(f"initialised from {source} except the classifier head", file=sys.stderr)
         self._load_history(int(self.model.step.numpy()))
         writer = tf.summary.create_file_writer(self.tf_dir)
         step = int(self.model.step.numpy())
@@ -490,7 +512,12 @@ class Trainer:
         if c.export and not (finished_before and os.path.isdir(self.export_dir)):
             from libml.export import export_model
             export_model(self.model, self.info, self.export_dir, self._export_meta())
-        return self._accuracy_stats()
+        stats = self._accuracy_stats()
+        if stats.get("reports"):
+            window = min(20, stats["reports"])
+            print(f"{self.run_dir}\n  test error {stats['error_last20']:.2f} % (median of the last "
+                  f"{window} reports; stats/accuracy.json)", file=sys.stderr)
+        return stats
 
     def _train_period(self, step: int, end: int, manager):
         """Runs steps until `end` images; saves at each --save_kimg boundary crossed (except

@@ -116,9 +116,8 @@ def make_model(info, config) -> FullySupervised:
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line: the RealMix trainer with fully supervised names and data. It needs the trainer
-# to name datasets through `TrainConfig.dataset_name()` (validation and the run folder), which
-# this config overrides; without that hook `main` says so.
+# Command line: the RealMix trainer with fully supervised names (`TrainConfig.dataset_name`,
+# used for validation and the run folder) and data.
 #   python -m realmix_tf.fully_supervised --dataset=cifar10-1
 
 from absl import flags  # noqa: E402
@@ -128,8 +127,6 @@ from libml.names import data_dir  # noqa: E402
 from realmix_tf.supervised import check_no_arguments  # noqa: E402
 
 FLAGS = flags.FLAGS
-TRAINER_HOOK = "dataset_name"
-
 
 @dataclasses.dataclass
 class FullySupervisedConfig(train.TrainConfig):
@@ -157,10 +154,6 @@ def config_from_flags(flag_values=FLAGS) -> FullySupervisedConfig:
 
 def main(argv):
     check_no_arguments(argv)
-    if not hasattr(train.TrainConfig, TRAINER_HOOK):
-        raise UserError("this trainer cannot name fully supervised datasets yet (libml/train.py "
-                        "has no TrainConfig.dataset_name): train with realmix_tf.supervised on a "
-                        "split, or update libml/train.py")
     config = config_from_flags(FLAGS)
     return FullySupervisedTrainer(config, make_model, "FullySupervised").run()
 

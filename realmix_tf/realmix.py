@@ -29,6 +29,12 @@ from libml.ssl import SSLModel
 TSA_CHOICES = ("none", "linear", "log", "exp")
 
 
+def _kimg(value):
+    """A kimg count as given (fractions allowed), shown as an int when it is whole."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
 class RealMix(SSLModel):
     """RealMix on a Wide ResNet. Keyword arguments (defaults are the released ones, spec §2):
     beta: MixUp Beta(beta, beta) parameter (the paper's alpha); w_match: lambda_U, ramped
@@ -59,7 +65,7 @@ class RealMix(SSLModel):
                          lr=lr, wd=wd, ema=ema, seed=seed, precision=precision,
                          jit_compile=jit_compile, bn_momentum=bn_momentum, name=name)
         self.beta, self.w_match, self.temperature = float(beta), float(w_match), float(temperature)
-        self.warmup_kimg, self.train_kimg = int(warmup_kimg), int(train_kimg)
+        self.warmup_kimg, self.train_kimg = _kimg(warmup_kimg), _kimg(train_kimg)
         self.tsa, self.tsa_source, self.gamma = tsa, tsa_source, float(gamma)
         self.nu, self.batched_passes = int(nu), bool(batched_passes)
         # Only the XLA variant is a separate tf.function: the caller (trainer, strategy.run)
@@ -129,7 +135,7 @@ class RealMix(SSLModel):
             # 4. Losses.
             loss_xe, tsa_scalars = self.labeled_loss(logits_x, targets_x, step)
             loss_l2u, mask_scalars = self.unlabeled_loss(logits_u, targets_u)
-            w_match = layers.unlabeled_weight(step, self.w_match, self.warmup_kimg << 10)
+            w_match = layers.unlabeled_weight(step, self.w_match, round(self.warmup_kimg * 1024))
             loss = loss_xe + w_match * loss_l2u
             scaled_loss = self.scale_loss(loss)
         grads = self.gradients(tape, scaled_loss)
@@ -164,7 +170,7 @@ class RealMix(SSLModel):
         if self.tsa == "none":
             one = tf.constant(1.0)
             return tf.reduce_mean(loss), {"monitors/tsa_threshold": one, "monitors/tsa_kept": one}
-        progress = layers.tsa_progress(step, self.train_kimg << 10)
+        progress = layers.tsa_progress(step, round(self.train_kimg * 1024))
         threshold = layers.tsa_threshold(self.tsa, progress, self.nclass)
         keep = layers.tsa_mask(logits_x, targets_x, threshold, self.tsa_source)
         return layers.masked_mean(loss, keep), {"monitors/tsa_threshold": threshold,

@@ -264,10 +264,6 @@ def test_mixmatch_command_line_refuses_realmix_flags():
 
 
 def test_fully_supervised_trainer(full_toy, tmp_path):
-    if not hasattr(train.TrainConfig, fully_supervised.TRAINER_HOOK):   # until the trainer hook
-        with pytest.raises(UserError, match="no TrainConfig.dataset_name"):
-            fully_supervised.main(["fully_supervised"])
-        return
     root, _, _ = full_toy
     flag_values = copy.deepcopy(flags.FLAGS)
     flag_values(["fully_supervised", "--dataset=toy-5", f"--data_dir={root}",

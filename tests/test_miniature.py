@@ -1,0 +1,93 @@
+"""runs/miniature.py: the cell grid, the statistics, and a --quick smoke run (two cells)."""
+import json
+import os
+
+import pytest
+
+from libml.errors import UserError
+from runs import miniature
+
+
+def test_default_grid_counts_and_sharing():
+    s = miniature.Settings()
+    cells = miniature.build_cells(s)
+    per_experiment = {e: sum(c.experiment == e for c in cells) for e in miniature.EXPERIMENTS}
+    # 3 methods x 2 sizes, 4 methods x 5 levels, 3 gammas; times 2 seeds
+    assert per_experiment == {"sizes": 12, "mismatch": 40, "ablation": 6}
+    # Supervised: one run per seed for the 5 levels; gamma 0.6 at 75 % shared with the ablation.
+    assert len(miniature.unique_runs(cells)) == 12 + (3 * 5 + 1) * 2 + 2 * 2
+    sup = {c.run for c in cells if c.experiment == "mismatch" and c.row == "Supervised" and c.seed == 1}
+    assert len(sup) == 1
+    realmix = {c.column: dict(c.run.hparams)["gamma"] for c in cells
+               if c.experiment == "mismatch" and c.row.startswith("RealMix") and c.seed == 2}
+    assert realmix == {"0%": 0.0, "25%": 0.2, "50%": 0.4, "75%": 0.6, "100%": 0.85}
+    ablation = [c.run for c in cells if c.experiment == "ablation" and "0.6" in c.row and c.seed == 2]
+    mismatch75 = [c.run for c in cells if c.experiment == "mismatch" and c.column == "75%"
+                  and c.row.startswith("RealMix") and c.seed == 2]
+    assert ablation == mismatch75
+    assert all(c.run.dataset == "mnist6_mismatch75.1@60-200" for c in cells
+               if c.experiment == "ablation" and c.seed == 1)
+    sizes_rm = [c.run for c in cells if c.experiment == "sizes" and c.row == "RealMix"]
+    assert all(dict(r.hparams)["tsa"] == "linear" and r.extend == 10 for r in sizes_rm)
+    assert all(r.extend == 0 for r in miniature.unique_runs(cells) if r.method != "RealMix")
+    assert dict(sizes_rm[0].hparams)["warmup_kimg"] == 8.0        # 0.25 x 32 kimg
+    assert miniature.short_run_decay(s) == 0.9805                 # 1 - 10/512, rounded
+    assert miniature.short_run_decay(miniature.Settings(train_kimg=0.25, batch=32)) == 0.0
+
+
+def test_median_error_and_cells():
+    assert miniature.median_error([10.0, 50.0, 90.0, 94.0, 96.0], 3) == pytest.approx(100 - 94.0)
+    assert miniature.median_error([80.0, None, 90.0], 2) == pytest.approx(10.0)
+    assert miniature.median_error([], 4) is None
+    assert miniature.format_cell([10.0, 12.0]) == "11.00 ± 1.41"
+    assert miniature.format_cell([7.5]) == "7.50"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--experiments=tables"], "--experiments"),
+    (["--methods=FixMatch"], "--methods"),
+    (["--seeds=0"], "seeds >= 1"),
+    (["--sizes=5"], "label counts"),
+    (["--reports=4", "--median_last=5"], "median_last"),
+    (["--train_kimg=0.01", "--reports=16"], "shorter than one batch"),
+])
+def test_bad_flags(argv, match):
+    with pytest.raises(UserError, match=match):
+        miniature.main(["miniature"] + argv)
+
+
+def test_quick_run_writes_table_and_plot(tmp_path, monkeypatch):
+    from PIL import Image
+    from libml import data, train
+    monkeypatch.setattr(train, "DEFAULT_DATA_OPTIONS", data.test_options())
+    work, out = tmp_path / "work", tmp_path / "out"
+    argv = ["miniature", "--quick", "--experiments=sizes", "--methods=Supervised,RealMix",
+            "--seeds=1,2", "--sizes=50,100", f"--work_dir={work}", f"--output={out}"]
+    assert miniature.main(argv) == 0
+
+    text = (out / "results.md").read_text()
+    assert "| method | 50 labels |" in text and "100 labels" not in text     # --quick: first size
+    rows = [line for line in text.splitlines() if line.startswith(("| Supervised |", "| RealMix |"))]
+    assert len(rows) == 2
+    for row in rows:
+        error = float(row.split("|")[2])
+        assert 0.0 <= error <= 100.0
+    assert "Seeds 1 (" in text and "0.25 kimg" in text and "last 1 of 2 reports" in text
+    with Image.open(out / "sizes.png") as png:
+        assert png.format == "PNG" and png.size[0] > 300 and png.size[1] > 200
+
+    result = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in result["runs"]] == ["Supervised", "RealMix"]
+    for r in result["runs"]:
+        assert len(r["test"]) == 2 and r["error"] == pytest.approx(100 - r["test"][-1])
+        history = json.loads((open(os.path.join(r["run_dir"], "stats", "accuracy_history.json"))).read())
+        assert [h["test"] for h in history] == r["test"]
+    assert result["runs"][1]["extend"] == 2 and "extend2" in result["runs"][1]["run_dir"]
+    assert result["tables"]["sizes"]["errors"]["Supervised"]["50 labels"] == [result["runs"][0]["error"]]
+    assert result["meta"]["runs_trained"] == 2
+
+    os.remove(out / "sizes.png")
+    assert miniature.main(argv) == 0                     # finished runs are reused, not retrained
+    again = json.loads((out / "results.json").read_text())
+    assert again["meta"]["runs_trained"] == 0 and os.path.exists(out / "sizes.png")
+    assert again["tables"] == result["tables"]
