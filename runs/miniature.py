@@ -209,10 +209,15 @@ def build_cells(s: Settings) -> List[Cell]:
                     label = f"RealMix (γ per level)" if method == "RealMix" else method
                     cells.append(Cell("mismatch", label, f"{level}%", seed, run, note))
         if "ablation" in s.experiments and "RealMix" in s.methods:
+            column = f"{ABLATION_LEVEL}% mismatch"
             for gamma, label in ABLATION_GAMMAS:
-                cells.append(Cell("ablation", label, f"{ABLATION_LEVEL}% mismatch", seed,
+                cells.append(Cell("ablation", label, column, seed,
                                   make_run("RealMix", mismatch_name(ABLATION_LEVEL, seed, s), seed, s,
                                            gamma=gamma)))
+            if "Supervised" in s.methods:   # the reference the paper quotes beside Table 6
+                cells.append(Cell("ablation", "Supervised", column, seed,
+                                  make_run("Supervised", mismatch_name(0, seed, s), seed, s),
+                                  "the mismatch experiment's supervised run (same labeled set)"))
     return cells
 
 
@@ -417,7 +422,7 @@ def plot(name: str, t: dict, path: str) -> None:
         rows = t["rows"]
         stats = [mean_std(t["errors"].get(r, {}).get(columns[0], [math.nan])) for r in rows]
         ax.bar(range(len(rows)), [m for m, _ in stats], yerr=[sd or 0 for _, sd in stats],
-               capsize=6, color=["tab:green", "tab:olive", "tab:gray"][:len(rows)])
+               capsize=6, color=["tab:green", "tab:olive", "tab:gray", "tab:blue"][:len(rows)])
         ax.set_xticks(range(len(rows)), rows)
         ax.set_xlabel(columns[0])
     else:

@@ -12,8 +12,8 @@ def test_default_grid_counts_and_sharing():
     s = miniature.Settings()
     cells = miniature.build_cells(s)
     per_experiment = {e: sum(c.experiment == e for c in cells) for e in miniature.EXPERIMENTS}
-    # 3 methods x 2 sizes, 4 methods x 5 levels, 3 gammas; times 2 seeds
-    assert per_experiment == {"sizes": 12, "mismatch": 40, "ablation": 6}
+    # 3 methods x 2 sizes, 4 methods x 5 levels, 3 gammas + supervised; times 2 seeds
+    assert per_experiment == {"sizes": 12, "mismatch": 40, "ablation": 8}
     # Supervised: one run per seed for the 5 levels; gamma 0.6 at 75 % shared with the ablation.
     assert len(miniature.unique_runs(cells)) == 12 + (3 * 5 + 1) * 2 + 2 * 2
     sup = {c.run for c in cells if c.experiment == "mismatch" and c.row == "Supervised" and c.seed == 1}
@@ -26,7 +26,9 @@ def test_default_grid_counts_and_sharing():
                   and c.row.startswith("RealMix") and c.seed == 2]
     assert ablation == mismatch75
     assert all(c.run.dataset == "mnist6_mismatch75.1@60-200" for c in cells
-               if c.experiment == "ablation" and c.seed == 1)
+               if c.experiment == "ablation" and c.seed == 1 and c.row != "Supervised")
+    assert {c.run for c in cells if c.experiment == "ablation" and c.row == "Supervised"} == {
+        c.run for c in cells if c.experiment == "mismatch" and c.row == "Supervised"}
     sizes_rm = [c.run for c in cells if c.experiment == "sizes" and c.row == "RealMix"]
     assert all(dict(r.hparams)["tsa"] == "linear" and r.extend == 10 for r in sizes_rm)
     assert all(r.extend == 0 for r in miniature.unique_runs(cells) if r.method != "RealMix")
