@@ -10,7 +10,7 @@ float32 in [-1, 1]) and preserve it.
 import tensorflow as tf
 
 
-def _as_batch(images):
+def as_batch(images):
     """Lets the ops accept one [H,W,C] image as well as a [N,H,W,C] batch."""
     images = tf.convert_to_tensor(images)
     if images.shape.rank == 3:
@@ -20,17 +20,17 @@ def _as_batch(images):
     return images, False
 
 
-def _restore(images, was_single):
+def unbatch_if_single(images, was_single):
     return images[0] if was_single else images
 
 
 def flip_lr(images, seed):
     """Mirrors each image left-right with probability 0.5, independently per image."""
-    images, single = _as_batch(images)
+    images, single = as_batch(images)
     batch = tf.shape(images)[0]
     do_flip = tf.random.stateless_uniform([batch], seed) < 0.5
     flipped = tf.where(do_flip[:, None, None, None], tf.reverse(images, axis=[2]), images)
-    return _restore(flipped, single)
+    return unbatch_if_single(flipped, single)
 
 
 def translate(images, seed, shift: int = 4):
@@ -39,9 +39,9 @@ def translate(images, seed, shift: int = 4):
     The result is a translation by (dy, dx) drawn uniformly from [-shift, shift]^2. REFLECT
     padding does not repeat the edge pixel: [a b c d] padded by 2 is [c b a b c d c b].
     """
-    images, single = _as_batch(images)
+    images, single = as_batch(images)
     if shift <= 0:
-        return _restore(images, single)
+        return unbatch_if_single(images, single)
     height, width = images.shape[1], images.shape[2]
     for size in (height, width):
         if size is not None and size <= shift:
@@ -57,7 +57,7 @@ def translate(images, seed, shift: int = 4):
     cols = offsets[:, 1:] + tf.range(width)[None, :]     # [N, W]
     cropped = tf.gather(padded, rows, axis=1, batch_dims=1)    # [N, H, W + 2 shift, C]
     cropped = tf.gather(cropped, cols, axis=2, batch_dims=1)   # [N, H, W, C]
-    return _restore(cropped, single)
+    return unbatch_if_single(cropped, single)
 
 
 def augment(images, seed, flip: bool = True, shift: int = 4):

@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from libml import names, records
+from libml import augment, names, records
 from libml.errors import UserError
 
 AUGMENTATIONS = ("erase", "cutout", "simple", "none")
@@ -49,15 +49,6 @@ _RECORD_OVERHEAD = 160      # PNG chunks + zlib framing + Example + TFRecord fra
 
 # ------------------------------------------------------------------------------------------
 # Augmentations: batched, stateless, uint8 in and out. Each image gets its own draw.
-
-def _as_batch(images):
-    images = tf.convert_to_tensor(images)
-    if images.shape.rank == 3:
-        return images[None], True
-    if images.shape.rank != 4:
-        raise ValueError(f"expected images of shape [N,H,W,C] or [H,W,C], got {images.shape}")
-    return images, False
-
 
 def _paint_boxes(images, top, left, height, width, value, apply):
     """Sets rows [top, top+height) x cols [left, left+width) of image i to value[i] where apply[i]."""
@@ -92,7 +83,7 @@ def random_erase(images, seed, p: float = 0.3, area=(0.02, 0.4), aspect=(0.3, 1 
     With 64 candidates, no acceptable draw has probability < 1e-9 ("reject", 32x32);
     then the last draw is clipped into the image.
     """
-    images, single = _as_batch(images)
+    images, single = augment.as_batch(images)
     if placement not in ("inside", "reject"):
         raise ValueError(f"placement must be 'inside' or 'reject', got {placement!r}")
     shape = tf.shape(images)
@@ -127,7 +118,7 @@ def random_erase(images, seed, p: float = 0.3, area=(0.02, 0.4), aspect=(0.3, 1 
     top = tf.minimum(pick(top), height - box_h)
     grey = tf.floor(tf.random.stateless_uniform([n], seeds[4], float(fill[0]), float(fill[1])))
     out = _paint_boxes(images, top, left, box_h, box_w, grey, apply)
-    return out[0] if single else out
+    return augment.unbatch_if_single(out, single)
 
 
 def cutout(images, seed, size: int = 16, fill: int = 128):
@@ -136,7 +127,7 @@ def cutout(images, seed, size: int = 16, fill: int = 128):
     Applied to every image. Their code zeroes normalised pixels (the dataset mean); here the
     fill is mid-grey 128, i.e. about 0 in the [-1, 1] training range.
     """
-    images, single = _as_batch(images)
+    images, single = augment.as_batch(images)
     shape = tf.shape(images)
     n, height, width = shape[0], shape[1], shape[2]
     seed_y, seed_x = tf.unstack(tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), 2))
@@ -148,12 +139,11 @@ def cutout(images, seed, size: int = 16, fill: int = 128):
     right = tf.clip_by_value(centre_x + size // 2, 0, width)
     out = _paint_boxes(images, top, left, bottom - top, right - left,
                        tf.fill([n], fill), tf.ones([n], tf.bool))
-    return out[0] if single else out
+    return augment.unbatch_if_single(out, single)
 
 
 def simple(images, seed, flip: bool = True, shift: int = 4):
     """The "Simple Aug" of paper Table 5: the training-time flip + translate."""
-    from libml import augment
     return augment.augment(images, seed, flip=flip, shift=shift)
 
 

@@ -148,6 +148,13 @@ class TrainConfig:
             return default_precision()
         return PRECISION_CHOICES[self.mixed_precision]
 
+    def model_kwargs(self) -> dict:
+        """Constructor arguments of every SSLModel, from the shared flags and the algorithm's."""
+        ema, _ = self.effective_decays()
+        return dict(filters=self.filters, repeat=self.repeat, scales=self.scales, lr=self.lr,
+                    wd=self.wd, ema=ema, seed=self.seed, precision=self.precision(),
+                    jit_compile=self.jit_compile, **self.algorithm)
+
     def effective_decays(self):
         """(EMA decay, BN momentum): the flags, or with --short_run_scaling at most
         1 - 10/steps, so that a run of `steps` steps forgets its start (0.999**1200 = 30 %)."""

@@ -108,11 +108,7 @@ class FullySupervised(Supervised):
 
 
 def make_model(info, config) -> FullySupervised:
-    ema, _ = config.effective_decays()
-    return FullySupervised(info.nclass, info.shape, filters=config.filters, repeat=config.repeat,
-                           scales=config.scales, lr=config.lr, wd=config.wd, ema=ema,
-                           seed=config.seed, precision=config.precision(),
-                           jit_compile=config.jit_compile, **config.algorithm)
+    return FullySupervised(info.nclass, info.shape, **config.model_kwargs())
 
 
 # ---------------------------------------------------------------------------------------------

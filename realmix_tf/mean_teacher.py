@@ -123,12 +123,7 @@ def mean_teacher_hparams(flag_values=FLAGS) -> dict:
 
 
 def make_model(info, config: "train.TrainConfig") -> MeanTeacher:
-    ema, _ = config.effective_decays()
-    return MeanTeacher(info.nclass, info.shape, filters=config.filters, repeat=config.repeat,
-                       scales=config.scales, lr=config.lr, wd=config.wd, ema=ema,
-                       train_kimg=config.train_kimg, seed=config.seed,
-                       precision=config.precision(), jit_compile=config.jit_compile,
-                       **config.algorithm)
+    return MeanTeacher(info.nclass, info.shape, train_kimg=config.train_kimg, **config.model_kwargs())
 
 
 def main(argv):

@@ -77,11 +77,7 @@ def mixmatch_hparams(flag_values=FLAGS) -> dict:
 
 
 def make_model(info, config: "train.TrainConfig") -> MixMatch:
-    ema, _ = config.effective_decays()
-    return MixMatch(info.nclass, info.shape, filters=config.filters, repeat=config.repeat,
-                    scales=config.scales, lr=config.lr, wd=config.wd, ema=ema, seed=config.seed,
-                    precision=config.precision(), jit_compile=config.jit_compile,
-                    **config.algorithm)
+    return MixMatch(info.nclass, info.shape, **config.model_kwargs())
 
 
 def main(argv):

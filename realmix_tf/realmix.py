@@ -240,12 +240,7 @@ def realmix_hparams(flag_values=FLAGS) -> dict:
 
 
 def make_model(info, config: "train.TrainConfig") -> RealMix:
-    ema, _ = config.effective_decays()
-    return RealMix(info.nclass, info.shape, filters=config.filters, repeat=config.repeat,
-                   scales=config.scales, lr=config.lr, wd=config.wd, ema=ema,
-                   train_kimg=config.train_kimg, seed=config.seed,
-                   precision=config.precision(), jit_compile=config.jit_compile,
-                   **config.algorithm)
+    return RealMix(info.nclass, info.shape, train_kimg=config.train_kimg, **config.model_kwargs())
 
 
 def main(argv):

@@ -63,11 +63,7 @@ FLAGS = flags.FLAGS
 
 
 def make_model(info, config: "train.TrainConfig") -> Supervised:
-    ema, _ = config.effective_decays()
-    return Supervised(info.nclass, info.shape, filters=config.filters, repeat=config.repeat,
-                      scales=config.scales, lr=config.lr, wd=config.wd, ema=ema,
-                      seed=config.seed, precision=config.precision(),
-                      jit_compile=config.jit_compile, **config.algorithm)
+    return Supervised(info.nclass, info.shape, **config.model_kwargs())
 
 
 def check_no_arguments(argv):
