@@ -1,4 +1,4 @@
-"""Tiny files in the real formats, for tests (any engineer may import these helpers).
+"""Tiny files in the real formats, for tests.
 
 - ``write_cifar_archive``: ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` with the
   real pickle layout (or the ``-binary`` layout), returning the images it holds in order.
