@@ -207,7 +207,7 @@ def define_flags() -> None:
         return
     flags.DEFINE_float("beta", 0.75, "MixUp Beta(beta, beta) parameter (the paper's alpha).")
     flags.DEFINE_float("w_match", 75.0, "Unlabeled-loss weight lambda_U (ramped over --warmup_kimg).")
-    flags.DEFINE_integer("warmup_kimg", 1024, "Linear ramp-up of w_match, in kimg.")
+    flags.DEFINE_float("warmup_kimg", 1024, "Linear ramp-up of w_match, in kimg (fractions allowed).")
     flags.DEFINE_string("tsa", "none", "Training-signal annealing of the labeled loss: none, "
                         "linear, log, exp (the released names linear_schedule, ... also work).")
     flags.DEFINE_string("tsa_source", "labels", "What the TSA threshold multiplies: labels "

@@ -404,9 +404,10 @@ def markdown_report(tables: dict, s: Settings, meta: dict) -> str:
             out.append(f"- {row}: {note}.")
         out += [f"- Paper, CIFAR-10: {PAPER[name]}.", f"- Plot: `{name}.png`.", ""]
     out += ["## Run", "", f"- Command: `{meta['command']}`",
-            f"- Runs trained: {meta['runs']} ({meta['runs_trained']} in this invocation), wall "
-            f"time {meta['wall_minutes']:.1f} min (including data preparation); sum of per-run "
-            f"wall times {meta['run_minutes']:.1f} min.",
+            f"- Runs: {meta['runs']}, of which {meta['runs_trained']} trained by this invocation "
+            f"(the others reused from earlier ones); wall time of this invocation "
+            f"{meta['wall_minutes']:.1f} min (including data preparation); sum of the training "
+            f"wall times of all {meta['runs']} runs {meta['run_minutes']:.1f} min.",
             f"- Machine: {meta['machine']}; load average at start / end: {meta['load_start']} / "
             f"{meta['load_end']}.", f"- Finished {meta['finished']}.", ""]
     return "\n".join(out)
