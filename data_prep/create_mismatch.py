@@ -18,6 +18,7 @@ The unlabeled file is written in create_split's round-robin class order, so the 
 records (the validation set) mix the 4 classes evenly.
 """
 import dataclasses
+import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
@@ -153,6 +154,20 @@ def output_paths(root: str, name: str, seed: int, size: int) -> dict:
     return paths
 
 
+def _shared_files_match(paths: dict, new_meta: dict) -> bool:
+    """True when the seed-independent test file and metadata exist with these settings; a
+    UserError when they exist with other settings (e.g. another --keep_original_ids)."""
+    present = [k for k in ("test", "meta") if os.path.exists(paths[k])]
+    if not present:
+        return False
+    if len(present) == 2:
+        with open(paths["meta"]) as f:
+            if json.load(f) == new_meta:
+                return True
+    raise UserError(f"{paths[present[0]]} exists but was written with other settings (or is "
+                    f"incomplete): pass --overwrite to rewrite it")
+
+
 def create_mismatch(root: str, source: str, level: int, seed: int = 1, labels_per_class: int = 400,
                     unlabeled_per_class: int = 0, keep_original_ids: bool = False,
                     overwrite: bool = False) -> dict:
@@ -162,7 +177,16 @@ def create_mismatch(root: str, source: str, level: int, seed: int = 1, labels_pe
     classes = MISMATCH_CLASSES[source]
     name = dataset_name(source, level)
     paths = output_paths(root, name, seed, labels_per_class * len(classes.labeled))
-    common.require_free(paths.values(), overwrite)
+    split_files = {k: paths[k] for k in ("label", "unlabel", "map")}
+    common.require_free(split_files.values(), overwrite)
+    meta = source_meta(root, source)
+    class_names = (list(meta["class_names"]) if keep_original_ids
+                   else [meta["class_names"][c] for c in classes.labeled])
+    new_meta = common.make_meta(name, len(class_names), (meta["height"], meta["width"], meta["channels"]),
+                                meta["flip"], class_names)
+    # The test file and the metadata do not depend on the seed: other seeds of the same level
+    # reuse them when they were written with the same settings.
+    write_shared = overwrite or not _shared_files_match(paths, new_meta)
     train_path, test_path = source_paths(root, source)
     train_labels, test_labels = common.read_labels([train_path]), common.read_labels([test_path])
     split = mismatch_split(train_labels, test_labels, source, level, labels_per_class, seed, unlabeled_per_class)
@@ -172,19 +196,14 @@ def create_mismatch(root: str, source: str, level: int, seed: int = 1, labels_pe
         return common.relabel(record, table[train_labels[pos]])
 
     create_split.write_split(common.read_serialized([train_path]), split.labeled, split.unlabeled,
-                             {k: paths[k] for k in ("label", "unlabel", "map")}, overwrite,
-                             total=len(train_labels), relabel=relabel)
+                             split_files, overwrite, total=len(train_labels), relabel=relabel)
     keep = frozenset(split.test.tolist())
-    test_records = (common.relabel(r, table[test_labels[i]])
-                    for i, r in enumerate(common.read_serialized([test_path])) if i in keep)
-    records.write_serialized(paths["test"], test_records, overwrite, progress=f"writing {name}-test",
-                             total=len(keep))
-    meta = source_meta(root, source)
-    class_names = (list(meta["class_names"]) if keep_original_ids
-                   else [meta["class_names"][c] for c in classes.labeled])
-    common.write_json(paths["meta"], common.make_meta(
-        name, len(class_names), (meta["height"], meta["width"], meta["channels"]), meta["flip"], class_names),
-        overwrite)
+    if write_shared:
+        test_records = (common.relabel(r, table[test_labels[i]])
+                        for i, r in enumerate(common.read_serialized([test_path])) if i in keep)
+        records.write_serialized(paths["test"], test_records, overwrite, progress=f"writing {name}-test",
+                                 total=len(keep))
+        common.write_json(paths["meta"], new_meta, overwrite)
     n_ood = int(np.isin(train_labels[split.unlabeled], classes.labeled, invert=True).sum())
     print(f"{name}.{seed}@{len(split.labeled)}: {len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled "
           f"({n_ood} out of distribution), {len(keep)} test")

@@ -265,6 +265,9 @@ def run_folder_name(algorithm: str, hparams: dict) -> str:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, float):
+        # Derived decays such as 1 - 10/steps print 17 digits; file names are limited to 255 bytes.
+        value = float(f"{value:.6g}")
     return str(value).replace("/", "-").replace(" ", "")
 
 

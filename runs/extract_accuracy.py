@@ -20,7 +20,7 @@ import math
 import os
 import re
 import statistics
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
 
@@ -46,10 +46,11 @@ def median_of_last(accuracies: Sequence[float]) -> Dict[str, Optional[float]]:
 
 def read_event_scalars(folder: str, tags: Sequence[str]) -> List[float]:
     """The values of the first tag of `tags` found in the event files of `folder`, by step.
-    Handles TF2 tensor summaries and TF1 simple_value summaries."""
+    Handles TF2 tensor summaries and TF1 simple_value summaries. A step written twice (a run
+    resumed from an earlier checkpoint redoes its reports) keeps the later write."""
     import tensorflow as tf
     from tensorflow.core.util import event_pb2
-    by_tag: Dict[str, Dict[int, float]] = {}
+    by_tag: Dict[str, Dict[int, Tuple[float, float]]] = {}  # tag -> step -> (wall_time, value)
     for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
         try:
             for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
@@ -61,12 +62,14 @@ def read_event_scalars(folder: str, tags: Sequence[str]) -> List[float]:
                         number = float(value.simple_value)
                     else:
                         number = float(tf.make_ndarray(value.tensor).reshape(-1)[0])
-                    by_tag.setdefault(value.tag, {})[int(event.step)] = number
+                    steps = by_tag.setdefault(value.tag, {})
+                    steps[int(event.step)] = max(steps.get(int(event.step), (-1.0, 0.0)),
+                                                 (event.wall_time, number))
         except tf.errors.DataLossError:
             pass       # a file cut short by an interrupted run: keep what was read
     for tag in tags:
         if tag in by_tag:
-            return [v for _, v in sorted(by_tag[tag].items())]
+            return [value for _, (_, value) in sorted(by_tag[tag].items())]
     return []
 
 

@@ -206,7 +206,7 @@ def build_cells(s: Settings) -> List[Cell]:
                         extra = dict(gamma=MISMATCH_GAMMA[level]) if method == "RealMix" else {}
                         run = make_run(method, mismatch_name(level, seed, s), seed, s, **extra)
                         note = ""
-                    label = f"RealMix (γ per level)" if method == "RealMix" else method
+                    label = "RealMix (γ per level)" if method == "RealMix" else method
                     cells.append(Cell("mismatch", label, f"{level}%", seed, run, note))
         if "ablation" in s.experiments and "RealMix" in s.methods:
             column = f"{ABLATION_LEVEL}% mismatch"
@@ -374,11 +374,17 @@ TITLES = {
 }
 
 
-def markdown_table(t: dict) -> List[str]:
+def markdown_table(t: dict, per_seed: bool = False) -> List[str]:
+    """Methods x settings: mean ± std over seeds, or (per_seed) each seed's error."""
+    def cell(values):
+        if per_seed:
+            return ", ".join(f"{v:.2f}" for v in values) or "-"
+        return format_cell(values)
+
     lines = ["| method | " + " | ".join(t["columns"]) + " |", "|---" * (len(t["columns"]) + 1) + "|"]
     for row in t["rows"]:
         errors = t["errors"].get(row, {})
-        lines.append(f"| {row} | " + " | ".join(format_cell(errors.get(col, [])) for col in t["columns"]) + " |")
+        lines.append(f"| {row} | " + " | ".join(cell(errors.get(col, [])) for col in t["columns"]) + " |")
     return lines
 
 
@@ -400,6 +406,7 @@ def markdown_report(tables: dict, s: Settings, meta: dict) -> str:
             continue
         t = tables[name]
         out += [f"## {TITLES[name]}", ""] + markdown_table(t) + [""]
+        out += [f"Error % per seed ({seeds}):", ""] + markdown_table(t, per_seed=True) + [""]
         for row, note in t["notes"].items():
             out.append(f"- {row}: {note}.")
         out += [f"- Paper, CIFAR-10: {PAPER[name]}.", f"- Plot: `{name}.png`.", ""]
@@ -424,7 +431,7 @@ def plot(name: str, t: dict, path: str) -> None:
         stats = [mean_std(t["errors"].get(r, {}).get(columns[0], [math.nan])) for r in rows]
         ax.bar(range(len(rows)), [m for m, _ in stats], yerr=[sd or 0 for _, sd in stats],
                capsize=6, color=["tab:green", "tab:olive", "tab:gray", "tab:blue"][:len(rows)])
-        ax.set_xticks(range(len(rows)), rows)
+        ax.set_xticks(range(len(rows)), [r.replace(" (", "\n(").replace(" w/o", "\nw/o") for r in rows])
         ax.set_xlabel(columns[0])
     else:
         x = list(range(len(columns)))

@@ -105,3 +105,18 @@ def test_errors(mnist_root, tmp_path):
     with pytest.raises(UserError, match="already exists: pass --overwrite"):
         cm.main(args)
     cm.main(args + ["--overwrite"])
+
+
+def test_second_seed_reuses_the_seed_independent_files(mnist_root):
+    cm.create_mismatch(mnist_root, "mnist5k", 0, seed=1, labels_per_class=15)
+    test_file = names.test_path(mnist_root, "mnist6_mismatch0")
+    meta_file = os.path.join(mnist_root, "mnist6_mismatch0-meta.json")
+    before = (os.path.getmtime(test_file), open(test_file, "rb").read(), open(meta_file).read())
+    cm.create_mismatch(mnist_root, "mnist5k", 0, seed=2, labels_per_class=15)   # no --overwrite needed
+    assert os.path.exists(names.parse_dataset_name("mnist6_mismatch0.2@90-1").label_path(mnist_root))
+    assert (os.path.getmtime(test_file), open(test_file, "rb").read(), open(meta_file).read()) == before
+    # Other settings would change the shared files: refused, and nothing is replaced.
+    with pytest.raises(UserError, match="written with other settings.*--overwrite"):
+        cm.create_mismatch(mnist_root, "mnist5k", 0, seed=3, labels_per_class=15, keep_original_ids=True)
+    assert open(meta_file).read() == before[2]
+    assert not os.path.exists(names.parse_dataset_name("mnist6_mismatch0.3@90-1").label_path(mnist_root))

@@ -70,7 +70,8 @@ def test_quick_run_writes_table_and_plot(tmp_path, monkeypatch):
     text = (out / "results.md").read_text()
     assert "| method | 50 labels |" in text and "100 labels" not in text     # --quick: first size
     rows = [line for line in text.splitlines() if line.startswith(("| Supervised |", "| RealMix |"))]
-    assert len(rows) == 2
+    assert len(rows) == 4 and rows[:2] == rows[2:]      # mean table, then the per-seed table
+    assert "Error % per seed (1):" in text
     for row in rows:
         error = float(row.split("|")[2])
         assert 0.0 <= error <= 100.0
@@ -93,3 +94,15 @@ def test_quick_run_writes_table_and_plot(tmp_path, monkeypatch):
     again = json.loads((out / "results.json").read_text())
     assert again["meta"]["runs_trained"] == 0 and os.path.exists(out / "sizes.png")
     assert again["tables"] == result["tables"]
+
+
+def test_command_line_exit_code(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "runs.miniature", "--experiments=tables",
+                           f"--work_dir={tmp_path}"], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --experiments=tables: use one or more of sizes,mismatch,ablation"]
+    assert not os.listdir(tmp_path)                     # nothing prepared or trained

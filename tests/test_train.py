@@ -108,6 +108,12 @@ def test_run_folder_name_sorts_hyperparameters():
         "RealMix_beta0.75_tsanone_wd0.02"
 
 
+def test_run_folder_name_rounds_long_floats_and_keeps_libml_forms():
+    name = train.run_folder_name("RealMix", {"ema": 1 - 10 / 384, "w_match": 75.0, "lr": 0.002,
+                                             "train_kimg": 0.03125})
+    assert name == "RealMix_ema0.973958_lr0.002_train_kimg0.03125_w_match75.0"
+
+
 def test_short_run_scaling_caps_decays_to_the_run_length(finished_run):
     config = train.TrainConfig(batch=64, train_kimg=75, short_run_scaling=True)   # 1200 steps
     assert config.total_steps == 1200
