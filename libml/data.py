@@ -286,6 +286,19 @@ class SSLData:
     def eval_labeled(self, batch: int) -> tf.data.Dataset:
         return self._eval("labeled", batch)
 
+    def find_corrupt_training_file(self) -> Optional[str]:
+        """The first training file (labeled, unlabeled or Extend shard) whose records fail their
+        checksum, or None. Reads every file: call it only after a read error."""
+        for which in ("labeled", "unlabeled"):
+            source = self._sources.get(which)
+            for path in (source.files if source else ()):
+                try:
+                    for _ in records.iterate_serialized(path):
+                        pass
+                except UserError:
+                    return path
+        return None
+
     def valid(self, batch: int) -> tf.data.Dataset:
         return self._eval("valid", batch)
 

@@ -538,7 +538,10 @@ class Trainer:
         count, start_step, start = 0, step, time.perf_counter()
         bar = self._progress_bar(step, end)
         while step < end:
-            outputs = fn()
+            try:
+                outputs = fn()
+            except tf.errors.DataLossError as e:
+                raise UserError(self._corrupt_data_message(e)) from None
             for key, value in outputs.items():
                 sums[key] = value if key not in sums else sums[key] + value
             count += 1
@@ -556,6 +559,13 @@ class Trainer:
         means = {k: float(v.numpy()) / count for k, v in sums.items()}
         means["monitors/img_per_sec"] = (step - start_step) / max(elapsed, 1e-9)
         return means, step
+
+    def _corrupt_data_message(self, error) -> str:
+        """Names the damaged file of a read error met while streaming the training data."""
+        path = self.data.find_corrupt_training_file()
+        where = f"corrupt TFRecord {path}" if path else f"unreadable training data of {self.config.dataset}"
+        return (f"{where} ({_first_line(error)}): delete it and re-create it with the data_prep "
+                f"command that wrote it; the run resumes from its last checkpoint")
 
     def _progress_bar(self, step, end):
         if not self.config.progress:

@@ -261,3 +261,23 @@ def test_transfer_from_another_architecture_is_a_user_error(finished_run, toy4, 
     keras_file = os.path.join(trainer.export_dir, export.KERAS_FILE)
     with pytest.raises(UserError, match="different architecture"):
         export.transfer_weights(target.model, keras_file, target.info)
+
+
+def test_corrupt_streamed_record_mid_training_names_the_file(tmp_path, monkeypatch):
+    from libml import data as data_module, extend
+    monkeypatch.setattr(data_module, "CACHE_MAX_DECODED_BYTES", 0)    # stream, as large sets are
+    data = make_ssl_dataset(tmp_path / "data", nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
+    extend.extend_unlabeled(data.name, data.root, copies=2, aug="none", seed=0, progress=False,
+                            parallel=1)
+    shards = extend.extended_unlabeled_files(data.name, data.root, 2, "none", 0)
+    trainer = make_trainer(tiny_config(data, tmp_path / "runs", extend=2, extend_aug="none"))
+    # Damaged after start-up checks (which read every shard), as a disk fault mid-run would be.
+    damaged = shards[-1]
+    content = bytearray(open(damaged, "rb").read())
+    content[len(content) * 2 // 3] ^= 0xFF
+    open(damaged, "wb").write(bytes(content))
+    with pytest.raises(UserError) as e:
+        trainer.run()
+    message = str(e.value)
+    assert message.startswith(f"corrupt TFRecord {damaged} (") and "re-create it" in message
+    assert "\n" not in message
