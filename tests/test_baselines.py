@@ -12,7 +12,6 @@ from absl import flags
 from libml import train
 from libml.data import test_options
 from libml.errors import UserError
-from libml.models import WideResNet
 from realmix_tf import fully_supervised, mean_teacher, mixmatch, supervised
 from realmix_tf.fully_supervised import FullySupervised, load_fully_supervised, parse_fully_supervised_name
 from realmix_tf.mean_teacher import MeanTeacher
@@ -20,6 +19,7 @@ from realmix_tf.mixmatch import MixMatch
 from realmix_tf.realmix import RealMix
 from realmix_tf.supervised import Supervised, labeled_cross_entropy
 from tests.fixtures_data import make_ssl_dataset, toy_images, write_set
+from tests.reference import clone_network, softmax
 
 B, SIZE, NCLASS = 8, 16, 4
 TINY = dict(filters=8, repeat=1)
@@ -35,17 +35,7 @@ def batch(seed=0):
 
 
 def clone(net):
-    """An independent WideResNet with the current weights and BN statistics of `net`."""
-    ref = WideResNet(NCLASS, filters=net.filters, repeat=net.repeat, scales=net.scales,
-                     name="ref").build_for((SIZE, SIZE, 3))
-    for r, v in zip(ref.weights, net.weights):
-        r.assign(v)
-    return ref
-
-
-def softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+    return clone_network(net, (SIZE, SIZE, 3))
 
 
 def xe(logits, labels):

@@ -5,9 +5,9 @@ import tensorflow as tf
 
 from libml import layers
 from libml.errors import UserError
-from libml.models import WideResNet
 from libml.ssl import SSLModel
 from realmix_tf.realmix import RealMix
+from tests.reference import clone_network, softmax
 
 B, SIZE, NCLASS = 8, 16, 4
 TINY = dict(filters=8, repeat=1)
@@ -31,17 +31,7 @@ def values(variables):
 
 
 def clone_net(model):
-    """A WideResNet with the current raw weights and BN statistics of model.net."""
-    ref = WideResNet(NCLASS, filters=model.filters, repeat=model.repeat, scales=model.scales,
-                     name="ref").build_for(model.image_shape)
-    for r, v in zip(ref.weights, model.net.weights):
-        r.assign(v)
-    return ref
-
-
-def softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+    return clone_network(model.net, model.image_shape)
 
 
 def reference_step(model, data):
