@@ -16,7 +16,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
-from libml import records
+from libml import cli, io, records
 from libml.errors import UserError
 
 META_KEYS = ("name", "nclass", "height", "width", "channels", "flip", "class_names")
@@ -25,46 +25,17 @@ META_KEYS = ("name", "nclass", "height", "width", "channels", "flip", "class_nam
 # ----------------------------------------------------------------------------------------
 # Flags
 
-def parse_flags(flag_values, argv: Optional[Sequence[str]]) -> List[str]:
-    """Parses argv (argv[0] = program) into flag_values; returns the positional arguments.
-
-    Flags not on the command line are reset to their defaults first, so a main can be
-    called several times in one process.
-    """
-    argv = list(sys.argv if argv is None else argv)
-    if any(a in ("-h", "--help", "-help", "--helpshort", "--helpfull") for a in argv[1:]):
-        print(f"usage: python -m {_program(argv)} [flags]\n")
-        print(flag_values.get_help(include_special_flags=False))
-        sys.exit(0)
-    flag_values.unparse_flags()
-    from absl import flags
-    try:
-        rest = flag_values(argv)
-    except flags.Error as e:
-        message = str(e).strip().splitlines()[0]
-        raise UserError(f"{message}: see --help for the flags") from None
-    return rest[1:]
-
-
-def _program(argv):
-    name = os.path.splitext(os.path.basename(argv[0] or "script"))[0]
-    return f"data_prep.{name}" if name != "__main__" else "data_prep"
+parse_flags = cli.parse   # deprecated alias
 
 
 # ----------------------------------------------------------------------------------------
 # Outputs
 
-def require_free(paths: Iterable[str], overwrite: bool) -> None:
-    """Checks every output before any work starts, so nothing is half written."""
-    for path in paths:
-        records.check_overwrite(path, overwrite)
+require_free = io.require_free   # deprecated alias
 
 
 def write_json(path: str, obj, overwrite: bool = False) -> None:
-    with records.atomic_path(path, overwrite) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+    io.write_json(path, obj, overwrite)
 
 
 def meta_path(root: str, name: str) -> str:
@@ -122,9 +93,4 @@ def image_digest(image: np.ndarray) -> bytes:
     return h.digest()
 
 
-def show_progress(iterable, desc: Optional[str], total: Optional[int] = None, unit: str = "img"):
-    """A tqdm progress bar on stderr (none when desc is empty)."""
-    if not desc:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, mininterval=1.0)
+show_progress = io.progress   # deprecated alias

@@ -4,14 +4,14 @@ Each record is a ``tf.train.Example`` with ``image`` (one PNG-encoded uint8 HxWx
 bytes) and ``label`` (one int64). Writers never touch an existing file unless asked to, and
 write to a temporary name that is renamed only when the file is complete.
 """
-import contextlib
 import os
 from typing import Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
 
-from libml.errors import UserError
+from libml import io
+from libml.errors import UserError, first_line
 
 FEATURES = {
     "image": tf.io.FixedLenFeature([], tf.string),
@@ -45,23 +45,9 @@ def encode_png_images(images: np.ndarray, parallel: Optional[int] = None) -> Ite
         yield png
 
 
-def check_overwrite(path: str, overwrite: bool, flag: str = "--overwrite") -> None:
-    if os.path.exists(path) and not overwrite:
-        raise UserError(f"{path} already exists: pass {flag} to replace it, or choose another name")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str, overwrite: bool = False):
-    """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds."""
-    check_overwrite(path, overwrite)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# Deprecated aliases (libml.io is the one copy); removed once every caller has switched.
+check_overwrite = io.check_overwrite
+atomic_path = io.atomic_path
 
 
 def write_records(path: str, examples: Iterable[Tuple[bytes, int]], overwrite: bool = False,
@@ -70,7 +56,7 @@ def write_records(path: str, examples: Iterable[Tuple[bytes, int]], overwrite: b
     count = 0
     with atomic_path(path, overwrite) as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
-            for png, label in _progress(examples, progress, total):
+            for png, label in io.progress(examples, progress, total):
                 writer.write(serialize_example(png, label))
                 count += 1
     return count
@@ -82,7 +68,7 @@ def write_serialized(path: str, records: Iterable[bytes], overwrite: bool = Fals
     count = 0
     with atomic_path(path, overwrite) as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
-            for record in _progress(records, progress, total):
+            for record in io.progress(records, progress, total):
                 writer.write(record)
                 count += 1
     return count
@@ -105,7 +91,7 @@ def iterate_serialized(path: str) -> Iterator[bytes]:
         for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
             yield record
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise UserError(f"corrupt TFRecord {path} ({_first_line(e)}): delete it and re-create it") from None
+        raise UserError(f"corrupt TFRecord {path} ({first_line(e)}): delete it and re-create it") from None
 
 
 def load_numpy(path: str, progress: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -115,11 +101,11 @@ def load_numpy(path: str, progress: Optional[str] = None) -> Tuple[np.ndarray, n
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     images, labels = [], []
     try:
-        for image, label in _progress(ds.as_numpy_iterator(), progress, None):
+        for image, label in io.progress(ds.as_numpy_iterator(), progress):
             images.append(image)
             labels.append(label)
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise UserError(f"corrupt TFRecord {path} ({_first_line(e)}): delete it and re-create it") from None
+        raise UserError(f"corrupt TFRecord {path} ({first_line(e)}): delete it and re-create it") from None
     if not images:
         return np.zeros([0, 0, 0, 0], np.uint8), np.zeros([0], np.int64)
     shapes = {im.shape for im in images}
@@ -135,16 +121,4 @@ def load_labels(path: str) -> np.ndarray:
     try:
         return np.fromiter(ds.as_numpy_iterator(), np.int64)
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise UserError(f"corrupt TFRecord {path} ({_first_line(e)}): delete it and re-create it") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = getattr(e, "message", None) or str(e)
-    return text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
-
-
-def _progress(iterable, desc, total):
-    if not desc:
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, total=total, unit="img", dynamic_ncols=True, mininterval=1.0)
+        raise UserError(f"corrupt TFRecord {path} ({first_line(e)}): delete it and re-create it") from None

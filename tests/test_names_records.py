@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import errors, names, records
+from absl import flags
+
+from libml import cli, errors, names, records
 from libml.errors import UserError
 
 
@@ -119,12 +121,53 @@ def test_require_file_names_command(tmp_path):
     assert missing in str(e.value) and "create_datasets cifar10" in str(e.value)
 
 
-def test_run_cli_prints_one_line_and_exits_2(capsys):
+def test_cli_run_prints_one_line_and_exits_2(capsys):
     def main(argv):
         raise UserError("bad thing: do this instead")
 
     with pytest.raises(SystemExit) as e:
-        errors.run_cli(main, [])
+        cli.run(main, flags.FlagValues(), [])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err == "error: bad thing: do this instead\n"
+
+
+def test_cli_parse_one_line_flag_error_and_result_exit_codes(capsys):
+    fv = flags.FlagValues()
+    flags.DEFINE_integer("size", 3, "A size.", flag_values=fv)
+    assert cli.parse(fv, ["prog", "--size=5", "pos"]) == ["pos"] and fv.size == 5
+    assert cli.parse(fv, ["prog"]) == [] and fv.size == 3         # defaults restored on re-parse
+    with pytest.raises(UserError, match="see --help for the flags"):
+        cli.parse(fv, ["prog", "--size=x"])
+    for result, code in ((None, 0), ({"last20": 1.0}, 0), (1, 1)):
+        with pytest.raises(SystemExit) as e:
+            cli.run(lambda argv, r=result: r, fv, ["prog"])
+        assert e.value.code == code
+
+
+def test_first_line_is_one_bounded_line():
+    assert errors.first_line(ValueError("one\ntwo")) == "one"
+    assert errors.first_line(ValueError("x" * 500)) == "x" * 200
+    assert errors.first_line(KeyError()) == "KeyError"
+
+
+def test_io_json_atomic_refuses_existing_and_reads_back(tmp_path):
+    from libml import io
+    path = str(tmp_path / "sub" / "a.json")
+    io.write_json(path, {"b": np.float32(0.5), "a": np.int64(3)})
+    assert open(path).read() == '{\n  "a": 3,\n  "b": 0.5\n}\n'
+    with pytest.raises(UserError, match="already exists: pass --overwrite"):
+        io.write_json(path, {"a": 1})
+    assert io.read_json(path, "fix it") == {"a": 3, "b": 0.5}          # refused write left it whole
+    io.write_json(path, {"a": 1}, overwrite=True)
+    assert io.read_json(path, "fix it") == {"a": 1}
+    assert os.listdir(tmp_path / "sub") == ["a.json"]                   # no temp file left
+    open(path, "w").write("{half")
+    with pytest.raises(UserError, match=r"unreadable .*a.json .*: fix it"):
+        io.read_json(path, "fix it")
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(str(tmp_path / "b.bin")) as tmp:
+            open(tmp, "w").write("partial")
+            raise RuntimeError("writer died")
+    assert not os.path.exists(tmp_path / "b.bin") and os.listdir(tmp_path) == ["sub"]
+    assert io.progress([1, 2]) == [1, 2] and io.progress(total=3) is None   # no desc, no bar

@@ -1,0 +1,74 @@
+"""File output that never leaves half a file nor replaces one by accident, JSON, progress bars.
+
+Every writer of the project goes through ``atomic_path``: the data is written to a temporary
+name beside the target and renamed only when complete; an existing target is refused unless
+the caller passes ``overwrite`` (the user's --overwrite, or files the program owns such as
+accuracy.json and the Extend manifest).
+"""
+import contextlib
+import json
+import os
+from typing import Iterable, Optional
+
+import numpy as np
+
+from libml.errors import UserError
+
+
+def check_overwrite(path: str, overwrite: bool, flag: str = "--overwrite") -> None:
+    if os.path.exists(path) and not overwrite:
+        raise UserError(f"{path} already exists: pass {flag} to replace it, or choose another name")
+
+
+def require_free(paths: Iterable[str], overwrite: bool) -> None:
+    """Checks every output before any work starts, so nothing is half written."""
+    for path in paths:
+        check_overwrite(path, overwrite)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, overwrite: bool = False):
+    """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds."""
+    check_overwrite(path, overwrite)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, value, overwrite: bool = False) -> None:
+    """Writes JSON atomically (sorted keys, 2-space indent, numpy scalars as numbers)."""
+    with atomic_path(path, overwrite) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True, default=_json_default)
+            f.write("\n")
+
+
+def read_json(path: str, fix: str):
+    """Reads a JSON file; an unreadable or malformed one is a UserError ending with `fix`."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"unreadable {path} ({e}): {fix}") from None
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    return str(value)
+
+
+def progress(iterable=None, desc: Optional[str] = None, total: Optional[int] = None,
+             unit: str = "img", **options):
+    """A tqdm progress bar on stderr over `iterable` (or, without one, a bar to `.update()` up
+    to `total`). Without `desc` there is no bar: `iterable` itself (or None) comes back."""
+    if not desc:
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=True, mininterval=1.0,
+                **options)
