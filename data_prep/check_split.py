@@ -9,15 +9,14 @@ training reads them). Exit code 1 when a test image is in the labeled, unlabeled
 validation set, or a labeled image is in the unlabeled or validation set; 0 otherwise;
 2 on bad input. Exact duplicates already present in the source data count as leaks too.
 """
-import sys
+import hashlib
 from typing import Dict, List, Sequence
 
 import numpy as np
 from absl import flags
 
-from data_prep import common
-from libml import names, records
-from libml.errors import UserError, run_cli
+from libml import cli, io, names, records
+from libml.errors import UserError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("dataset", "", "Dataset name, e.g. cifar10.3@250-5000.", flag_values=FLAGS)
@@ -41,11 +40,16 @@ def file_digests(path: str) -> List[bytes]:
     ds = tf.data.TFRecordDataset(path).map(lambda r: records.decode_image(records.parse_example(r)["image"]),
                                            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     try:
-        return [common.image_digest(im) for im in
-                common.show_progress(ds.as_numpy_iterator(), f"hashing {path.split('/')[-1]}")]
+        return [image_digest(im) for im in io.progress(ds.as_numpy_iterator(), f"hashing {path.split('/')[-1]}")]
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        first = (getattr(e, "message", "") or str(e)).strip().splitlines()[0][:160]
-        raise UserError(f"corrupt TFRecord {path} ({first}): delete it and re-create it") from None
+        raise records.corrupt_error(path, e) from None
+
+
+def image_digest(image: np.ndarray) -> bytes:
+    """SHA-512 of the decoded pixels and shape (so re-encoded PNGs still match)."""
+    h = hashlib.sha512(str(tuple(image.shape)).encode())
+    h.update(np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+    return h.digest()
 
 
 def split_sets(labeled: Sequence[bytes], unlabeled: Sequence[bytes], test: Sequence[bytes],
@@ -96,7 +100,7 @@ def report(sets: Dict[str, Sequence[bytes]], show: int = 5) -> int:
 
 
 def main(argv=None) -> int:
-    common.parse_flags(FLAGS, argv)
+    cli.parse(FLAGS, argv)
     explicit = [FLAGS.labeled, FLAGS.unlabeled, FLAGS.test]
     if FLAGS.dataset:
         if any(explicit):
@@ -122,4 +126,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    cli.run(main, FLAGS)

@@ -18,7 +18,6 @@ zip files of image-net.org (login required); it is streamed, so memory stays bou
 import concurrent.futures
 import dataclasses
 import gzip
-import io
 import os
 import pickle
 import re
@@ -26,14 +25,14 @@ import shutil
 import socket
 import tarfile
 import zlib
+from io import BytesIO
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from absl import flags
 
-from data_prep import common
-from libml import names, records
-from libml.errors import UserError, run_cli
+from libml import cli, datasets, io, names, records
+from libml.errors import UserError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("data_dir", "", "Output folder (default: $ML_DATA).", flag_values=FLAGS)
@@ -58,11 +57,7 @@ flags.DEFINE_bool("flip", True, "custom: whether training may flip the images le
 flags.DEFINE_integer("workers", 0, "custom: image decoding threads (0 = number of CPUs).",
                      flag_values=FLAGS)
 
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck"]
-SVHN_CLASSES = [str((i + 1) % 10) for i in range(10)]   # label 0 is digit 1, ..., label 9 is digit 0
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-BUILTIN = ("cifar10", "cifar100", "svhn", "mnist5k", "imagenet32")
 MNIST5K_TEST_PER_CLASS = 100
 
 
@@ -139,13 +134,13 @@ def _parse_cifar_member(data: bytes, kind: str, layout: CifarLayout) -> Tuple[np
         rows = np.frombuffer(data, np.uint8).reshape(-1, layout.label_bytes + 3072)
         return _chw_rows_to_images(rows[:, layout.label_bytes:]), rows[:, layout.label_bytes - 1].astype(np.int64)
     import scipy.io
-    batch = scipy.io.loadmat(io.BytesIO(data))
+    batch = scipy.io.loadmat(BytesIO(data))
     return _chw_rows_to_images(batch["data"]), np.asarray(batch[layout.label_key], np.int64).reshape(-1)
 
 
 def _cifar_class_names(members: Dict[str, bytes], kind: str, dataset: str) -> Optional[List[str]]:
     if dataset == "cifar10":
-        return CIFAR10_CLASSES
+        return datasets.CIFAR10_CLASSES
     try:
         if kind == "python" and "meta" in members:
             return [n.decode() for n in pickle.loads(members["meta"], encoding="bytes")[b"fine_label_names"]]
@@ -164,7 +159,7 @@ def read_cifar_archive(path: str, kind: str, dataset: str) -> Prepared:
     members = {}
     try:
         with tarfile.open(path, "r:*") as tar:
-            for info in common.show_progress(tar, f"reading {os.path.basename(path)}", unit="file"):
+            for info in io.progress(tar, f"reading {os.path.basename(path)}", unit="file"):
                 base = os.path.basename(info.name)
                 if info.isfile() and base in wanted:
                     members[base] = tar.extractfile(info).read()
@@ -182,7 +177,7 @@ def read_cifar_archive(path: str, kind: str, dataset: str) -> Prepared:
                         "delete it and download it again") from None
     nclass = 10 if dataset == "cifar10" else 100
     class_names = _cifar_class_names(members, kind, dataset) or [str(i) for i in range(nclass)]
-    return Prepared(dataset, subsets, common.make_meta(dataset, nclass, (32, 32, 3), True, class_names))
+    return Prepared(dataset, subsets, datasets.make_meta(dataset, nclass, (32, 32, 3), True, class_names))
 
 
 # ----------------------------------------------------------------------------------------
@@ -258,7 +253,7 @@ def load_from_tfds(dataset: str, splits: Sequence[str], download: bool, dirs: Se
             total = builder.info.splits[split].num_examples
         except KeyError:
             total = None
-        stream = common.show_progress(tfds.as_numpy(ds), f"reading tfds {dataset} {split}", total)
+        stream = io.progress(tfds.as_numpy(ds), f"reading tfds {dataset} {split}", total)
         subsets[split] = tfds_records_in_order(stream, dataset)
     return subsets
 
@@ -274,8 +269,8 @@ def load_cifar(dataset: str, dirs: Sequence[str], download: bool, tfds_data_dir:
             return read_cifar_archive(path, kind, dataset)
     subsets = load_from_tfds(dataset, ["train", "test"], download, dirs, tfds_data_dir)
     nclass = 10 if dataset == "cifar10" else 100
-    class_names = CIFAR10_CLASSES if dataset == "cifar10" else _tfds_class_names(dataset, tfds_data_dir, nclass)
-    return Prepared(dataset, subsets, common.make_meta(dataset, nclass, (32, 32, 3), True, class_names))
+    class_names = datasets.CIFAR10_CLASSES if dataset == "cifar10" else _tfds_class_names(dataset, tfds_data_dir, nclass)
+    return Prepared(dataset, subsets, datasets.make_meta(dataset, nclass, (32, 32, 3), True, class_names))
 
 
 def _tfds_class_names(dataset, tfds_data_dir, nclass):
@@ -296,7 +291,7 @@ def load_svhn(dirs: Sequence[str], download: bool, tfds_data_dir: str = "") -> P
             print(f"svhn: extra_32x32.mat not found, svhn-extra not written (put it in {dirs[0]} for it)")
     else:
         subsets = load_from_tfds("svhn", ["train", "test", "extra"], download, dirs, tfds_data_dir)
-    meta = common.make_meta("svhn", 10, (32, 32, 3), False, SVHN_CLASSES)
+    meta = datasets.make_meta("svhn", 10, (32, 32, 3), False, datasets.SVHN_CLASSES)
     return Prepared("svhn", subsets, meta, copies={"svhn_noextra-test": "test"})
 
 
@@ -321,7 +316,7 @@ def load_mnist5k() -> Prepared:
     images = np.pad(pixels.reshape(-1, 28, 28, 1).astype(np.uint8), [(0, 0), (2, 2), (2, 2), (0, 0)])
     is_test = mnist5k_test_mask(labels)
     subsets = {"train": (images[~is_test], labels[~is_test]), "test": (images[is_test], labels[is_test])}
-    meta = common.make_meta("mnist5k", 10, (32, 32, 1), False, [str(i) for i in range(10)])
+    meta = datasets.make_meta("mnist5k", 10, (32, 32, 1), False, [str(i) for i in range(10)])
     return Prepared("mnist5k", subsets, meta)
 
 
@@ -389,11 +384,11 @@ def create_imagenet32(root: str, dirs: Sequence[str], overwrite: bool = False,
                       tfds_data_dir: str = "") -> List[str]:
     """Writes imagenet32-train (1,281,167) and imagenet32-test (the 50,000 validation images)
     and imagenet32-meta.json (1000 classes, WordNet ids as class names, flip)."""
-    common.require_free(output_paths(root, "imagenet32", list(IMAGENET32_SPLITS)), overwrite)
+    io.require_free(output_paths(root, "imagenet32", list(IMAGENET32_SPLITS)), overwrite)
     builder = imagenet32_builder(dirs, tfds_data_dir)
     written, counts = [], []
     for subset, split in IMAGENET32_SPLITS.items():
-        path = os.path.join(root, f"imagenet32-{subset}.tfrecord")
+        path = names.subset_path(root, "imagenet32", subset)
         try:
             total = builder.info.splits[split].num_examples
         except KeyError:
@@ -403,9 +398,8 @@ def create_imagenet32(root: str, dirs: Sequence[str], overwrite: bool = False,
         written.append(path)
         counts.append(f"{subset} {count}")
     class_names = list(builder.info.features["label"].names)
-    path = common.meta_path(root, "imagenet32")
-    common.write_json(path, common.make_meta("imagenet32", len(class_names), (32, 32, 3), True,
-                                             class_names), overwrite)
+    path = datasets.write_meta(root, datasets.make_meta("imagenet32", len(class_names), (32, 32, 3),
+                                                        True, class_names), overwrite)
     print(f"imagenet32: {', '.join(counts)} images -> {root}")
     return written + [path]
 
@@ -466,7 +460,7 @@ def load_images(paths: Sequence[str], size: int, desc: str, workers: int = 0) ->
     """Decodes images in a thread pool (PIL releases the GIL), in order, with a progress bar."""
     workers = workers or os.cpu_count() or 4
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(common.show_progress(pool.map(lambda p: load_image(p, size), paths), desc, len(paths)))
+        return list(io.progress(pool.map(lambda p: load_image(p, size), paths), desc, len(paths)))
 
 
 def _same_channels(groups: List[List[np.ndarray]]) -> Tuple[List[np.ndarray], int]:
@@ -507,7 +501,7 @@ def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, 
             labels[subset] = subset_labels if subset_labels is not None else np.full(len(files), -1, np.int64)
     groups, channels = _same_channels(groups)
     subsets = {subset: (np.stack(images), labels[subset]) for subset, images in zip(labels, groups)}
-    meta = common.make_meta(name, len(class_names), (size, size, channels), flip, class_names)
+    meta = datasets.make_meta(name, len(class_names), (size, size, channels), flip, class_names)
     return Prepared(name, subsets, meta)
 
 
@@ -515,35 +509,25 @@ def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, 
 # Writing
 
 def output_paths(root: str, name: str, subsets: Sequence[str], copies: Sequence[str] = ()) -> List[str]:
-    return ([os.path.join(root, f"{name}-{s}.tfrecord") for s in subsets]
-            + [os.path.join(root, f"{c}.tfrecord") for c in copies] + [common.meta_path(root, name)])
-
-
-def encode_in_chunks(images: np.ndarray, chunk: int = 8192):
-    """PNG bytes in order; chunks keep each tf.data input small (SVHN extra is 1.6 GB)."""
-    for start in range(0, len(images), chunk):
-        yield from records.encode_png_images(images[start:start + chunk])
+    return ([names.subset_path(root, name, s) for s in subsets]
+            + [os.path.join(root, f"{c}.tfrecord") for c in copies] + [names.meta_path(root, name)])
 
 
 def write_prepared(root: str, prepared: Prepared, overwrite: bool = False) -> List[str]:
     """Writes every subset as PNG records, the copies, then the metadata; returns the paths."""
     written = []
-    common.require_free(output_paths(root, prepared.name, prepared.subsets, prepared.copies), overwrite)
+    io.require_free(output_paths(root, prepared.name, prepared.subsets, prepared.copies), overwrite)
     for subset, (images, labels) in prepared.subsets.items():
-        path = os.path.join(root, f"{prepared.name}-{subset}.tfrecord")
-        pngs = encode_in_chunks(images)
-        records.write_records(path, zip(pngs, labels.tolist()), overwrite,
-                              progress=f"writing {os.path.basename(path)}", total=len(labels))
+        path = names.subset_path(root, prepared.name, subset)
+        records.write_images(path, images, labels, overwrite, progress=f"writing {os.path.basename(path)}")
         written.append(path)
     for copy, subset in prepared.copies.items():
-        source = os.path.join(root, f"{prepared.name}-{subset}.tfrecord")
+        source = names.subset_path(root, prepared.name, subset)
         path = os.path.join(root, f"{copy}.tfrecord")
-        with records.atomic_path(path, overwrite) as tmp:
+        with io.atomic_path(path, overwrite) as tmp:
             shutil.copyfile(source, tmp)
         written.append(path)
-    path = common.meta_path(root, prepared.name)
-    common.write_json(path, prepared.meta, overwrite)
-    written.append(path)
+    written.append(datasets.write_meta(root, prepared.meta, overwrite))
     return written
 
 
@@ -560,10 +544,10 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
         if not re.match(r"^[A-Za-z][A-Za-z0-9_]*$", name or ""):
             raise UserError(f"custom needs --name made of letters, digits and _ starting with a letter "
                             f"(got {name!r}): e.g. --name=flowers")
-        if name in BUILTIN:
+        if name in names.BUILTIN_DATASETS:
             raise UserError(f"--name={name} is a built-in dataset: choose another name")
         subsets = ["train", "test"] + (["unlabeled"] if custom.get("unlabeled_dir") else [])
-        common.require_free(output_paths(root, name, subsets), overwrite)
+        io.require_free(output_paths(root, name, subsets), overwrite)
         prepared = load_custom(name, custom.get("labeled_dir", ""), custom.get("unlabeled_dir", ""),
                                custom.get("test_dir", ""), custom.get("size", 32),
                                custom.get("flip", True), custom.get("workers", 0))
@@ -571,7 +555,7 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
         if dataset == "imagenet32":
             return create_imagenet32(root, archive_dirs(archive_dir, root), overwrite, tfds_data_dir)
         copies = ["svhn_noextra-test"] if dataset == "svhn" else []
-        common.require_free(output_paths(root, dataset, expected_subsets(dataset), copies), overwrite)
+        io.require_free(output_paths(root, dataset, expected_subsets(dataset), copies), overwrite)
         dirs = archive_dirs(archive_dir, root)
         if dataset == "mnist5k":
             prepared = load_mnist5k()
@@ -586,21 +570,21 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
 
 
 def main(argv=None):
-    datasets = common.parse_flags(FLAGS, argv)
-    known = BUILTIN + ("custom",)
-    if not datasets:
+    wanted = cli.parse(FLAGS, argv)
+    known = names.BUILTIN_DATASETS + ("custom",)
+    if not wanted:
         raise UserError(f"name the datasets to create: python -m data_prep.create_datasets {' '.join(known)}")
-    for dataset in datasets:
+    for dataset in wanted:
         if dataset not in known:
             raise UserError(f"unknown dataset {dataset!r}: choose from {', '.join(known)}")
     if FLAGS.size < 8:
         raise UserError(f"--size={FLAGS.size}: use an image size of at least 8 pixels")
     root = names.data_dir(FLAGS.data_dir)
-    for dataset in datasets:
+    for dataset in wanted:
         create(dataset, root, FLAGS.overwrite, FLAGS.archive_dir, FLAGS.download, FLAGS.tfds_data_dir,
                name=FLAGS.name, labeled_dir=FLAGS.labeled_dir, unlabeled_dir=FLAGS.unlabeled_dir,
                test_dir=FLAGS.test_dir, size=FLAGS.size, flip=FLAGS.flip, workers=FLAGS.workers)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main, FLAGS)

@@ -18,17 +18,15 @@ The unlabeled file is written in create_split's round-robin class order, so the 
 records (the validation set) mix the 4 classes evenly.
 """
 import dataclasses
-import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 from absl import flags
 
-from data_prep import common, create_split
-from data_prep.create_datasets import CIFAR10_CLASSES
-from libml import names, records
-from libml.errors import UserError, run_cli
+from data_prep import create_split
+from libml import cli, datasets, io, names, records
+from libml.errors import UserError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("source", "cifar10", "Source dataset: cifar10 or mnist5k (miniature).", flag_values=FLAGS)
@@ -61,12 +59,12 @@ MISMATCH_CLASSES = {
     "cifar10": MismatchClasses(
         prefix="cifar6", labeled=(2, 3, 4, 5, 6, 7),
         unlabeled={0: (4, 5, 6, 7), 25: (0, 5, 6, 7), 50: (0, 1, 6, 7), 75: (0, 1, 8, 7), 100: (0, 1, 8, 9)},
-        class_names=tuple(CIFAR10_CLASSES)),
+        class_names=datasets.CIFAR10_CLASSES),
     # The MNIST miniature: digits 0..5 labeled; digits 6..9 replace 2..5 one by one.
     "mnist5k": MismatchClasses(
         prefix="mnist6", labeled=(0, 1, 2, 3, 4, 5),
         unlabeled={0: (2, 3, 4, 5), 25: (6, 3, 4, 5), 50: (6, 7, 4, 5), 75: (6, 7, 8, 5), 100: (6, 7, 8, 9)},
-        class_names=tuple(str(i) for i in range(10))),
+        class_names=datasets.DIGITS),
 }
 
 
@@ -141,16 +139,16 @@ def source_paths(root: str, source: str) -> Tuple[str, str]:
 
 
 def source_meta(root: str, source: str) -> dict:
-    meta = common.read_meta(root, source)
+    meta = datasets.read_meta(root, source)
     if meta:
         return meta
     shape = (32, 32, 3) if source == "cifar10" else (32, 32, 1)
-    return common.make_meta(source, 10, shape, source == "cifar10", MISMATCH_CLASSES[source].class_names)
+    return datasets.make_meta(source, 10, shape, source == "cifar10", MISMATCH_CLASSES[source].class_names)
 
 
 def output_paths(root: str, name: str, seed: int, size: int) -> dict:
-    paths = create_split.split_paths(os.path.join(root, "SSL", name), seed, size)
-    paths.update(test=names.test_path(root, name), meta=common.meta_path(root, name))
+    paths = names.split_paths(os.path.join(root, "SSL", name), seed, size)
+    paths.update(test=names.test_path(root, name), meta=names.meta_path(root, name))
     return paths
 
 
@@ -161,9 +159,8 @@ def _shared_files_match(paths: dict, new_meta: dict) -> bool:
     if not present:
         return False
     if len(present) == 2:
-        with open(paths["meta"]) as f:
-            if json.load(f) == new_meta:
-                return True
+        if io.read_json(paths["meta"], "pass --overwrite to rewrite it") == new_meta:
+            return True
     raise UserError(f"{paths[present[0]]} exists but was written with other settings (or is "
                     f"incomplete): pass --overwrite to rewrite it")
 
@@ -178,32 +175,32 @@ def create_mismatch(root: str, source: str, level: int, seed: int = 1, labels_pe
     name = dataset_name(source, level)
     paths = output_paths(root, name, seed, labels_per_class * len(classes.labeled))
     split_files = {k: paths[k] for k in ("label", "unlabel", "map")}
-    common.require_free(split_files.values(), overwrite)
+    io.require_free(split_files.values(), overwrite)
     meta = source_meta(root, source)
     class_names = (list(meta["class_names"]) if keep_original_ids
                    else [meta["class_names"][c] for c in classes.labeled])
-    new_meta = common.make_meta(name, len(class_names), (meta["height"], meta["width"], meta["channels"]),
+    new_meta = datasets.make_meta(name, len(class_names), (meta["height"], meta["width"], meta["channels"]),
                                 meta["flip"], class_names)
     # The test file and the metadata do not depend on the seed: other seeds of the same level
     # reuse them when they were written with the same settings.
     write_shared = overwrite or not _shared_files_match(paths, new_meta)
     train_path, test_path = source_paths(root, source)
-    train_labels, test_labels = common.read_labels([train_path]), common.read_labels([test_path])
+    train_labels, test_labels = records.load_labels(train_path), records.load_labels(test_path)
     split = mismatch_split(train_labels, test_labels, source, level, labels_per_class, seed, unlabeled_per_class)
     table = new_labels(source, level, keep_original_ids)
 
     def relabel(pos, record):
-        return common.relabel(record, table[train_labels[pos]])
+        return records.relabel(record, table[train_labels[pos]])
 
-    create_split.write_split(common.read_serialized([train_path]), split.labeled, split.unlabeled,
+    create_split.write_split(records.iterate_serialized(train_path), split.labeled, split.unlabeled,
                              split_files, overwrite, total=len(train_labels), relabel=relabel)
     keep = frozenset(split.test.tolist())
     if write_shared:
-        test_records = (common.relabel(r, table[test_labels[i]])
-                        for i, r in enumerate(common.read_serialized([test_path])) if i in keep)
+        test_records = (records.relabel(r, table[test_labels[i]])
+                        for i, r in enumerate(records.iterate_serialized(test_path)) if i in keep)
         records.write_serialized(paths["test"], test_records, overwrite, progress=f"writing {name}-test",
                                  total=len(keep))
-        common.write_json(paths["meta"], new_meta, overwrite)
+        io.write_json(paths["meta"], new_meta, overwrite)
     n_ood = int(np.isin(train_labels[split.unlabeled], classes.labeled, invert=True).sum())
     print(f"{name}.{seed}@{len(split.labeled)}: {len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled "
           f"({n_ood} out of distribution), {len(keep)} test")
@@ -224,7 +221,7 @@ def parse_levels(values: Sequence[str]) -> List[int]:
 
 
 def main(argv=None):
-    common.parse_flags(FLAGS, argv)
+    cli.parse(FLAGS, argv)
     levels = parse_levels(FLAGS.mismatch)
     if FLAGS.labels_per_class < 1:
         raise UserError(f"--labels_per_class={FLAGS.labels_per_class}: use at least 1")
@@ -237,4 +234,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main, FLAGS)

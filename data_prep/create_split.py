@@ -18,9 +18,8 @@ from typing import List, Sequence
 import numpy as np
 from absl import flags
 
-from data_prep import common
-from libml import records
-from libml.errors import UserError, run_cli
+from libml import cli, io, names, records
+from libml.errors import UserError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_integer("seed", 0, "Shuffling seed; 0 = no shuffling (first images of each class).",
@@ -109,12 +108,6 @@ def unlabeled_order(labels: np.ndarray, labeled: Sequence[int]) -> List[int]:
 # ----------------------------------------------------------------------------------------
 # Files
 
-def split_paths(prefix: str, seed: int, size: int) -> dict:
-    target = "%s.%d@%d" % (prefix, seed, size)
-    return {"label": target + "-label.tfrecord", "unlabel": target + "-unlabel.tfrecord",
-            "map": target + "-map.json"}
-
-
 def write_split(serialized, labeled: Sequence[int], order: Sequence[int], paths: dict,
                 overwrite: bool = False, total: int = None, relabel=None) -> None:
     """Streams the records once: labeled ones to -label, those in `order` to -unlabel in that order.
@@ -127,12 +120,12 @@ def write_split(serialized, labeled: Sequence[int], order: Sequence[int], paths:
     labeled = frozenset(int(x) for x in labeled)
     wanted = frozenset(int(x) for x in order)
     change = relabel or (lambda pos, record: record)
-    common.require_free(paths.values(), overwrite)
+    io.require_free(paths.values(), overwrite)
     waiting, next_index = {}, 0
-    with records.atomic_path(paths["label"], overwrite) as tmp_label, \
-            records.atomic_path(paths["unlabel"], overwrite) as tmp_unlabel:
+    with io.atomic_path(paths["label"], overwrite) as tmp_label, \
+            io.atomic_path(paths["unlabel"], overwrite) as tmp_unlabel:
         with tf.io.TFRecordWriter(tmp_label) as w_label, tf.io.TFRecordWriter(tmp_unlabel) as w_unlabel:
-            for pos, record in enumerate(common.show_progress(serialized, "writing split", total)):
+            for pos, record in enumerate(io.progress(serialized, "writing split", total)):
                 if pos in labeled:
                     w_label.write(change(pos, record))
                     continue
@@ -145,7 +138,7 @@ def write_split(serialized, labeled: Sequence[int], order: Sequence[int], paths:
                     next_index += 1
             if waiting or next_index != len(order):
                 raise RuntimeError("the unlabeled positions are not all in the input records")
-        common.write_json(paths["map"], {"label": sorted(labeled), "unlabel": [int(p) for p in order]},
+        io.write_json(paths["map"], {"label": sorted(labeled), "unlabel": [int(p) for p in order]},
                           overwrite)
 
 
@@ -154,12 +147,12 @@ def create_split(prefix: str, inputs: Sequence[str], size: int, seed: int = 0,
     """Writes the split files of `inputs` and returns their paths."""
     for path in inputs:
         records.require_file(path, "python -m data_prep.create_datasets <name>")
-    paths = split_paths(prefix, seed, size)
-    common.require_free(paths.values(), overwrite)
-    labels = common.read_labels(inputs)
+    paths = names.split_paths(prefix, seed, size)
+    io.require_free(paths.values(), overwrite)
+    labels = records.load_labels(inputs)
     labeled = choose_labeled(labels, size, seed)
     order = unlabeled_order(labels, labeled)
-    write_split(common.read_serialized(inputs), labeled, order, paths, overwrite, total=len(labels))
+    write_split(records.iterate_serialized(inputs), labeled, order, paths, overwrite, total=len(labels))
     per_class = np.bincount(labels[labeled])
     print(f"{len(labeled)} labeled ({' '.join(str(n) for n in per_class)} per class) -> {paths['label']}")
     print(f"{len(order)} unlabeled -> {paths['unlabel']}")
@@ -167,7 +160,7 @@ def create_split(prefix: str, inputs: Sequence[str], size: int, seed: int = 0,
 
 
 def main(argv=None):
-    args = common.parse_flags(FLAGS, argv)
+    args = cli.parse(FLAGS, argv)
     if len(args) < 2:
         raise UserError("expected a target prefix and at least one input file: "
                         "python -m data_prep.create_split --seed=3 --size=250 "
@@ -184,4 +177,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main, FLAGS)

@@ -9,67 +9,50 @@ Re-running after an interruption finishes the missing shards. See docs/usage_ext
 The flags live in a private FlagValues (not absl's global FLAGS), so this module can be
 imported next to other command-line modules that define flags of the same names.
 """
-import sys
-
 from absl import flags
 
-from libml import extend, names
-from libml.errors import UserError, run_cli
+from libml import cli, extend, names
+from libml.errors import UserError
 
-
-def make_flags() -> flags.FlagValues:
-    fv = flags.FlagValues()
-    flags.DEFINE_string("dataset", "", "Split to extend, {name}.{seed}@{nlabeled}-{nvalid}, e.g. "
-                        "cifar10.3@250-5000. The first nvalid unlabeled records (validation) are "
-                        "never extended.", flag_values=fv)
-    flags.DEFINE_integer("copies", 50, "Number of augmented copies (paper: 50; Table 5: 25).", flag_values=fv)
-    flags.DEFINE_string("aug", "erase", "Augmentation of the copies: erase (random erasing, the "
-                        "paper's 'CutOut' as the released code meant it), cutout (16x16 square), "
-                        "simple (flip + translate), none (plain duplicates, the released code's "
-                        "effective behaviour).", flag_values=fv)
-    flags.DEFINE_integer("seed", 0, "Seed of the augmentations and shard order; the same seed "
-                         "gives byte-identical shards.", flag_values=fv)
-    flags.DEFINE_bool("keep_original", False, "Also store the un-augmented images once (as copy 0).",
-                      flag_values=fv)
-    flags.DEFINE_integer("shards", 0, "Number of shard files (0: one per copy). Each shard holds "
-                         "whole copies.", flag_values=fv)
-    flags.DEFINE_integer("png_compression", extend.PNG_COMPRESSION, "zlib level of the PNGs (0-9). "
-                         "0 stores them uncompressed: ~35 % more disk than 1-9 for photos, but "
-                         "twice as fast to decode in the training stream.", flag_values=fv)
-    flags.DEFINE_integer("parallel", 0, "Parallel augment/encode workers (0: number of CPUs).",
-                         flag_values=fv)
-    flags.DEFINE_bool("overwrite", False, "Re-create a complete extension.", flag_values=fv)
-    flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=fv)
-    flags.DEFINE_string("data_dir", "", "Data folder (default: $ML_DATA).", flag_values=fv)
-    return fv
-
-
-def parse(argv):
-    fv = make_flags()
-    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
-        print(__doc__.strip().splitlines()[0] + "\n\n" + fv.get_help())
-        sys.exit(0)
-    try:
-        rest = fv(list(argv))
-    except flags.Error as e:
-        raise UserError(f"{e}: see `python -m data_prep.extend_unlabeled --help`") from None
-    if len(rest) > 1:
-        raise UserError(f"unexpected arguments {rest[1:]}: pass everything as --flag=value")
-    if not fv.dataset:
-        raise UserError("missing --dataset: pass the split to extend, e.g. --dataset=cifar10.3@250-5000")
-    return fv
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("dataset", "", "Split to extend, {name}.{seed}@{nlabeled}-{nvalid}, e.g. "
+                    "cifar10.3@250-5000. The first nvalid unlabeled records (validation) are "
+                    "never extended.", flag_values=FLAGS)
+flags.DEFINE_integer("copies", 50, "Number of augmented copies (paper: 50; Table 5: 25).", flag_values=FLAGS)
+flags.DEFINE_string("aug", "erase", "Augmentation of the copies: erase (random erasing, the "
+                    "paper's 'CutOut' as the released code meant it), cutout (16x16 square), "
+                    "simple (flip + translate), none (plain duplicates, the released code's "
+                    "effective behaviour).", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Seed of the augmentations and shard order; the same seed "
+                     "gives byte-identical shards.", flag_values=FLAGS)
+flags.DEFINE_bool("keep_original", False, "Also store the un-augmented images once (as copy 0).",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("shards", 0, "Number of shard files (0: one per copy). Each shard holds "
+                     "whole copies.", flag_values=FLAGS)
+flags.DEFINE_integer("png_compression", extend.PNG_COMPRESSION, "zlib level of the PNGs (0-9). "
+                     "0 stores them uncompressed: ~35 % more disk than 1-9 for photos, but "
+                     "twice as fast to decode in the training stream.", flag_values=FLAGS)
+flags.DEFINE_integer("parallel", 0, "Parallel augment/encode workers (0: number of CPUs).",
+                     flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Re-create a complete extension.", flag_values=FLAGS)
+flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", "", "Data folder (default: $ML_DATA).", flag_values=FLAGS)
 
 
 def main(argv=None):
-    fv = parse(sys.argv if argv is None else argv)
-    root = names.data_dir(fv.data_dir)
-    files = extend.extend_unlabeled(fv.dataset, root, copies=fv.copies, aug=fv.aug, seed=fv.seed,
-                                    keep_original=fv.keep_original, shards=fv.shards or None,
-                                    overwrite=fv.overwrite, parallel=fv.parallel or None,
-                                    progress=fv.progress, png_compression=fv.png_compression)
+    rest = cli.parse(FLAGS, argv)
+    if rest:
+        raise UserError(f"unexpected arguments {rest}: pass everything as --flag=value")
+    if not FLAGS.dataset:
+        raise UserError("missing --dataset: pass the split to extend, e.g. --dataset=cifar10.3@250-5000")
+    root = names.data_dir(FLAGS.data_dir)
+    files = extend.extend_unlabeled(FLAGS.dataset, root, copies=FLAGS.copies, aug=FLAGS.aug, seed=FLAGS.seed,
+                                    keep_original=FLAGS.keep_original, shards=FLAGS.shards or None,
+                                    overwrite=FLAGS.overwrite, parallel=FLAGS.parallel or None,
+                                    progress=FLAGS.progress, png_compression=FLAGS.png_compression)
     print(f"extension complete: {len(files)} shards in {files[0].rsplit('/', 1)[0]}")
     return 0
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main, FLAGS)

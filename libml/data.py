@@ -1,4 +1,4 @@
-"""Dataset metadata and the SSL input streams (spec §3.1, §3.6).
+"""The SSL input streams (spec §3.1, §3.6).
 
 ``load_ssl("cifar10.3@250-5000", root)`` returns an ``SSLData`` whose methods build tf.data
 pipelines:
@@ -23,17 +23,15 @@ All randomness is stateless and derived from the run seed and the stream's own b
 so a stream is reproducible and a restored iterator continues exactly where it stopped.
 """
 import dataclasses
-import json
-import os
-import re
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import tensorflow as tf
 
-from libml import augment, records
+from libml import augment, names, records
+from libml.datasets import DatasetInfo, dataset_info, require_shape
 from libml.errors import UserError
-from libml.names import DatasetName, parse_dataset_name
+from libml.names import DatasetName
 
 CACHE_MAX_DECODED_BYTES = 1 << 30      # auto-cache a set when its decoded size is under 1 GiB
 PNG_EXPANSION_ESTIMATE = 4             # decoded bytes per PNG byte assumed for that estimate
@@ -42,143 +40,21 @@ INTERLEAVE_CYCLE = 16                  # shard files read at once when streaming
 UNROLL_MAX_BATCH = 256             # streamed batches up to this size decode in an unrolled graph
 SHIFT = 4                              # translation range in pixels (spec §4)
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                   "ship", "truck")
-DIGITS = tuple(str(i) for i in range(10))
+# Deprecated aliases for realmix_tf/fully_supervised.py (removed once it has switched).
+meta_path = names.meta_path
+_first_image_shape = records.first_image_shape
+_count_at_most = records.count_at_most
+_corrupt = records.corrupt_error
 
 
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    name: str
-    nclass: int
-    height: int
-    width: int
-    channels: int
-    flip: bool
-    class_names: Tuple[str, ...] = ()
-
-    @property
-    def shape(self) -> Tuple[int, int, int]:
-        return (self.height, self.width, self.channels)
+def test_options() -> tf.data.Options:   # deprecated: tests.fixtures_data.test_options; goes once tests switch
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.deterministic = True
+    return options
 
 
-REGISTRY = {
-    "cifar10": DatasetInfo("cifar10", 10, 32, 32, 3, True, CIFAR10_CLASSES),
-    "cifar100": DatasetInfo("cifar100", 100, 32, 32, 3, True),
-    "svhn": DatasetInfo("svhn", 10, 32, 32, 3, False, DIGITS),
-    "svhn_noextra": DatasetInfo("svhn_noextra", 10, 32, 32, 3, False, DIGITS),
-    "mnist5k": DatasetInfo("mnist5k", 10, 32, 32, 1, False, DIGITS),
-}
-_MISMATCH = re.compile(r"^cifar6_mismatch(?P<percent>\d+)$")
-_EXTENDED = re.compile(r"^(?P<base>.+)_aug\d+$")    # released make_aug_copy names: cifar10_aug50
-
-
-def meta_path(root: str, name: str) -> str:
-    return os.path.join(root, f"{name}-meta.json")
-
-
-def dataset_info(name: Union[str, DatasetName], root: str) -> DatasetInfo:
-    """Metadata of a dataset: built-in registry, else {name}-meta.json, else inferred.
-
-    `name` is a base name (cifar10) or a full dataset name (cifar10.3@250-5000). Mismatch sets
-    (cifar6_mismatch*) keep CIFAR-10 labels, hence 10 classes, unless their meta file says
-    otherwise; released `{base}_aug{K}` names inherit the base dataset's metadata.
-    """
-    base = _base_name(name)
-    if base in REGISTRY:
-        return REGISTRY[base]
-    path = meta_path(root, base)
-    if tf.io.gfile.exists(path):
-        return _read_meta(path, base)
-    if _MISMATCH.match(base):
-        return dataclasses.replace(REGISTRY["cifar10"], name=base)
-    extended = _EXTENDED.match(base)
-    if extended and (extended["base"] in REGISTRY or tf.io.gfile.exists(meta_path(root, extended["base"]))):
-        return dataclasses.replace(dataset_info(extended["base"], root), name=base)
-    return _infer_info(base, root)
-
-
-def _base_name(name: Union[str, DatasetName]) -> str:
-    if isinstance(name, DatasetName):
-        return name.name
-    return parse_dataset_name(name).name if "." in name else name
-
-
-def _read_meta(path: str, name: str) -> DatasetInfo:
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            meta = json.load(f)
-        return DatasetInfo(name=name, nclass=int(meta["nclass"]), height=int(meta["height"]),
-                           width=int(meta["width"]), channels=int(meta["channels"]),
-                           flip=bool(meta.get("flip", True)),
-                           class_names=tuple(meta.get("class_names", ())))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"malformed dataset metadata {path} ({type(e).__name__}: {e}): fix it or "
-                        f"delete it to infer the metadata from the records") from None
-
-
-def _infer_info(name: str, root: str) -> DatasetInfo:
-    """Shape from the first record, classes from the largest label (files of other tools)."""
-    candidates = [os.path.join(root, f"{name}-{subset}.tfrecord") for subset in ("test", "train")]
-    path = next((p for p in candidates if tf.io.gfile.exists(p)), None)
-    if path is None:
-        raise UserError(f"unknown dataset {name!r}: no {meta_path(root, name)} and no {candidates[0]} "
-                        f"to infer it from; create it with `{_create_dataset_command(name, root)}`")
-    shape = _first_image_shape(path, how_to_create=_create_dataset_command(name, root))
-    nclass = int(records.load_labels(path).max(initial=-1)) + 1
-    if nclass < 1:
-        raise UserError(f"cannot infer the classes of {name!r}: {path} has no labeled record; "
-                        f"write {meta_path(root, name)} with its nclass")
-    return DatasetInfo(name, nclass, *shape, flip=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Commands named by error messages.
-
-def _create_split_command(dataset: DatasetName, root: str) -> str:
-    if _MISMATCH.match(dataset.name):
-        return _create_dataset_command(dataset.name, root, seed=dataset.seed, nlabeled=dataset.nlabeled)
-    ssl = os.path.join(root, "SSL", dataset.name)
-    return (f"python -m data_prep.create_split --seed={dataset.seed} --size={dataset.nlabeled} "
-            f"{ssl} {dataset.train_path(root)}")
-
-
-def _create_dataset_command(name: str, root: str, seed: int = 1, nlabeled: int = 2400) -> str:
-    data_flag = "" if os.environ.get("ML_DATA") == root else f" --data_dir={root}"
-    mismatch = _MISMATCH.match(name)
-    if mismatch:    # 6 labeled classes, 400 labels each by default
-        per_class = "" if nlabeled == 2400 else f" --labels_per_class={max(nlabeled // 6, 1)}"
-        return (f"python -m data_prep.create_mismatch --source=cifar10 "
-                f"--mismatch={int(mismatch['percent'])} --seed={seed}{per_class}{data_flag}")
-    if name in REGISTRY:
-        return f"python -m data_prep.create_datasets {name}{data_flag}"
-    return (f"python -m data_prep.create_datasets custom --name={name} --labeled_dir=DIR "
-            f"--unlabeled_dir=DIR --test_dir=DIR --size=32{data_flag}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Record reading.
-
-def _corrupt(path: str, error: Exception, how_to_create: str) -> UserError:
-    return UserError(f"corrupt TFRecord {path} ({records._first_line(error)}): delete it and "
-                     f"re-create it with `{how_to_create}`")
-
-
-def _first_image_shape(path: str, how_to_create: str) -> Tuple[int, int, int]:
-    try:
-        first = list(tf.data.TFRecordDataset(path).take(1))
-        if not first:
-            raise UserError(f"{path} holds no records: re-create it with `{how_to_create}`")
-        image = records.decode_image(records.parse_example(first[0])["image"])
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise _corrupt(path, e, how_to_create) from None
-    return tuple(int(s) for s in image.shape)
-
-
-def _count_at_most(path: str, limit: int) -> int:
-    """Number of records of `path`, counting no further than `limit`."""
-    ds = tf.data.TFRecordDataset(path).take(limit)
-    return int(ds.reduce(tf.constant(0, tf.int64), lambda count, _: count + 1))
+test_options.__test__ = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,17 +120,6 @@ def _stream_seed(run_seed: int, stream: int, purpose: int):
 
 _SHUFFLE, _AUGMENT = 0, 1
 _LABELED, _UNLABELED = 1, 2
-
-
-def test_options() -> tf.data.Options:
-    """tf.data options for tests: autotune off (many small pipelines on a shared CPU)."""
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    options.deterministic = True
-    return options
-
-
-test_options.__test__ = False    # not a pytest test when imported into a test module
 
 
 class SSLData:
@@ -427,7 +292,7 @@ def _decode_all(source: _Source, info: DatasetInfo):
             images.append(example["image"])
             labels.append(example["label"])
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise _corrupt(source.files[0], e, source.how_to_create) from None
+        raise records.corrupt_error(source.files[0], e, source.how_to_create) from None
     return np.concatenate(images), np.concatenate(labels)
 
 
@@ -461,36 +326,29 @@ def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
     shuffle_buffer: 0 draws a fresh uniform permutation per epoch for cached sets (and uses a
         buffer of 8192 records when streaming); N > 0 reproduces the released code's
         `range(n).repeat().shuffle(min(n, N))` (`--shuffle_buffer=8192`).
-    options: tf.data.Options applied to every stream (tests pass `test_options()`).
+    options: tf.data.Options applied to every stream (e.g. autotune off).
     """
-    name = dataset if isinstance(dataset, DatasetName) else parse_dataset_name(dataset)
+    name = names.as_dataset_name(dataset)
     if shuffle_buffer < 0:
         raise UserError(f"shuffle buffer {shuffle_buffer} is negative: use 0 (per-epoch permutation) "
                         f"or a positive number of records")
-    split_cmd = _create_split_command(name, root)
-    data_cmd = _create_dataset_command(name.name, root, seed=name.seed, nlabeled=name.nlabeled)
+    split_cmd = names.create_split_command(name, root)
+    data_cmd = names.create_dataset_command(name.name, root, seed=name.seed, nlabeled=name.nlabeled)
+    extend_cmd = names.extend_command(name)
     label_path = records.require_file(name.label_path(root), split_cmd)
     unlabel_path = records.require_file(name.unlabel_path(root), split_cmd)
     test_path = records.require_file(name.test_path(root), data_cmd)
     extension = tuple(unlabeled_files or ())
     for path in extension:
-        records.require_file(path, "python -m data_prep.extend_unlabeled "
-                                   f"--dataset={name} --copies=K --aug=AUG --seed=S")
+        records.require_file(path, extend_cmd)
 
     info = dataset_info(name, root)
     for path, how in [(label_path, split_cmd), (unlabel_path, split_cmd), (test_path, data_cmd),
-                      *[(p, "python -m data_prep.extend_unlabeled") for p in extension]]:
-        shape = _first_image_shape(path, how)
-        if shape != info.shape:
-            raise UserError(f"{path} holds {'x'.join(map(str, shape))} images but {info.name} is "
-                            f"{'x'.join(map(str, info.shape))}: re-create the file, or fix "
-                            f"{meta_path(root, info.name)}")
+                      *[(p, extend_cmd) for p in extension]]:
+        require_shape(info, root, path, how)
 
     need = name.nvalid if extension else name.nvalid + 1
-    try:
-        count = _count_at_most(unlabel_path, need)
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise _corrupt(unlabel_path, e, split_cmd) from None
+    count = records.count_at_most(unlabel_path, need, split_cmd)
     if count < need:
         raise UserError(f"{name} asks for {name.nvalid} validation images but {unlabel_path} holds "
                         f"only {count} records{' and none would be left to train on' if not extension else ''}: "
@@ -498,7 +356,7 @@ def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
 
     sources = {
         "labeled": _Source((label_path,), how_to_create=split_cmd),
-        "unlabeled": (_Source(extension, how_to_create="python -m data_prep.extend_unlabeled")
+        "unlabeled": (_Source(extension, how_to_create=extend_cmd)
                       if extension else _Source((unlabel_path,), skip=name.nvalid, how_to_create=split_cmd)),
         "valid": _Source((unlabel_path,), take=name.nvalid, how_to_create=split_cmd),
         "test": _Source((test_path,), how_to_create=data_cmd),

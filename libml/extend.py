@@ -28,10 +28,9 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from libml import augment, names, records
+from libml import augment, datasets, io, names, records
 from libml.errors import UserError
 
-AUGMENTATIONS = ("erase", "cutout", "simple", "none")
 BATCH = 256                 # images augmented together; part of the determinism contract
 FORMAT = "realmix_tf-extend-1"
 _SEED_SALT = 0x45787464     # "Extd": keeps extension seeds apart from other uses of the same --seed
@@ -45,125 +44,11 @@ PNG_COMPRESSION = 0
 # ~4 % smaller than the source, translated ones within 1 % (docs/benchmarks.md).
 SIZE_FACTOR = 1.05
 _RECORD_OVERHEAD = 160      # PNG chunks + zlib framing + Example + TFRecord framing, bytes
+_REDO = "delete its folder and re-create the extension"
 
 
 # ------------------------------------------------------------------------------------------
-# Augmentations: batched, stateless, uint8 in and out. Each image gets its own draw.
-
-def _paint_boxes(images, top, left, height, width, value, apply):
-    """Sets rows [top, top+height) x cols [left, left+width) of image i to value[i] where apply[i]."""
-    shape = tf.shape(images)
-    rows = tf.range(shape[1])[None, :, None]
-    cols = tf.range(shape[2])[None, None, :]
-    inside = ((rows >= top[:, None, None]) & (rows < (top + height)[:, None, None])
-              & (cols >= left[:, None, None]) & (cols < (left + width)[:, None, None])
-              & apply[:, None, None])
-    value = tf.cast(value, images.dtype)[:, None, None, None]
-    return tf.where(inside[..., None], value, images)
-
-
-def random_erase(images, seed, p: float = 0.3, area=(0.02, 0.4), aspect=(0.3, 1 / 0.3),
-                 fill=(0, 255), placement: str = "inside", candidates: int = 64):
-    """Random Erasing (Zhong et al.), as the released ``random_eraser`` meant it (spec §4.1).
-
-    With probability p an image gets one box of area s ~ U(area) * H * W and aspect ratio
-    r ~ U(aspect), ``w = int(sqrt(s / r))``, ``h = int(sqrt(s * r))``, filled on all channels
-    with one grey level ``int(U(fill))`` (0..254 by default: the released float fill was
-    truncated by the uint8 PNG encoder).
-
-    The box lies fully inside the image. Both placements are vectorised rejection sampling:
-    ``candidates`` draws per image, the first acceptable one is used.
-      - "inside" (default): reject (s, r) only if the box is larger than the image, then
-        place its top-left corner uniformly among the positions where it fits (Zhong et
-        al.). Erased areas follow U(area) up to the integer rounding and the rare oversized
-        draws.
-      - "reject": the released numpy loop: top-left uniform over the whole image, redraw
-        everything until the box fits. This favours small boxes (mean erased area 13.6 %
-        of a 32x32 image instead of 20 %).
-    With 64 candidates, no acceptable draw has probability < 1e-9 ("reject", 32x32);
-    then the last draw is clipped into the image.
-    """
-    images, single = augment.as_batch(images)
-    if placement not in ("inside", "reject"):
-        raise ValueError(f"placement must be 'inside' or 'reject', got {placement!r}")
-    shape = tf.shape(images)
-    n, height, width = shape[0], shape[1], shape[2]
-    seeds = tf.unstack(tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), 5))
-    apply = tf.random.stateless_uniform([n], seeds[0]) < p
-    pixels = tf.cast(height * width, tf.float32)
-    s = tf.random.stateless_uniform([n, candidates], seeds[1], area[0], area[1]) * pixels
-    r = tf.random.stateless_uniform([n, candidates], seeds[2], aspect[0], aspect[1])
-    box_w = tf.cast(tf.floor(tf.sqrt(s / r)), tf.int32)
-    box_h = tf.cast(tf.floor(tf.sqrt(s * r)), tf.int32)
-    u_left, u_top = tf.unstack(tf.random.stateless_uniform([2, n, candidates], seeds[3]))
-    if placement == "inside":
-        fits = (box_w <= width) & (box_h <= height)
-        left = tf.cast(u_left * tf.cast(tf.maximum(width - box_w + 1, 1), tf.float32), tf.int32)
-        top = tf.cast(u_top * tf.cast(tf.maximum(height - box_h + 1, 1), tf.float32), tf.int32)
-    else:
-        left = tf.cast(u_left * tf.cast(width, tf.float32), tf.int32)
-        top = tf.cast(u_top * tf.cast(height, tf.float32), tf.int32)
-        fits = (left + box_w <= width) & (top + box_h <= height)
-    # First acceptable candidate; the last one if none is (then clipped below).
-    any_fit = tf.reduce_any(fits, axis=1)
-    first = tf.where(any_fit, tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32),
-                     candidates - 1)
-
-    def pick(values):
-        return tf.gather(values, first, axis=1, batch_dims=1)
-
-    box_w = tf.minimum(pick(box_w), width)
-    box_h = tf.minimum(pick(box_h), height)
-    left = tf.minimum(pick(left), width - box_w)
-    top = tf.minimum(pick(top), height - box_h)
-    grey = tf.floor(tf.random.stateless_uniform([n], seeds[4], float(fill[0]), float(fill[1])))
-    out = _paint_boxes(images, top, left, box_h, box_w, grey, apply)
-    return augment.unbatch_if_single(out, single)
-
-
-def cutout(images, seed, size: int = 16, fill: int = 128):
-    """CutOut (DeVries & Taylor): a size x size square, centre anywhere, clipped at the borders.
-
-    Applied to every image. Their code zeroes normalised pixels (the dataset mean); here the
-    fill is mid-grey 128, i.e. about 0 in the [-1, 1] training range.
-    """
-    images, single = augment.as_batch(images)
-    shape = tf.shape(images)
-    n, height, width = shape[0], shape[1], shape[2]
-    seed_y, seed_x = tf.unstack(tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), 2))
-    centre_y = tf.random.stateless_uniform([n], seed_y, 0, height, dtype=tf.int32)
-    centre_x = tf.random.stateless_uniform([n], seed_x, 0, width, dtype=tf.int32)
-    top = tf.clip_by_value(centre_y - size // 2, 0, height)
-    left = tf.clip_by_value(centre_x - size // 2, 0, width)
-    bottom = tf.clip_by_value(centre_y + size // 2, 0, height)
-    right = tf.clip_by_value(centre_x + size // 2, 0, width)
-    out = _paint_boxes(images, top, left, bottom - top, right - left,
-                       tf.fill([n], fill), tf.ones([n], tf.bool))
-    return augment.unbatch_if_single(out, single)
-
-
-def simple(images, seed, flip: bool = True, shift: int = 4):
-    """The "Simple Aug" of paper Table 5: the training-time flip + translate."""
-    return augment.augment(images, seed, flip=flip, shift=shift)
-
-
-def none(images, seed):
-    """Plain duplicates: what the released make_aug_copy effectively produced (spec §4.1)."""
-    del seed
-    return tf.convert_to_tensor(images)
-
-
-def augment_copy(images, seed, aug: str, flip: bool = True):
-    """Applies the Extend augmentation named `aug` (one of AUGMENTATIONS) to a batch."""
-    check_aug(aug)
-    if aug == "erase":
-        return random_erase(images, seed)
-    if aug == "cutout":
-        return cutout(images, seed)
-    if aug == "simple":
-        return simple(images, seed, flip=flip)
-    return none(images, seed)
-
+# Seeds: the augmentation of an image depends only on (seed, copy, position).
 
 def batch_seed(seed, copy, batch):
     """Stateless seed ([2] int64) of batch `batch` of copy `copy` for run seed `seed`."""
@@ -181,48 +66,10 @@ def copy_permutation(seed: int, copy: int, n: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------
 # Naming, plan and manifest.
 
-def check_aug(aug: str) -> str:
-    if aug not in AUGMENTATIONS:
-        raise UserError(f"unknown augmentation {aug!r}: use one of {', '.join(AUGMENTATIONS)}")
-    return aug
-
-
 def check_copies(copies: int) -> int:
     if int(copies) < 1:
         raise UserError(f"--copies={copies}: use at least 1 copy (50 in the paper, 25 in Table 5)")
     return int(copies)
-
-
-def _dataset_name(dataset) -> names.DatasetName:
-    return dataset if isinstance(dataset, names.DatasetName) else names.parse_dataset_name(dataset)
-
-
-def extend_dir(dataset, root: str, copies: int, aug: str, seed: int) -> str:
-    """Folder of one extension: $ML_DATA/SSL/extend/{dataset}/{aug}{copies}-seed{seed}."""
-    return os.path.join(root, "SSL", "extend", str(_dataset_name(dataset)), f"{aug}{copies}-seed{seed}")
-
-
-def shard_file(index: int, count: int) -> str:
-    return f"shard-{index:05d}-of-{count:05d}.tfrecord"
-
-
-def extend_command(dataset, copies: int, aug: str, seed: int, keep_original: bool = False,
-                   shards: Optional[int] = None, extra: str = "") -> str:
-    """The command line that creates (or finishes) an extension."""
-    parts = ["python -m data_prep.extend_unlabeled", f"--dataset={_dataset_name(dataset)}",
-             f"--copies={copies}", f"--aug={aug}", f"--seed={seed}"]
-    if keep_original:
-        parts.append("--keep_original")
-    if shards:
-        parts.append(f"--shards={shards}")
-    if extra:
-        parts.append(extra)
-    return " ".join(parts)
-
-
-def split_command(d: names.DatasetName) -> str:
-    return (f"python -m data_prep.create_split --seed={d.seed} --size={d.nlabeled} "
-            f"$ML_DATA/SSL/{d.name} $ML_DATA/{d.name}-train.tfrecord")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,24 +105,10 @@ class Plan:
         return len(self.shard_copies(shard)) * self.train_images
 
     def shard_path(self, folder: str, shard: int) -> str:
-        return os.path.join(folder, shard_file(shard, self.shards))
+        return os.path.join(folder, names.shard_file(shard, self.shards))
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))   # tuples as lists, as read back
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"unreadable {path} ({e}): delete its folder and re-create the extension") from None
-
-
-def _write_json(path: str, value: dict) -> None:
-    with records.atomic_path(path, overwrite=True) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(value, f, indent=1, sort_keys=True)
 
 
 def extended_unlabeled_files(dataset, root: str, copies: int, aug: str, seed: int,
@@ -285,17 +118,17 @@ def extended_unlabeled_files(dataset, root: str, copies: int, aug: str, seed: in
     Raises a UserError naming the creating command when the extension is missing, incomplete,
     stale (the source split changed) or made with another ``keep_original`` than asked.
     """
-    d = _dataset_name(dataset)
-    check_aug(aug)
+    d = names.as_dataset_name(dataset)
+    augment.check_name(aug)
     copies = check_copies(copies)
-    folder = extend_dir(d, root, copies, aug, seed)
-    create = extend_command(d, copies, aug, seed, bool(keep_original))
+    folder = names.extend_dir(d, root, copies, aug, seed)
+    create = names.extend_command(d, copies, aug, seed, bool(keep_original))
     manifest_path = os.path.join(folder, MANIFEST)
     if not os.path.exists(manifest_path):
         if os.path.exists(os.path.join(folder, PLAN)):
             raise UserError(f"incomplete extension {folder}: finish it with `{create}`")
         raise UserError(f"missing extension {folder}: create it with `{create}`")
-    manifest = _read_json(manifest_path)
+    manifest = io.read_json(manifest_path, _REDO)
     if manifest.get("format") != FORMAT:
         raise UserError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}: "
                         f"re-create it with `{create} --overwrite`")
@@ -317,36 +150,6 @@ def extended_unlabeled_files(dataset, root: str, copies: int, aug: str, seed: in
 
 # ------------------------------------------------------------------------------------------
 # Writing.
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _field(tag: int, payload: bytes) -> bytes:
-    return bytes([tag]) + _varint(len(payload)) + payload
-
-
-def example_bytes(png: bytes, label: int) -> bytes:
-    """A serialized tf.train.Example {image: png, label: label}, keys in sorted order.
-
-    Byte-identical to ``SerializeToString(deterministic=True)``. Hand-encoded because the
-    default protobuf serialisation does not promise a map order (so not byte-identical
-    output across runs), and because it is several times faster.
-    """
-    image = _field(0x0A, _field(0x0A, png))                              # Feature.bytes_list
-    label = _field(0x1A, _field(0x0A, _varint(int(label) & (2 ** 64 - 1))))  # Feature.int64_list
-    entries = (_field(0x0A, _field(0x0A, b"image") + _field(0x12, image))
-               + _field(0x0A, _field(0x0A, b"label") + _field(0x12, label)))
-    return _field(0x0A, entries)
-
 
 def _load_source(path: str, nvalid: int):
     images, labels = records.load_numpy(path)
@@ -380,7 +183,7 @@ def _augmented_pngs(plan: Plan, shards: Sequence[int], images: np.ndarray, label
     def augment_and_encode(batch_images, batch_labels, copy, batch, shard):
         seed = batch_seed(plan.seed, copy, batch)
         augmented = tf.cond(copy > 0,   # copy 0 is the kept original
-                            lambda: augment_copy(batch_images, seed, plan.aug, plan.flip),
+                            lambda: augment.augment_copy(batch_images, seed, plan.aug, plan.flip),
                             lambda: batch_images)
         pngs = tf.map_fn(lambda image: tf.io.encode_png(image, compression=plan.png_compression),
                          augmented, fn_output_signature=tf.string)
@@ -412,7 +215,7 @@ def _write_shards(plan: Plan, folder: str, shards: Sequence[int], images, labels
                 tmp = f"{plan.shard_path(folder, shard)}.tmp-{os.getpid()}"
                 writer = tf.io.TFRecordWriter(tmp)
             for png, label in zip(pngs, batch_labels):
-                writer.write(example_bytes(png, label))
+                writer.write(records.serialize_example(png, label))
             if progress is not None:
                 progress.update(len(pngs))
         if writer is not None:
@@ -423,22 +226,6 @@ def _write_shards(plan: Plan, folder: str, shards: Sequence[int], images, labels
             writer.close()
         if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _first_shape(path: str) -> Tuple[int, int, int]:
-    for serialized in records.iterate_serialized(path):
-        image = records.decode_image(records.parse_example(serialized)["image"])
-        return tuple(int(v) for v in image.shape)
-    return (0, 0, 0)
-
-
-def _count_records(path: str) -> int:
-    try:
-        count = tf.data.TFRecordDataset(path).reduce(tf.constant(0, tf.int64), lambda n, _: n + 1)
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        first = (getattr(e, "message", "") or str(e)).strip().splitlines()[0][:200]
-        raise UserError(f"corrupt TFRecord {path} ({first}): delete it and re-create it") from None
-    return int(count)
 
 
 def _record_bytes_estimate(plan: Plan) -> float:
@@ -468,15 +255,6 @@ def _check_disk(folder: str, needed: int, plan: Plan, missing: Sequence[int], re
             f"{free / 2**30:.2f} GiB free: free some space or use --data_dir on a larger disk")
 
 
-def _dataset_flip(d: names.DatasetName, root: str) -> bool:
-    """Whether horizontal flips suit this dataset (False for digits), from libml.data."""
-    try:
-        from libml.data import dataset_info
-    except ImportError:  # pragma: no cover - libml.data is written concurrently
-        return not d.name.startswith(("svhn", "mnist"))
-    return bool(dataset_info(d.name, root).flip)
-
-
 def _remove_folder_contents(folder: str) -> None:
     for entry in os.listdir(folder):
         path = os.path.join(folder, entry)
@@ -490,8 +268,8 @@ def make_plan(dataset, root: str, copies: int = 50, aug: str = "erase", seed: in
               keep_original: bool = False, shards: Optional[int] = None,
               flip: Optional[bool] = None, png_compression: int = PNG_COMPRESSION) -> Plan:
     """Checks the inputs and returns the Plan of an extension (nothing is written)."""
-    d = _dataset_name(dataset)
-    check_aug(aug)
+    d = names.as_dataset_name(dataset)
+    augment.check_name(aug)
     copies = check_copies(copies)
     if int(seed) < 0:
         raise UserError(f"--seed={seed}: use a seed >= 0")
@@ -502,17 +280,18 @@ def make_plan(dataset, root: str, copies: int = 50, aug: str = "erase", seed: in
     if not 1 <= shards <= total_copies:
         raise UserError(f"--shards={shards}: use 1..{total_copies} (one shard holds whole copies; "
                         f"default: one shard per copy)")
-    source = records.require_file(d.unlabel_path(root), split_command(d))
-    source_records = _count_records(source)
+    create_split = names.create_split_command(d, root)
+    source = records.require_file(d.unlabel_path(root), create_split)
+    source_records = records.count_at_most(source, how_to_create=create_split)
     if d.nvalid >= source_records:
         raise UserError(f"{source} has {source_records} records and {d} takes the first {d.nvalid} "
                         f"for validation, leaving none to extend: use a smaller validation size")
     if flip is None:
-        flip = _dataset_flip(d, root) if aug == "simple" else True
+        flip = datasets.dataset_info(d.name, root).flip if aug == "simple" else True
     return Plan(dataset=str(d), aug=aug, copies=copies, seed=int(seed),
                 keep_original=bool(keep_original), shards=shards, flip=bool(flip),
                 source_records=source_records, source_bytes=os.path.getsize(source),
-                png_compression=int(png_compression), image_shape=_first_shape(source),
+                png_compression=int(png_compression), image_shape=records.first_image_shape(source, create_split),
                 nvalid=d.nvalid)
 
 
@@ -526,10 +305,10 @@ def extend_unlabeled(dataset, root: str, copies: int = 50, aug: str = "erase", s
     Refuses a complete extension unless `overwrite`. An unfinished one with the same plan is
     resumed: complete shards are kept, the missing ones written.
     """
-    d = _dataset_name(dataset)
+    d = names.as_dataset_name(dataset)
     plan = make_plan(d, root, copies, aug, seed, keep_original, shards, flip, png_compression)
-    folder = extend_dir(d, root, plan.copies, aug, plan.seed)
-    command = extend_command(d, plan.copies, aug, plan.seed, plan.keep_original, shards,
+    folder = names.extend_dir(d, root, plan.copies, aug, plan.seed)
+    command = names.extend_command(d, plan.copies, aug, plan.seed, plan.keep_original, shards,
                              "" if plan.png_compression == PNG_COMPRESSION
                              else f"--png_compression={plan.png_compression}")
     plan_path, manifest_path = os.path.join(folder, PLAN), os.path.join(folder, MANIFEST)
@@ -540,7 +319,7 @@ def extend_unlabeled(dataset, root: str, copies: int = 50, aug: str = "erase", s
         if overwrite:
             reclaimable = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)
                               if os.path.isfile(os.path.join(folder, f)))
-        elif os.path.exists(plan_path) and _read_json(plan_path) != plan.to_json():
+        elif os.path.exists(plan_path) and io.read_json(plan_path, _REDO) != plan.to_json():
             raise UserError(f"{folder} holds an unfinished extension with other settings "
                             f"(see {plan_path}): pass --overwrite to discard it")
         else:
@@ -556,21 +335,21 @@ def extend_unlabeled(dataset, root: str, copies: int = 50, aug: str = "erase", s
     if overwrite and os.path.isdir(folder):
         _remove_folder_contents(folder)
     os.makedirs(folder, exist_ok=True)
-    _write_json(plan_path, plan.to_json())
+    io.write_json(plan_path, plan.to_json(), overwrite=True)
     if missing:
         images, labels = _load_source(d.unlabel_path(root), plan.nvalid)
-        bar = _progress_bar(sum(plan.shard_records(j) for j in missing), f"extend {aug}{plan.copies}") \
-            if progress else None
+        bar = io.progress(desc=f"extend {aug}{plan.copies}" if progress else None, unit_scale=True,
+                          total=sum(plan.shard_records(j) for j in missing))
         try:
             _write_shards(plan, folder, missing, images, labels, parallel or os.cpu_count() or 1, bar)
         finally:
             if bar is not None:
                 bar.close()
     manifest = dict(plan.to_json(), command=command, shard_files=[
-        {"file": shard_file(j, plan.shards), "copies": plan.shard_copies(j),
+        {"file": names.shard_file(j, plan.shards), "copies": plan.shard_copies(j),
          "records": plan.shard_records(j), "bytes": os.path.getsize(plan.shard_path(folder, j))}
         for j in range(plan.shards)])
-    _write_json(manifest_path, manifest)
+    io.write_json(manifest_path, manifest, overwrite=True)
     return [plan.shard_path(folder, j) for j in range(plan.shards)]
 
 
@@ -580,11 +359,6 @@ def _complete_shard(plan: Plan, folder: str, shard: int) -> bool:
     if not os.path.exists(path):
         return False
     try:
-        return _count_records(path) == plan.shard_records(shard)
+        return records.count_at_most(path) == plan.shard_records(shard)
     except UserError:
         return False
-
-
-def _progress_bar(total: int, desc: str):
-    from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True, mininterval=1.0)

@@ -75,3 +75,15 @@ def make_ssl_dataset(root, name: str = "toy", nclass: int = 3, nlabeled: int = 3
                        "class_names": [f"class{i}" for i in range(nclass)]}, f)
     return ToyDataset(root=root, name=f"{name}.{seed}@{nlabeled}-{nvalid}", labeled=labeled,
                       unlabeled=unlabeled, test=test, meta_path=meta, **paths)
+
+
+def test_options():
+    """tf.data options for tests: autotune off (many small pipelines on a shared CPU)."""
+    import tensorflow as tf
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.deterministic = True
+    return options
+
+
+test_options.__test__ = False    # not a pytest test when imported into a test module

@@ -4,7 +4,7 @@ import pytest
 import tensorflow as tf
 
 from libml import augment
-from libml.data import test_options
+from tests.fixtures_data import test_options
 
 SEED = tf.constant([7, 11], tf.int64)
 

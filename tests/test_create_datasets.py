@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from data_prep import create_datasets as cd
-from libml import records
+from libml import datasets, records
 from libml.errors import UserError
 from tests import fixtures_archives as fx
 
@@ -46,7 +46,7 @@ def test_cifar10_archive_round_trip(tmp_path, layout):
         np.testing.assert_array_equal(labels, expected[subset][1])
     meta = read_meta(out, "cifar10")
     assert meta == {"name": "cifar10", "nclass": 10, "height": 32, "width": 32, "channels": 3, "flip": True,
-                    "class_names": cd.CIFAR10_CLASSES}
+                    "class_names": list(datasets.CIFAR10_CLASSES)}
 
 
 def test_cifar100_fine_labels_and_names_from_default_download_dir(tmp_path):
@@ -218,7 +218,7 @@ def test_tfds_fallback_when_no_archive(tmp_path, monkeypatch):
         run_main("cifar10", f"--data_dir={out}", f"--tfds_data_dir={tmp_path / 'tfds'}")
     images, labels = records.load_numpy(str(out / "cifar10-train.tfrecord"))
     assert images.shape == (5, 32, 32, 3) and ((labels >= 0) & (labels < 10)).all()
-    assert read_meta(out, "cifar10")["class_names"] == cd.CIFAR10_CLASSES
+    assert read_meta(out, "cifar10")["class_names"] == list(datasets.CIFAR10_CLASSES)
 
 
 def test_imagenet32_offline_names_the_zip_files(tmp_path):

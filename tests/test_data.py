@@ -8,9 +8,11 @@ import tensorflow as tf
 
 from libml import data as data_lib
 from libml.augment import to_float
-from libml.data import dataset_info, load_ssl, test_options
+from libml import datasets
+from libml.data import load_ssl
+from libml.datasets import dataset_info
 from libml.errors import UserError
-from tests.fixtures_data import make_ssl_dataset, write_set, toy_images
+from tests.fixtures_data import make_ssl_dataset, test_options, toy_images, write_set
 
 NUNLABELED, NVALID = 60, 10
 
@@ -193,12 +195,12 @@ def test_auto_cache_threshold(toy, monkeypatch):
 
 def test_dataset_info_registry_meta_and_inference(tmp_path):
     root = str(tmp_path)
-    assert dataset_info("cifar10.3@250-5000", root) == data_lib.REGISTRY["cifar10"]
+    assert dataset_info("cifar10.3@250-5000", root) == datasets.REGISTRY["cifar10"]
     assert dataset_info("cifar10", root).flip and not dataset_info("svhn", root).flip
     assert dataset_info("mnist5k", root).shape == (32, 32, 1)
     mismatch = dataset_info("cifar6_mismatch75", root)
     assert (mismatch.nclass, mismatch.shape, mismatch.flip) == (10, (32, 32, 3), True)
-    assert dataset_info("cifar10_aug50", root).class_names == data_lib.CIFAR10_CLASSES
+    assert dataset_info("cifar10_aug50", root).class_names == datasets.CIFAR10_CLASSES
 
     meta = make_ssl_dataset(tmp_path, name="meta", nclass=4, size=6, flip=False)
     info = dataset_info("meta", root)

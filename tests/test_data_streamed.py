@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from libml import data as data_lib
-from libml.data import load_ssl, test_options
+from libml.data import load_ssl
+from tests.fixtures_data import test_options
 from tests.fixtures_data import make_ssl_dataset, toy_images, write_set
 from tests.test_data import take, views_of
 

@@ -10,9 +10,10 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from libml import extend, names, records
+from libml import augment, extend, names, records
 from libml.errors import UserError
 from data_prep import extend_unlabeled
+from tests.fixtures_data import test_options
 
 DATASET = "toy.1@10-20"        # 20 validation images, the rest extended
 
@@ -95,7 +96,7 @@ def reference_erase_areas(n, size, placement, rng):
 def test_random_erase_share_boxes_and_area_law(placement):
     n, size = 3000, 32
     original = never_grey(n, size, seed=1)
-    out = extend.random_erase(original, tf.constant([7, 3], tf.int64), placement=placement).numpy()
+    out = augment.random_erase(original, tf.constant([7, 3], tf.int64), placement=placement).numpy()
     mask, boxes = grey_boxes(out)
     erased = [i for i, b in enumerate(boxes) if b is not None]
     share = len(erased) / n
@@ -121,18 +122,18 @@ def test_random_erase_share_boxes_and_area_law(placement):
 
 def test_random_erase_is_deterministic_per_seed_and_single_image():
     images = never_grey(64, 16)
-    a = extend.random_erase(images, tf.constant([1, 2], tf.int64)).numpy()
-    b = extend.random_erase(images, tf.constant([1, 2], tf.int64)).numpy()
-    c = extend.random_erase(images, tf.constant([1, 3], tf.int64)).numpy()
+    a = augment.random_erase(images, tf.constant([1, 2], tf.int64)).numpy()
+    b = augment.random_erase(images, tf.constant([1, 2], tf.int64)).numpy()
+    c = augment.random_erase(images, tf.constant([1, 3], tf.int64)).numpy()
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
-    assert extend.random_erase(images[0], tf.constant([1, 2], tf.int64)).shape == (16, 16, 3)
+    assert augment.random_erase(images[0], tf.constant([1, 2], tf.int64)).shape == (16, 16, 3)
 
 
 def test_cutout_is_a_clipped_16x16_grey_square_on_every_image():
     n, size = 400, 32
     original = never_grey(n, size, seed=2)
-    out = extend.cutout(original, tf.constant([5, 5], tf.int64)).numpy()
+    out = augment.cutout(original, tf.constant([5, 5], tf.int64)).numpy()
     mask, boxes = grey_boxes(out)
     assert all(b is not None for b in boxes)
     sides = []
@@ -145,7 +146,7 @@ def test_cutout_is_a_clipped_16x16_grey_square_on_every_image():
 
 def test_simple_is_a_flip_and_translation_of_the_original():
     images = never_grey(40, 16, seed=3)
-    out = extend.augment_copy(images, tf.constant([9, 9], tf.int64), "simple", flip=True).numpy()
+    out = augment.augment_copy(images, tf.constant([9, 9], tf.int64), "simple", flip=True).numpy()
     flipped = 0
     for x, y in zip(images, out):
         found = None
@@ -159,27 +160,16 @@ def test_simple_is_a_flip_and_translation_of_the_original():
         flipped += found
     assert 5 < flipped < 35
     assert not np.array_equal(out, images)
-    np.testing.assert_array_equal(extend.augment_copy(images, tf.constant([9, 9], tf.int64), "none"), images)
+    np.testing.assert_array_equal(augment.augment_copy(images, tf.constant([9, 9], tf.int64), "none"), images)
 
 
 # ------------------------------------------------------------------------------------------
 # Writing extensions
 
-def test_example_bytes_equal_deterministic_protobuf():
-    from tensorflow.core.example import example_pb2
-    for png, label in [(b"", 0), (b"\x89PNG" * 100, 7), (bytes(range(256)) * 3, -1), (b"x", 2 ** 40)]:
-        raw = extend.example_bytes(png, label)
-        example = example_pb2.Example()
-        example.ParseFromString(raw)
-        assert raw == example.SerializeToString(deterministic=True)
-        parsed = records.parse_example(tf.constant(raw))
-        assert parsed["image"].numpy() == png and parsed["label"].numpy() == label
-
-
 def test_extension_excludes_validation_and_erases_copies(ml_data):
     source = write_split(ml_data)
     files = run(ml_data, copies=3, aug="erase", seed=0)
-    folder = extend.extend_dir(DATASET, str(ml_data), 3, "erase", 0)
+    folder = names.extend_dir(DATASET, str(ml_data), 3, "erase", 0)
     assert files == [os.path.join(folder, f"shard-0000{j}-of-00003.tfrecord") for j in range(3)]
     assert extend.extended_unlabeled_files(DATASET, str(ml_data), 3, "erase", 0) == files
     manifest = json.load(open(os.path.join(folder, "manifest.json")))
@@ -264,7 +254,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         run(cut_root, copies=4, aug="erase", seed=2)
     monkeypatch.setattr(extend, "_finish_shard", finish)
-    folder = extend.extend_dir(DATASET, str(cut_root), 4, "erase", 2)
+    folder = names.extend_dir(DATASET, str(cut_root), 4, "erase", 2)
     assert sorted(os.listdir(folder)) == ["plan.json", "shard-00000-of-00004.tfrecord"]
     with pytest.raises(UserError, match="incomplete extension .*extend_unlabeled --dataset=toy.1@10-20"):
         extend.extended_unlabeled_files(DATASET, str(cut_root), 4, "erase", 2)
@@ -302,7 +292,7 @@ def test_errors_before_writing(ml_data, monkeypatch):
     monkeypatch.setattr(extend.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 10**5, 10**5))
     with pytest.raises(UserError, match=r"not enough free disk .*needs about 0\.\d\d GiB \(2000 records x "):
         run(ml_data, copies=20)
-    assert not os.path.exists(extend.extend_dir(DATASET, root, 20, "erase", 0) + "/plan.json")
+    assert not os.path.exists(names.extend_dir(DATASET, root, 20, "erase", 0) + "/plan.json")
     with pytest.raises(UserError, match=r"missing extension .*: create it with `python -m "
                                         r"data_prep.extend_unlabeled --dataset=toy.1@10-20 --copies=2"):
         extend.extended_unlabeled_files(DATASET, root, 2, "erase", 0)
@@ -319,7 +309,7 @@ def test_existing_output_needs_overwrite_and_stale_source_is_refused(ml_data, mo
             run(ml_data, copies=2, aug="none", seed=0, keep_original=True, overwrite=True)
     assert extend.extended_unlabeled_files(DATASET, str(ml_data), 2, "none", 0)
     assert shard_bytes(run(ml_data, copies=2, aug="none", seed=0, overwrite=True)) == first
-    folder = extend.extend_dir(DATASET, str(ml_data), 3, "erase", 0)
+    folder = names.extend_dir(DATASET, str(ml_data), 3, "erase", 0)
     os.makedirs(folder)
     with open(os.path.join(folder, "plan.json"), "w") as f:
         json.dump({"copies": 3, "other": "settings"}, f)
@@ -359,7 +349,7 @@ def test_training_stream_reads_the_extension(ml_data):
     records.write_records(d.test_path(str(ml_data)), zip(records.encode_png_images(labeled), range(10)))
     files = run(ml_data, copies=2, aug="erase", seed=0)
     ssl = data.load_ssl(DATASET, str(ml_data), seed=0, unlabeled_files=files, cache=False,
-                         options=data.test_options())
+                         options=test_options())
     batch = next(iter(ssl.train_unlabeled(8)))
     assert batch["image"].shape == (8, 2, 16, 16, 3)
     assert set(batch["label"].numpy()) <= set(range(20, 60))
