@@ -9,13 +9,13 @@ create_mismatch --mismatch=75.
 """
 import os
 import shutil
-import sys
 import time
 
 from absl import flags
 
 from data_prep import check_split, create_datasets, create_mismatch, create_split
-from tests import fixtures_archives as fx
+from libml import cli
+from runs.bench_fixtures import write_cifar_archive
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", "/tmp/bench_data_prep", "Scratch folder (deleted first).", flag_values=FLAGS)
@@ -29,12 +29,12 @@ def timed(label, fn):
 
 
 def main(argv):
-    FLAGS(argv)
+    cli.parse(FLAGS, argv)
     root = FLAGS.workdir
     shutil.rmtree(root, ignore_errors=True)
     archives, data = os.path.join(root, "archives"), os.path.join(root, "data")
     timed("write synthetic archive (60k images)",
-          lambda: fx.write_cifar_archive(archives, "cifar10", per_batch=10000, n_test=10000))
+          lambda: write_cifar_archive(archives, "cifar10", per_batch=10000, n_test=10000))
     timed("create_datasets cifar10 (60k PNG records)",
           lambda: create_datasets.main(["cd", "cifar10", f"--archive_dir={archives}", f"--data_dir={data}"]))
     timed("create_split seed=1 size=250 (50k records)",
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv)
+    cli.run(main, FLAGS)

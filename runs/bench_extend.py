@@ -6,8 +6,8 @@ as `ratio_vs_plain_cached_*` (unextended set decoded in RAM, the default for it)
 
     .venv/bin/python -m runs.bench_extend --root=/tmp/bench_extend [--copies=50] [--aug=erase]
 
-Synthetic, CIFAR-like images (smooth 6x6 colour fields upsampled to 32x32 plus noise; their
-PNGs average ~2.4 KB, about CIFAR-10's size) stand in for the real set: the cost is PNG
+Synthetic, CIFAR-like images (runs.bench_fixtures: smooth 6x6 colour fields upsampled to 32x32
+plus noise; their PNGs average ~2.4 KB, about CIFAR-10's size) stand in for the real set: the cost is PNG
 encoding, which depends on the image size, not the content class. The extension runs as a
 separate process (the real command line) so that its peak RSS is measured alone.
 """
@@ -20,7 +20,10 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from libml import cli
+from runs.bench_fixtures import make_ssl_dataset
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("root", "/tmp/bench_extend", "Scratch data folder (needs ~7 GB for 50 copies).")
@@ -36,34 +39,8 @@ flags.DEFINE_integer("png_compression", -1, "Passed to the extension (-1: its de
 DATASET = "synth.1@250-0"    # no validation records: all 49,750 unlabeled images are extended
 
 
-def synthetic_images(n: int, seed: int = 0) -> np.ndarray:
-    import tensorflow as tf
-    rng = np.random.RandomState(seed)
-    out = np.empty([n, 32, 32, 3], np.uint8)
-    for start in range(0, n, 4096):
-        m = min(4096, n - start)
-        base = rng.randint(0, 256, (m, 6, 6, 3)).astype(np.float32)
-        smooth = tf.image.resize(base, (32, 32), "bicubic").numpy()
-        out[start:start + m] = np.clip(smooth + rng.normal(0, 6, smooth.shape), 0, 255).astype(np.uint8)
-    return out
-
-
 def make_source(root: str, n: int) -> None:
-    from libml import names, records
-    d = names.parse_dataset_name(DATASET)
-    if os.path.exists(d.unlabel_path(root)):
-        return
-    os.makedirs(os.path.join(root, "SSL"), exist_ok=True)
-    with open(os.path.join(root, "synth-meta.json"), "w") as f:
-        json.dump({"name": "synth", "nclass": 10, "height": 32, "width": 32, "channels": 3,
-                   "flip": True, "class_names": []}, f)
-    images = synthetic_images(n + 250 + 1000)
-    labels = np.arange(len(images)) % 10
-    write = records.write_records
-    write(d.label_path(root), zip(records.encode_png_images(images[:250]), labels[:250]))
-    write(d.unlabel_path(root), zip(records.encode_png_images(images[250:250 + n]), labels[250:250 + n]),
-          progress="source", total=n)
-    write(d.test_path(root), zip(records.encode_png_images(images[250 + n:]), labels[250 + n:]))
+    make_ssl_dataset(root, "synth", nlabeled=250, nunlabeled=n, nvalid=0, ntest=1000)
 
 
 def run_extend(root: str) -> dict:
@@ -152,4 +129,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

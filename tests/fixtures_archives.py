@@ -1,89 +1,20 @@
 """Tiny files in the real formats, for tests.
 
-- ``write_cifar_archive``: ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz`` with the
-  real pickle layout (or the ``-binary`` layout), returning the images it holds in order.
+- ``write_cifar_archive`` (from runs.bench_fixtures): ``cifar-10-python.tar.gz`` /
+  ``cifar-100-python.tar.gz`` in the real pickle (or ``-binary``) layout.
 - ``write_svhn_mats``: ``train_32x32.mat`` etc. (X [32,32,3,N], y [N,1] in 1..10).
 - ``write_image_folders``: class sub-folders of PNG/JPEG images.
 - ``write_record_dataset``: ``{name}-train/test.tfrecord`` from arrays.
 - ``mnist5k_data``: the real mnist5k records, written once per test session.
 """
-import io
 import os
-import pickle
-import tarfile
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from runs.bench_fixtures import random_images, write_cifar_archive  # noqa: F401 (shared with the benchmarks)
+
 Arrays = Tuple[np.ndarray, np.ndarray]
-
-
-def random_images(n: int, shape=(32, 32, 3), seed: int = 0) -> np.ndarray:
-    return np.random.RandomState(seed).randint(0, 256, size=(n,) + tuple(shape)).astype(np.uint8)
-
-
-def _rows(images: np.ndarray) -> np.ndarray:
-    """[N,32,32,3] -> CIFAR rows [N,3072] (red plane, green plane, blue plane)."""
-    return images.transpose(0, 3, 1, 2).reshape(len(images), -1)
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_cifar_archive(folder: str, dataset: str = "cifar10", per_batch: int = 6, n_test: int = 8,
-                        seed: int = 0, layout: str = "python") -> Dict[str, Arrays]:
-    """Writes a tiny CIFAR archive; returns {'train': (images, labels), 'test': ...} in order.
-
-    cifar10: 5 train batches of `per_batch` images; cifar100: one 'train' member of
-    5 * per_batch images, fine labels 0..99 and coarse labels.
-    """
-    rng = np.random.RandomState(seed)
-    nclass = 10 if dataset == "cifar10" else 100
-    n_train = 5 * per_batch
-    images = random_images(n_train + n_test, seed=seed)
-    labels = rng.randint(0, nclass, n_train + n_test).astype(np.int64)
-    train, test = (images[:n_train], labels[:n_train]), (images[n_train:], labels[n_train:])
-    if dataset == "cifar10":
-        prefix = "cifar-10-batches-py" if layout == "python" else "cifar-10-batches-bin"
-        members = [(f"data_batch_{i + 1}", slice(i * per_batch, (i + 1) * per_batch), "train") for i in range(5)]
-        members.append(("test_batch", slice(0, n_test), "test"))
-    else:
-        prefix = "cifar-100-python" if layout == "python" else "cifar-100-binary"
-        members = [("train", slice(0, n_train), "train"), ("test", slice(0, n_test), "test")]
-    base = {"cifar10": "cifar-10", "cifar100": "cifar-100"}[dataset]
-    path = os.path.join(folder, f"{base}-{layout}.tar.gz")
-    os.makedirs(folder, exist_ok=True)
-    splits = {"train": train, "test": test}
-    with tarfile.open(path, "w:gz") as tar:
-        for name, part, split in members:
-            ims, labs = splits[split][0][part], splits[split][1][part]
-            if layout == "python":
-                batch = {b"batch_label": name.encode(), b"data": _rows(ims),
-                         b"filenames": [f"{i}.png".encode() for i in range(len(ims))]}
-                if dataset == "cifar10":
-                    batch[b"labels"] = [int(x) for x in labs]
-                else:
-                    batch[b"fine_labels"] = [int(x) for x in labs]
-                    batch[b"coarse_labels"] = [int(x) // 5 for x in labs]
-                _add_member(tar, f"{prefix}/{name}", pickle.dumps(batch, protocol=2))
-            else:
-                lab = labs.astype(np.uint8)[:, None]
-                if dataset == "cifar100":
-                    lab = np.concatenate([lab // 5, lab], axis=1)
-                _add_member(tar, f"{prefix}/{name}.bin", np.concatenate([lab, _rows(ims)], axis=1).tobytes())
-        if layout == "python":
-            if dataset == "cifar10":
-                meta = {b"label_names": [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog",
-                                         b"frog", b"horse", b"ship", b"truck"]}
-                _add_member(tar, f"{prefix}/batches.meta", pickle.dumps(meta, protocol=2))
-            else:
-                meta = {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                        b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]}
-                _add_member(tar, f"{prefix}/meta", pickle.dumps(meta, protocol=2))
-    return splits
 
 
 def write_svhn_mats(folder: str, sizes: Optional[Dict[str, int]] = None, seed: int = 0) -> Dict[str, Arrays]:
