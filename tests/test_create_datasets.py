@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from data_prep import archives, image_folders
 from data_prep import create_datasets as cd
 from libml import datasets, records
 from libml.errors import UserError
@@ -23,7 +24,7 @@ def mnist5k_root(tmp_path_factory):
 def no_network_no_home(monkeypatch, tmp_path):
     """No tfds home with data and no network, so a test never reaches the internet."""
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds_home"))
-    monkeypatch.setattr(cd, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(archives, "_online", lambda *a, **k: False)
 
 
 def run_main(*args):
@@ -79,11 +80,11 @@ def test_tfds_examples_restored_to_file_order():
     images = fx.random_images(6, (2, 2, 3))
     order = rng.permutation(6)
     examples = [{"id": f"train_{i:05d}".encode(), "image": images[i], "label": np.int64(i % 10)} for i in order]
-    got_images, got_labels = cd.tfds_records_in_order(examples, "cifar10")
+    got_images, got_labels = archives.tfds_records_in_order(examples, "cifar10")
     np.testing.assert_array_equal(got_images, images)
     np.testing.assert_array_equal(got_labels, np.arange(6))
     svhn = [{"id": f"test_{i:06d}", "image": images[i], "label": np.int64(d)} for i, d in enumerate([0, 1, 9])]
-    assert cd.tfds_records_in_order(svhn, "svhn")[1].tolist() == [9, 0, 8]   # tfds digit -> original y - 1
+    assert archives.tfds_records_in_order(svhn, "svhn")[1].tolist() == [9, 0, 8]   # tfds digit -> original y - 1
 
 
 def test_offline_without_archive_names_file_and_folder(tmp_path):
@@ -111,7 +112,7 @@ def test_mnist5k_real_data(mnist5k_root):
     assert np.bincount(test_labels).tolist() == [100] * 10 and np.bincount(train_labels).tolist() == [400] * 10
     # zero border of 2 pixels; the centre is the csv row (784 pixels then the label)
     assert train_images[:, :2].max() == 0 and train_images[:, :, -2:].max() == 0
-    with gzip.open(cd.mnist5k_csv_path(), "rt") as f:
+    with gzip.open(archives.mnist5k_csv_path(), "rt") as f:
         rows = np.loadtxt(f, delimiter=",", dtype=np.int64)
     is_test = np.zeros(5000, bool)
     for c in range(10):
@@ -151,13 +152,13 @@ def test_custom_grayscale_kept_single_channel(tmp_path):
     src = tmp_path / "src"
     fx.write_image_folders(str(src / "l"), {"a": 2, "b": 2}, shape=(12, 12, 1))
     fx.write_image_folders(str(src / "t"), {"a": 1, "b": 1}, shape=(12, 12, 1))
-    prepared = cd.load_custom("g", str(src / "l"), "", str(src / "t"), 8)
+    prepared = image_folders.load_custom("g", str(src / "l"), "", str(src / "t"), 8)
     assert prepared.subsets["train"][0].shape == (4, 8, 8, 1) and prepared.meta["channels"] == 1
-    mixed, channels = cd._same_channels([[np.zeros((2, 2, 1), np.uint8)], [np.ones((2, 2, 3), np.uint8)]])
+    mixed, channels = image_folders._same_channels([[np.zeros((2, 2, 1), np.uint8)], [np.ones((2, 2, 3), np.uint8)]])
     assert channels == 3 and mixed[0][0].shape == (2, 2, 3)       # one colour image: all RGB
     fx.write_image_folders(str(src / "t"), {"c": 1}, shape=(12, 12, 3))
     with pytest.raises(UserError, match="test class folder 'c'"):
-        cd.load_custom("g", str(src / "l"), "", str(src / "t"), 8)
+        image_folders.load_custom("g", str(src / "l"), "", str(src / "t"), 8)
 
 
 def test_custom_errors(tmp_path):
@@ -212,7 +213,7 @@ def test_tfds_fallback_when_no_archive(tmp_path, monkeypatch):
     with tfds.testing.mock_data(num_examples=5):
         with pytest.raises(UserError, match="no cifar10 data found and no network"):
             run_main("cifar10", f"--data_dir={out}", f"--tfds_data_dir={tmp_path / 'tfds'}")
-        monkeypatch.setattr(cd, "_online", lambda *a, **k: True)
+        monkeypatch.setattr(archives, "_online", lambda *a, **k: True)
         with pytest.raises(UserError, match="no cifar10 data found"):
             run_main("cifar10", f"--data_dir={out}", f"--tfds_data_dir={tmp_path / 'tfds'}", "--nodownload")
         run_main("cifar10", f"--data_dir={out}", f"--tfds_data_dir={tmp_path / 'tfds'}")
