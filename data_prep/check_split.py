@@ -28,7 +28,6 @@ flags.DEFINE_integer("nvalid", 0, "Explicit files: validation = the first nvalid
                      flag_values=FLAGS)
 flags.DEFINE_integer("show", 5, "How many leaked record positions to print per pair.", flag_values=FLAGS)
 
-SETS = ("labeled", "unlabeled", "valid", "test")
 LEAKS = (("test", "labeled"), ("test", "unlabeled"), ("test", "valid"),
          ("labeled", "unlabeled"), ("labeled", "valid"))
 

@@ -47,16 +47,6 @@ _count_at_most = records.count_at_most
 _corrupt = records.corrupt_error
 
 
-def test_options() -> tf.data.Options:   # deprecated: tests.fixtures_data.test_options; goes once tests switch
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    options.deterministic = True
-    return options
-
-
-test_options.__test__ = False
-
-
 @dataclasses.dataclass(frozen=True)
 class _Source:
     """Records of one set: `files`, minus the first `skip` records, at most `take` of them."""

@@ -20,7 +20,6 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck")
 DIGITS = tuple(str(i) for i in range(10))
 SVHN_CLASSES = tuple(str((i + 1) % 10) for i in range(10))   # the .mat files: label 0 is digit 1
-META_KEYS = ("name", "nclass", "height", "width", "channels", "flip", "class_names")
 _EXTENDED = re.compile(r"^(?P<base>.+)_aug\d+$")    # released make_aug_copy names: cifar10_aug50
 
 

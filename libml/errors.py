@@ -11,15 +11,3 @@ def first_line(e: Exception) -> str:
     """The first line of an exception's message (at most 200 characters), for one-line errors."""
     text = (getattr(e, "message", None) or str(e)).strip()
     return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-def run_cli(main, argv=None):
-    """Deprecated alias of `libml.cli.run(main, None, argv)` (removed once callers switch)."""
-    from libml import cli
-    return cli.run(main, None, argv)
-
-
-def absl_run(main):
-    """Deprecated alias of `libml.cli.run(main)` (removed once callers switch)."""
-    from libml import cli
-    return cli.run(main)

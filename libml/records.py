@@ -20,11 +20,6 @@ FEATURES = {
 _READ_ERRORS = (tf.errors.DataLossError, tf.errors.InvalidArgumentError)
 Paths = Union[str, Sequence[str]]
 
-# Deprecated aliases (libml.io is the one copy); removed once every caller has switched.
-check_overwrite = io.check_overwrite
-atomic_path = io.atomic_path
-
-
 # ---------------------------------------------------------------------------------------------
 # Encoding
 
