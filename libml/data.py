@@ -319,9 +319,6 @@ def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
     options: tf.data.Options applied to every stream (e.g. autotune off).
     """
     name = names.as_dataset_name(dataset)
-    if shuffle_buffer < 0:
-        raise UserError(f"shuffle buffer {shuffle_buffer} is negative: use 0 (per-epoch permutation) "
-                        f"or a positive number of records")
     split_cmd = names.create_split_command(name, root)
     data_cmd = names.create_dataset_command(name.name, root, seed=name.seed, nlabeled=name.nlabeled)
     extend_cmd = names.extend_command(name)

@@ -64,13 +64,7 @@ def copy_permutation(seed: int, copy: int, n: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------
-# Naming, plan and manifest.
-
-def check_copies(copies: int) -> int:
-    if int(copies) < 1:
-        raise UserError(f"--copies={copies}: use at least 1 copy (50 in the paper, 25 in Table 5)")
-    return int(copies)
-
+# Plan and manifest.
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -116,11 +110,10 @@ def extended_unlabeled_files(dataset, root: str, copies: int, aug: str, seed: in
     """Shard paths of a complete extension, for ``libml.data.load_ssl(unlabeled_files=...)``.
 
     Raises a UserError naming the creating command when the extension is missing, incomplete,
-    stale (the source split changed) or made with another ``keep_original`` than asked.
+    stale (the source split changed) or made with another ``keep_original`` than asked. The
+    settings are the trainer's --extend* flags, checked where they are defined (libml/config.py).
     """
     d = names.as_dataset_name(dataset)
-    augment.check_name(aug)
-    copies = check_copies(copies)
     folder = names.extend_dir(d, root, copies, aug, seed)
     create = names.extend_command(d, copies, aug, seed, bool(keep_original))
     manifest_path = os.path.join(folder, MANIFEST)
@@ -270,7 +263,9 @@ def make_plan(dataset, root: str, copies: int = 50, aug: str = "erase", seed: in
     """Checks the inputs and returns the Plan of an extension (nothing is written)."""
     d = names.as_dataset_name(dataset)
     augment.check_name(aug)
-    copies = check_copies(copies)
+    if int(copies) < 1:
+        raise UserError(f"--copies={copies}: use at least 1 copy (50 in the paper, 25 in Table 5)")
+    copies = int(copies)
     if int(seed) < 0:
         raise UserError(f"--seed={seed}: use a seed >= 0")
     if not 0 <= int(png_compression) <= 9:
