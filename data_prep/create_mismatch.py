@@ -147,7 +147,7 @@ def source_meta(root: str, source: str) -> dict:
 
 
 def output_paths(root: str, name: str, seed: int, size: int) -> dict:
-    paths = names.split_paths(os.path.join(root, "SSL", name), seed, size)
+    paths = names.split_paths(names.ssl_prefix(root, name), seed, size)
     paths.update(test=names.test_path(root, name), meta=names.meta_path(root, name))
     return paths
 

@@ -52,7 +52,7 @@ class DatasetName:
         return f"{self.name}.{self.seed}@{self.nlabeled}"
 
     def split_root(self, root: str) -> str:
-        return os.path.join(root, "SSL", self.split)
+        return ssl_prefix(root, self.split)
 
     def label_path(self, root: str) -> str:
         return self.split_root(root) + "-label.tfrecord"
@@ -85,6 +85,11 @@ def test_path(root: str, name: str) -> str:
 
 def meta_path(root: str, name: str) -> str:
     return os.path.join(root, f"{name}-meta.json")
+
+
+def ssl_prefix(root: str, name: str) -> str:
+    """{root}/SSL/{name}: the prefix create_split is given (it appends .{seed}@{size}-...)."""
+    return os.path.join(root, "SSL", name)
 
 
 def split_paths(prefix: str, seed: int, size: int) -> dict:
@@ -128,7 +133,7 @@ def create_split_command(dataset, root: str) -> str:
     if MISMATCH.match(d.name):
         return create_dataset_command(d.name, root, seed=d.seed, nlabeled=d.nlabeled)
     return (f"python -m data_prep.create_split --seed={d.seed} --size={d.nlabeled} "
-            f"{os.path.join(root, 'SSL', d.name)} {d.train_path(root)}")
+            f"{ssl_prefix(root, d.name)} {d.train_path(root)}")
 
 
 def extend_command(dataset, copies="K", aug="AUG", seed="S", keep_original: bool = False,

@@ -14,7 +14,7 @@ import time
 from absl import flags
 
 from data_prep import check_split, create_datasets, create_mismatch, create_split
-from libml import cli
+from libml import cli, names
 from runs.bench_fixtures import write_cifar_archive
 
 FLAGS = flags.FlagValues()
@@ -38,8 +38,8 @@ def main(argv):
     timed("create_datasets cifar10 (60k PNG records)",
           lambda: create_datasets.main(["cd", "cifar10", f"--archive_dir={archives}", f"--data_dir={data}"]))
     timed("create_split seed=1 size=250 (50k records)",
-          lambda: create_split.main(["cs", "--seed=1", "--size=250", os.path.join(data, "SSL", "cifar10"),
-                                     os.path.join(data, "cifar10-train.tfrecord")]))
+          lambda: create_split.main(["cs", "--seed=1", "--size=250", names.ssl_prefix(data, "cifar10"),
+                                     names.train_path(data, "cifar10")]))
     timed("check_split cifar10.1@250-5000 (60k images hashed)",
           lambda: check_split.main(["ck", "--dataset=cifar10.1@250-5000", f"--data_dir={data}"]))
     timed("create_mismatch cifar10 75% (2400 labels, 18400 unlabeled, 6000 test)",

@@ -48,10 +48,9 @@ def make_ssl_dataset(root: str, name: str = "synth", nclass: int = 10, nlabeled:
     `shards` files {name}-shard{i} (every shards-th unlabeled image), unless already there."""
     root = str(root)
     d = names.parse_dataset_name(f"{name}.{seed}@{nlabeled}-{nvalid}")
-    shard_paths = [os.path.join(root, f"{name}-shard{i}.tfrecord") for i in range(shards)]
+    shard_paths = [names.subset_path(root, name, f"shard{i}") for i in range(shards)]
     if all(os.path.exists(p) for p in [d.unlabel_path(root), *shard_paths]):
         return BenchDataset(root, str(d), shard_paths)
-    os.makedirs(os.path.join(root, "SSL"), exist_ok=True)
     images = synthetic_images(nlabeled + nunlabeled + ntest, seed, size)
     labels = np.arange(len(images), dtype=np.int64) % nclass
     parts = {d.label_path(root): slice(0, nlabeled),
