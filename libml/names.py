@@ -19,13 +19,13 @@ from typing import Optional
 from libml.errors import UserError
 
 _FULL = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*)\.(?P<seed>\d+)@(?P<nlabeled>\d+)-(?P<nvalid>\d+)$")
+_SHORT = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*)\.(?P<nlabeled>\d+)$")
+NAME_HELP = ("expected {name}.{seed}@{nlabeled}-{nvalid} (e.g. cifar10.3@250-5000) "
+             "or {name}.{nlabeled} (e.g. cifar10.250)")
 MISMATCH = re.compile(r"^cifar6_mismatch(?P<percent>\d+)$")
 # Datasets that `data_prep.create_datasets NAME` makes (svhn also writes svhn_noextra-test).
 BUILTIN_DATASETS = ("cifar10", "cifar100", "svhn", "mnist5k", "imagenet32")
 _MADE_BY = {"svhn_noextra": "svhn"}
-_SHORT = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*)\.(?P<nlabeled>\d+)$")
-NAME_HELP = ("expected {name}.{seed}@{nlabeled}-{nvalid} (e.g. cifar10.3@250-5000) "
-             "or {name}.{nlabeled} (e.g. cifar10.250)")
 
 
 def data_dir(flag_value: str = "") -> str:

@@ -186,3 +186,25 @@ def test_the_one_encoder_is_deterministic_protobuf():
         parsed = records.parse_example(tf.constant(raw))
         assert parsed["image"].numpy() == png and parsed["label"].numpy() == label
         assert records.relabel(raw, 3) == records.serialize_example(png, 3)
+
+
+def test_paths_and_creating_commands(monkeypatch):
+    monkeypatch.setenv("ML_DATA", "/data")
+    assert names.split_paths("/data/SSL/cifar10", 3, 250) == {
+        "label": "/data/SSL/cifar10.3@250-label.tfrecord",
+        "unlabel": "/data/SSL/cifar10.3@250-unlabel.tfrecord", "map": "/data/SSL/cifar10.3@250-map.json"}
+    d = names.parse_dataset_name("cifar10.3@250-5000")
+    assert d.label_path("/data") == names.split_paths(names.ssl_prefix("/data", "cifar10"), 3, 250)["label"]
+    assert names.meta_path("/data", "pets") == "/data/pets-meta.json"
+    assert names.extend_dir(d, "/data", 50, "erase", 0) == "/data/SSL/extend/cifar10.3@250-5000/erase50-seed0"
+    assert names.create_split_command(d, "/data") == (
+        "python -m data_prep.create_split --seed=3 --size=250 /data/SSL/cifar10 /data/cifar10-train.tfrecord")
+    assert names.create_split_command("cifar6_mismatch50.2@2400-1", "/data") == (
+        "python -m data_prep.create_mismatch --source=cifar10 --mismatch=50 --seed=2")
+    assert names.create_dataset_command("svhn_noextra", "/data") == "python -m data_prep.create_datasets svhn"
+    assert names.create_dataset_command("imagenet32", "/other") == (
+        "python -m data_prep.create_datasets imagenet32 --data_dir=/other")
+    assert names.create_dataset_command("pets", "/data").startswith(
+        "python -m data_prep.create_datasets custom --name=pets ")
+    assert names.extend_command(d) == ("python -m data_prep.extend_unlabeled --dataset=cifar10.3@250-5000 "
+                                       "--copies=K --aug=AUG --seed=S")
