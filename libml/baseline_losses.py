@@ -8,8 +8,8 @@ with a LINEAR warm-up that ends at `warmup_pos` (0.4) of the training run:
 Mean Teacher: teacher = EMA weights, consistency_weight 50; Pi-model: teacher = the same
 weights on another augmentation, consistency_weight 10. Both stop the teacher's gradient.
 
-`sigmoid_rampup` is the exp(-5 (1 - t)^2) ramp of the original Mean Teacher / Pi-model papers.
-The libml baselines do not use it; it is here for runs that follow those papers instead.
+(The original Mean Teacher / Pi-model papers ramp with exp(-5 (1 - t)^2) instead; the libml
+baselines, and so these, do not.)
 Everything is computed in float32 and runs eagerly, in tf.function and under XLA.
 """
 import numbers
@@ -50,10 +50,3 @@ def linear_warmup(step_images, warmup_pos, train_images):
         return tf.constant(1.0, tf.float32)
     ramp_images = _f32(warmup_pos) * _f32(train_images)
     return tf.clip_by_value(_f32(step_images) / ramp_images, 0.0, 1.0)
-
-
-def sigmoid_rampup(progress):
-    """exp(-5 (1 - t)^2) with t = clip(progress, 0, 1): 0.0067 at t = 0, 1 at t >= 1
-    (Laine & Aila 2017; Tarvainen & Valpola 2017). Not used by the libml baselines."""
-    t = tf.clip_by_value(_f32(progress), 0.0, 1.0)
-    return tf.exp(-5.0 * tf.square(1.0 - t))

@@ -7,7 +7,6 @@ An export folder (`{run}/export/` by default) holds:
                      -> {probabilities, class, confidence}; needs no Python code to serve
     meta.json        dataset, image shape, class names, training step, hyper-parameters
 """
-import json
 import os
 import shutil
 
@@ -15,7 +14,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from libml.errors import UserError
+from libml.checkpoint import checkpoint_key, resolve_checkpoint
+from libml.errors import UserError, first_line
+from libml.io import write_json
 from libml.models import WideResNet
 
 KERAS_FILE = "model.keras"
@@ -63,8 +64,7 @@ def export_model(model, info, out_dir: str, meta: dict = None) -> dict:
         description = dict(meta or {}, nclass=info.nclass, height=info.height, width=info.width,
                            channels=info.channels, class_names=list(info.class_names),
                            input="uint8 images for saved_model; float32 x*2/255-1 for model.keras")
-        with open(os.path.join(tmp, META_FILE), "w") as f:
-            json.dump(description, f, indent=2, sort_keys=True, default=str)
+        write_json(os.path.join(tmp, META_FILE), description)
         old = f"{out_dir}.old-{os.getpid()}"
         if os.path.exists(out_dir):
             os.replace(out_dir, old)
@@ -81,7 +81,7 @@ def load_keras_net(path: str):
     try:
         net = keras.saving.load_model(path, compile=False)
     except Exception as e:  # keras raises many types for a bad file
-        raise UserError(f"cannot load {path} ({type(e).__name__}: {_first_line(e)}): pass a "
+        raise UserError(f"cannot load {path} ({type(e).__name__}: {first_line(e)}): pass a "
                         f".keras file written by the trainer's export") from None
     if not isinstance(net, WideResNet):
         raise UserError(f"{path} holds a {type(net).__name__}, not a WideResNet export: pass a "
@@ -102,7 +102,6 @@ def transfer_weights(model, source: str, info) -> str:
         src = load_keras_net(source)
         pairs = [(t, src) for t in targets]
     else:
-        from libml.train import resolve_checkpoint
         prefix = resolve_checkpoint(source)
         src_net, src_ema = _restore_source_nets(model.net, prefix, info)
         pairs = [(model.net, src_net), (model.ema_net, src_ema)]
@@ -114,7 +113,6 @@ def transfer_weights(model, source: str, info) -> str:
 def _restore_source_nets(net, prefix: str, info):
     """Builds nets like `net` (same layer names) with the source's class count and restores
     them from the checkpoint, matching variables by path."""
-    from libml.train import checkpoint_key
     shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
     head_bias = checkpoint_key(f"net/{net.classifier.name}/bias")
     if head_bias not in shapes:
@@ -159,8 +157,3 @@ def _copy_except_head(target, src, source: str) -> None:
         updates.append((t, s))
     for t, s in updates:
         t.assign(np.asarray(s.numpy()))
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__

@@ -185,11 +185,6 @@ def unlabeled_weight(step_images, w_match, warmup_images):
     return _f32(w_match) * ramp
 
 
-def weight_decay_factor(wd, lr):
-    """Factor 1 - wd * lr by which kernels are multiplied after each Adam step (decoupled WD)."""
-    return 1 - wd * lr
-
-
 # --------------------------------------------------------------------------------------------
 # Training-signal annealing (UDA's TSA adapted to MixUp labels, spec 6.6)
 

@@ -10,20 +10,18 @@
 - `apply_update(grads)`: Adam step, then decoupled weight decay of the conv and dense kernels
   (k <- k * (1 - wd * lr)), then the EMA update and the BN-statistics copy.
 
-A subclass implements `train_step(data)` and returns its scalars keyed by TensorBoard tag.
+Every setting comes through the constructor and is kept as given (bn_momentum too: it is
+passed to the networks, so an exported model's get_config() records it). The settings shared
+by every algorithm are checked by the same check functions as their flags (libml/config.py).
+
+A subclass implements `train_step(data)` and returns its scalars keyed by TensorBoard tag;
+`from_config(info, config)` builds it for the trainer.
 """
 import keras
 import tensorflow as tf
 
-from libml.errors import UserError
+from libml.config import PRECISIONS, decay, non_negative, one_of, positive
 from libml.models import WideResNet, scales_for_size
-
-PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
-
-
-def default_precision() -> str:
-    """mixed_float16 on a GPU, mixed_bfloat16 on a CPU (fast with AVX-512 bf16 / AMX)."""
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
 
 
 def run_cross_replica(fn):
@@ -38,21 +36,25 @@ def tf_variable(v):
     return v.value if isinstance(v, keras.Variable) else v
 
 
+def check_settings(precision, ema, bn_momentum, lr, wd):
+    """The shared settings, checked with the same functions as their trainer flags."""
+    one_of(*PRECISIONS)("precision", precision)
+    decay("ema", ema)
+    decay("bn_momentum", bn_momentum)
+    positive("lr", lr)
+    non_negative("pass a weight decay >= 0")("wd", wd)
+
+
 class SSLModel(keras.Model):
     """Base for RealMix and the baselines. Create it under `strategy.scope()`."""
+
+    uses_unlabeled = True    # False: the trainer feeds a constant placeholder unlabeled stream
 
     def __init__(self, nclass, input_shape, filters=32, repeat=4, scales=0, lr=0.002, wd=0.02,
                  ema=0.999, seed=0, precision="float32", jit_compile=False, bn_momentum=0.999,
                  name=None):
         super().__init__(name=name or type(self).__name__.lower())
-        if precision not in PRECISIONS:
-            raise UserError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-        if not 0.0 <= ema < 1.0:
-            raise UserError(f"ema decay {ema} is out of range: use a value in [0, 1)")
-        if not 0.0 <= bn_momentum < 1.0:
-            raise UserError(f"bn_momentum {bn_momentum} is out of range: use a value in [0, 1)")
-        if lr <= 0 or wd < 0:
-            raise UserError(f"lr={lr}, wd={wd}: use lr > 0 and wd >= 0")
+        check_settings(precision, ema, bn_momentum, lr, wd)
         self.nclass = int(nclass)
         self.image_shape = tuple(int(d) for d in input_shape)
         self.filters, self.repeat = int(filters), int(repeat)
@@ -82,6 +84,18 @@ class SSLModel(keras.Model):
         self.optimizer = optimizer
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step",
                                    aggregation="only_first_replica")
+
+    @classmethod
+    def check_hparams(cls, **hparams):
+        """The constructor's checks of the algorithm's keyword arguments, without building
+        anything (the registry runs them before the data are read). Each subclass checks its
+        own arguments and passes the others up; the shared settings are the config's."""
+        del hparams
+
+    @classmethod
+    def from_config(cls, info, config, **kwargs):
+        """The model of a run: dataset metadata (nclass, shape) and the config's settings."""
+        return cls(info.nclass, info.shape, **config.model_kwargs(), **kwargs)
 
     # ----------------------------------------------------------------------------------------
     def hparams(self) -> dict:

@@ -14,11 +14,14 @@ import re
 from typing import Optional, Union
 
 import tensorflow as tf
+from absl import flags
 
 from libml import data as ssl_data
-from libml import records
+from libml import datasets, records, train
+from libml.config import TrainConfig, option
 from libml.errors import UserError
-from libml.names import test_path, train_path
+from libml.names import data_dir, test_path, train_path
+from libml.train import placeholder_unlabeled
 from realmix_tf.supervised import Supervised
 
 _NAME = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*)(?:-(?P<nvalid>\d+))?$")
@@ -55,9 +58,7 @@ class FullySupervisedData(ssl_data.SSLData):
 
     def train_unlabeled(self, batch: int) -> tf.data.Dataset:
         ssl_data._check_batch(batch)
-        views = {"image": tf.zeros([batch, 2, *self.info.shape], tf.float32),
-                 "label": tf.fill([batch], tf.constant(-1, tf.int64))}
-        return self._finish(tf.data.Dataset.from_tensors(views).repeat())
+        return self._finish(placeholder_unlabeled(batch, self.info.shape))
 
 
 def load_fully_supervised(dataset: Union[str, FullySupervisedName], root: str, seed: int = 0,
@@ -74,17 +75,10 @@ def load_fully_supervised(dataset: Union[str, FullySupervisedName], root: str, s
     how_to_create = f"python -m data_prep.create_datasets {name.name}"
     train_file = records.require_file(train_path(root, name.name), how_to_create)
     test_file = records.require_file(test_path(root, name.name), how_to_create)
-    info = ssl_data.dataset_info(name.name, root)
+    info = datasets.dataset_info(name.name, root)
     for path in (train_file, test_file):
-        shape = ssl_data._first_image_shape(path, how_to_create)
-        if shape != info.shape:
-            raise UserError(f"{path} holds {'x'.join(map(str, shape))} images but {info.name} is "
-                            f"{'x'.join(map(str, info.shape))}: re-create the file, or fix "
-                            f"{ssl_data.meta_path(root, info.name)}")
-    try:
-        count = ssl_data._count_at_most(train_file, name.nvalid + 1)
-    except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise ssl_data._corrupt(train_file, e, how_to_create) from None
+        datasets.require_shape(info, root, path, how_to_create)
+    count = records.count_at_most(train_file, name.nvalid + 1, how_to_create)
     if count <= name.nvalid:
         raise UserError(f"{name} asks for {name.nvalid} validation images but {train_file} holds "
                         f"only {count} records and none would be left to train on: use a "
@@ -107,55 +101,42 @@ class FullySupervised(Supervised):
         super().__init__(nclass, input_shape, name=name, **kwargs)
 
 
-def make_model(info, config) -> FullySupervised:
-    return FullySupervised(info.nclass, info.shape, **config.model_kwargs())
-
-
 # ---------------------------------------------------------------------------------------------
-# Command line: the RealMix trainer with fully supervised names (`TrainConfig.dataset_name`,
-# used for validation and the run folder) and data.
+# Command line: the shared main is realmix_tf.registry, with this module's Config (fully
+# supervised dataset names, for validation and the run folder) and Trainer (its data).
 #   python -m realmix_tf.fully_supervised --dataset=cifar10-1
 
-from absl import flags  # noqa: E402
-
-from libml import train  # noqa: E402
-from libml.names import data_dir  # noqa: E402
-from realmix_tf.supervised import check_no_arguments  # noqa: E402
-
-FLAGS = flags.FLAGS
-
 @dataclasses.dataclass
-class FullySupervisedConfig(train.TrainConfig):
-    dataset: str = "cifar10-1"
+class Config(TrainConfig):
+    dataset: str = option("cifar10-1", "Dataset name {name}-{nvalid} (e.g. cifar10-1 or "
+                          "cifar10-5000) or {name}: all of {name}-train.tfrecord but its first "
+                          "nvalid records.")
 
     def dataset_name(self) -> FullySupervisedName:
         return parse_fully_supervised_name(self.dataset)
 
 
-class FullySupervisedTrainer(train.Trainer):
+class Trainer(train.Trainer):
     def _load_data(self, options):
         c = self.config
         return load_fully_supervised(c.dataset, data_dir(c.data_dir), seed=c.seed,
                                      shuffle_buffer=c.shuffle_buffer, options=options)
 
 
-def config_from_flags(flag_values=FLAGS) -> FullySupervisedConfig:
+REFUSED_FLAGS = ("extend",)    # trainer flags this command refuses when set
+
+
+def define_flags(flag_values=flags.FLAGS) -> None:
+    """No flags of its own (--dataset comes from Config)."""
+
+
+def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
     if flag_values.extend:
         raise UserError("--extend is set but fully supervised training has no unlabeled images: "
                         "drop --extend")
-    fields = {f.name for f in dataclasses.fields(FullySupervisedConfig)} - {"algorithm"}
-    values = {name: flag_values[name].value for name in fields if name in flag_values}
-    return FullySupervisedConfig(**values)
+    return {}
 
-
-def main(argv):
-    check_no_arguments(argv)
-    config = config_from_flags(FLAGS)
-    return FullySupervisedTrainer(config, make_model, "FullySupervised").run()
-
-
-train.define_train_flags()
 
 if __name__ == "__main__":
-    FLAGS.set_default("dataset", "cifar10-1")
-    train.cli_run(main)
+    from realmix_tf import registry
+    registry.cli("fully_supervised")

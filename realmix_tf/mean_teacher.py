@@ -17,13 +17,24 @@ Command line:
     python -m realmix_tf.mean_teacher --dataset=cifar10.3@250-5000 [--consistency_weight=50]
 """
 import tensorflow as tf
+from absl import flags
 
 from libml import baseline_losses
+from libml.config import KIMG, positive, whole_kimg
 from libml.errors import UserError
 from libml.ssl import SSLModel
-from realmix_tf.supervised import check_no_arguments, labeled_cross_entropy
+from realmix_tf.supervised import labeled_cross_entropy
 
-KIMG = 1024
+
+def check_mean_teacher(consistency_weight, warmup_pos, train_kimg):
+    """Mean Teacher's arguments, checked once (UserError naming the flag and the fix)."""
+    if consistency_weight < 0:
+        raise UserError(f"--consistency_weight={consistency_weight} is negative: use a "
+                        f"weight >= 0 (the released default is 50)")
+    if not 0 <= warmup_pos <= 1:
+        raise UserError(f"--warmup_pos={warmup_pos} is out of range: use a fraction of the "
+                        f"run in [0, 1] (the released default is 0.4)")
+    positive("train_kimg", train_kimg)
 
 
 class MeanTeacher(SSLModel):
@@ -31,22 +42,27 @@ class MeanTeacher(SSLModel):
     (the released default 50); warmup_pos: fraction of the run over which it ramps up linearly
     (0.4); train_kimg: run length in kimg, the ramp's unit. Other arguments as SSLModel."""
 
-    def __init__(self, nclass, input_shape, filters=32, repeat=4, scales=0, lr=0.002, wd=0.02,
-                 ema=0.999, consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
-                 warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, seed=0,
-                 precision="float32", jit_compile=False, name="mean_teacher"):
-        if consistency_weight < 0 or not 0 <= warmup_pos <= 1 or train_kimg <= 0:
-            raise UserError(f"consistency_weight={consistency_weight}, warmup_pos={warmup_pos}, "
-                            f"train_kimg={train_kimg}: use a weight >= 0, warmup_pos in [0, 1] "
-                            f"and train_kimg > 0")
-        super().__init__(nclass, input_shape, filters=filters, repeat=repeat, scales=scales,
-                         lr=lr, wd=wd, ema=ema, seed=seed, precision=precision,
-                         jit_compile=jit_compile, name=name)
+    def __init__(self, nclass, input_shape,
+                 consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
+                 warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, name="mean_teacher",
+                 **kwargs):
+        check_mean_teacher(consistency_weight, warmup_pos, train_kimg)
+        super().__init__(nclass, input_shape, name=name, **kwargs)
         self.consistency_weight = float(consistency_weight)
         self.warmup_pos = float(warmup_pos)
-        self.train_kimg = int(train_kimg) if float(train_kimg).is_integer() else float(train_kimg)
+        self.train_kimg = whole_kimg(train_kimg)
         self._losses_and_gradients = tf.function(self._losses_and_gradients_eager,
                                                  jit_compile=self.use_jit)
+
+    @classmethod
+    def check_hparams(cls, consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
+                      warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, **others):
+        check_mean_teacher(consistency_weight, warmup_pos, train_kimg)
+        super().check_hparams(**others)
+
+    @classmethod
+    def from_config(cls, info, config, **kwargs):
+        return super().from_config(info, config, train_kimg=config.train_kimg, **kwargs)
 
     def hparams(self) -> dict:
         return dict(super().hparams(), consistency_weight=self.consistency_weight,
@@ -90,49 +106,26 @@ class MeanTeacher(SSLModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line (the trainer is libml/train.py)
+# Command line: the shared main is realmix_tf.registry.
 
-from absl import flags  # noqa: E402
-
-from libml import train  # noqa: E402
-
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """The trainer's flags plus Mean Teacher's own (defaults: M:mean_teacher.py)."""
-    train.define_train_flags()
-    if "consistency_weight" in FLAGS:
+def define_flags(flag_values=flags.FLAGS) -> None:
+    """Mean Teacher's flags (defaults: M:mean_teacher.py)."""
+    if "consistency_weight" in flag_values:
         return
+    fv = dict(flag_values=flag_values)
     flags.DEFINE_float("consistency_weight", baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
-                       "Weight of the teacher-student consistency loss (ramped over --warmup_pos).")
+                       "Weight of the teacher-student consistency loss (ramped over --warmup_pos).",
+                       **fv)
     flags.DEFINE_float("warmup_pos", baseline_losses.WARMUP_POS,
                        "Fraction of --train_kimg over which the consistency weight ramps up "
-                       "linearly from 0.")
+                       "linearly from 0.", **fv)
 
 
-def mean_teacher_hparams(flag_values=FLAGS) -> dict:
-    if flag_values.consistency_weight < 0:
-        raise UserError(f"--consistency_weight={flag_values.consistency_weight} is negative: "
-                        f"use a weight >= 0 (the released default is 50)")
-    if not 0 <= flag_values.warmup_pos <= 1:
-        raise UserError(f"--warmup_pos={flag_values.warmup_pos} is out of range: use a fraction "
-                        f"of the run in [0, 1] (the released default is 0.4)")
+def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
     return dict(consistency_weight=flag_values.consistency_weight,
                 warmup_pos=flag_values.warmup_pos)
 
 
-def make_model(info, config: "train.TrainConfig") -> MeanTeacher:
-    return MeanTeacher(info.nclass, info.shape, train_kimg=config.train_kimg, **config.model_kwargs())
-
-
-def main(argv):
-    check_no_arguments(argv)
-    config = train.config_from_flags(FLAGS, **mean_teacher_hparams(FLAGS))
-    return train.Trainer(config, make_model, "MeanTeacher").run()
-
-
-define_flags()
-
 if __name__ == "__main__":
-    train.cli_run(main)
+    from realmix_tf import registry
+    registry.cli("mean_teacher")

@@ -1,8 +1,21 @@
-"""MixMatch (Berthelot et al., 2019) as the original (M:mixmatch.py): RealMix without
-training-signal annealing, without the OOD mask and without the extended unlabeled set
-(spec §6 with tsa='none', gamma=0). Label guessing over K=2 views sharpened with T=0.5, MixUp
-of the 3B labeled and unlabeled examples, interleaved passes where only chunk 0 updates the BN
-moving statistics, L = xe + w_match * ramp(step) * L2.
+"""MixMatch (Berthelot et al., 2019) as the original (M:mixmatch.py), and the base of RealMix.
+
+One step (`train_step`), with B labeled images x and B unlabeled images u in NU = 2 views:
+  1. guess labels of u: softmax of each view (raw weights, batch-statistics BN, no moving-
+     statistics update, no gradient), averaged over the views and sharpened with T;
+  2. MixUp of the 3B labeled + unlabeled examples with one shuffle of the same 3B
+     (lambda ~ Beta(beta, beta), lambda = max(lambda, 1 - lambda));
+  3. interleaved forward passes: only the chunk that mixes labeled and unlabeled rows (chunk 0)
+     updates the BN moving statistics (spec §6.4);
+  4. L = labeled_loss + w_match * ramp(step) * unlabeled_loss, with the two hooks
+     labeled_loss = mean soft cross-entropy, unlabeled_loss = mean L2 (RealMix overrides both);
+  5. Adam, decoupled weight decay of the kernels, EMA update (libml.ssl.SSLModel.apply_update).
+
+BN policy, made explicit: a forward pass that must see its own batch statistics is a "chunk";
+the NU guess passes run as one call with bn_groups=NU and update_bn_stats=False, and the 3
+interleaved passes as one call with bn_groups=3 and update_bn_stats=True, which updates the
+moving statistics from chunk 0 alone. This is the same arithmetic as the separate passes of
+the released code (batched_passes=False runs them separately; the tests check both agree).
 
 Defaults are the CIFAR-10 settings of the MixMatch paper (M:runs/table5.sh, beta 0.75,
 w_match 75), which the RealMix paper re-ran; the bare flag defaults of M:mixmatch.py are
@@ -11,82 +24,170 @@ w_match 75), which the RealMix paper re-ran; the bare flag defaults of M:mixmatc
 Command line:
     python -m realmix_tf.mixmatch --dataset=cifar10.3@250-5000 [--beta=0.75 --w_match=75]
 """
-from realmix_tf.realmix import RealMix
+import tensorflow as tf
+from absl import flags
 
-# Monitors of RealMix's TSA and OOD mask: constants without them, so MixMatch leaves them out.
-REALMIX_ONLY_SCALARS = ("monitors/tsa_threshold", "monitors/tsa_kept", "monitors/mask_ratio",
-                        "monitors/mask_threshold")
+from libml import layers
+from libml.config import KIMG, whole_kimg
+from libml.errors import UserError
+from libml.ssl import SSLModel
+
+NU = 2    # views per unlabeled image: the input pipeline always gives 2
 
 
-class MixMatch(RealMix):
-    """MixMatch on a Wide ResNet. beta: MixUp Beta(beta, beta); w_match: lambda_U, ramped
-    linearly over warmup_kimg; nu, temperature: views per unlabeled image and sharpening T.
-    Other arguments as SSLModel."""
+def check_mixmatch(beta, w_match, warmup_kimg, temperature):
+    """MixMatch's arguments, checked once (UserError naming the flag and the fix)."""
+    if beta <= 0:
+        raise UserError(f"--beta={beta} must be positive: the paper uses 0.75")
+    if w_match < 0 or warmup_kimg < 0:
+        raise UserError(f"--w_match={w_match}, --warmup_kimg={warmup_kimg}: both must be >= 0")
+    if temperature <= 0:
+        raise UserError(f"temperature={temperature} must be positive: the paper uses 0.5")
 
-    def __init__(self, nclass, input_shape, filters=32, repeat=4, scales=0, lr=0.002, wd=0.02,
-                 ema=0.999, beta=0.75, w_match=75.0, warmup_kimg=1024, seed=0,
-                 precision="float32", jit_compile=False, nu=2, temperature=0.5,
-                 batched_passes=True, name="mixmatch"):
-        super().__init__(nclass, input_shape, filters=filters, repeat=repeat, scales=scales,
-                         lr=lr, wd=wd, ema=ema, beta=beta, w_match=w_match,
-                         warmup_kimg=warmup_kimg, tsa="none", gamma=0.0, seed=seed,
-                         precision=precision, jit_compile=jit_compile, nu=nu,
-                         temperature=temperature, batched_passes=batched_passes, name=name)
+
+class MixMatch(SSLModel):
+    """MixMatch on a Wide ResNet. beta: MixUp Beta(beta, beta) parameter (the paper's alpha);
+    w_match: lambda_U, ramped linearly over warmup_kimg; temperature: sharpening T;
+    batched_passes: run the chunks of a pass as one call (same arithmetic). The seed also
+    draws the per-step lambda and permutation (stateless functions of (seed, step)). Other
+    arguments as SSLModel."""
+
+    def __init__(self, nclass, input_shape, beta=0.75, w_match=75.0, warmup_kimg=1024,
+                 temperature=0.5, batched_passes=True, name="mixmatch", **kwargs):
+        check_mixmatch(beta, w_match, warmup_kimg, temperature)
+        super().__init__(nclass, input_shape, name=name, **kwargs)
+        self.beta, self.w_match, self.temperature = float(beta), float(w_match), float(temperature)
+        self.warmup_kimg = whole_kimg(warmup_kimg)
+        self.batched_passes = bool(batched_passes)
+        # Only the XLA variant is a separate tf.function: the caller (trainer, strategy.run)
+        # traces train_step as a whole.
+        self._losses_and_gradients = self._losses_and_gradients_eager
+        if self.use_jit:
+            self._losses_and_gradients = tf.function(self._losses_and_gradients_eager,
+                                                     jit_compile=True)
+
+    @classmethod
+    def check_hparams(cls, beta=0.75, w_match=75.0, warmup_kimg=1024, temperature=0.5, **others):
+        check_mixmatch(beta, w_match, warmup_kimg, temperature)
+        super().check_hparams(**others)
 
     def hparams(self) -> dict:
-        hparams = super().hparams()
-        for realmix_only in ("tsa", "tsa_source", "gamma", "train_kimg"):
-            hparams.pop(realmix_only, None)
-        return hparams
+        return dict(super().hparams(), beta=self.beta, w_match=self.w_match,
+                    warmup_kimg=self.warmup_kimg, nu=NU, temperature=self.temperature)
 
+    # ----------------------------------------------------------------------------------------
     def train_step(self, data):
-        scalars = super().train_step(data)
-        return {k: v for k, v in scalars.items() if k not in REALMIX_ONLY_SCALARS}
+        """One step on one replica's batch. data = (labeled, unlabeled): labeled['image']
+        f32[B,H,W,C], labeled['label'] int[B], unlabeled['image'] f32[B,NU,H,W,C]; B must be
+        static. Returns scalar float32 tensors keyed by TensorBoard tag."""
+        labeled, unlabeled = data
+        x, u = labeled["image"], unlabeled["image"]
+        batch = x.shape[0]
+        if batch is None or u.shape[0] != batch or u.shape[1] != NU:
+            raise ValueError(f"{type(self).__name__} needs static, equal batch sizes and {NU} "
+                             f"views: got labeled {x.shape}, unlabeled {u.shape} (batch the "
+                             f"datasets with drop_remainder=True)")
+        step = tf.convert_to_tensor(self.step)
+        lam_seed, perm_seed = self.step_seeds(step)
+        total = (NU + 1) * batch
+        # Drawn outside the compiled part: the Beta sampler has no XLA kernel.
+        lam = layers.sample_mixup_lambda(total, self.beta, lam_seed)
+        index = layers.sample_permutation(total, perm_seed)
+        grads, scalars = self._losses_and_gradients(x, labeled["label"], u, lam, index, step)
+        self.apply_update(grads)
+        self.count_images(batch)
+        return scalars
+
+    def step_seeds(self, step):
+        """Two stateless seeds (MixUp lambda, permutation) from (seed, step, replica)."""
+        replica = tf.distribute.get_replica_context()
+        replica_id = 0 if replica is None else replica.replica_id_in_sync_group
+        base = tf.stack([tf.constant(self.seed, tf.int64),
+                         tf.cast(step, tf.int64) + tf.cast(replica_id, tf.int64)])
+        return tf.unstack(tf.random.experimental.stateless_split(base, 2))
+
+    def _losses_and_gradients_eager(self, x, labels, u, lam, index, step):
+        batch = x.shape[0]
+        views = tf.unstack(u, axis=1)                                    # NU x [B, H, W, C]
+
+        # 1. Label guessing (raw weights, batch statistics, moving stats untouched).
+        guess = layers.guess_label(self.forward(views, update_first=False), self.temperature)
+
+        # 2. MixUp over the concatenation of the labeled and all unlabeled views.
+        inputs = tf.concat([x] + views, axis=0)
+        targets = tf.concat([tf.one_hot(labels, self.nclass)] + [guess] * NU, axis=0)
+        mixed_inputs, mixed_targets = layers.mixup(inputs, targets, lam, index)
+        targets_x, targets_u = mixed_targets[:batch], mixed_targets[batch:]
+
+        with tf.GradientTape() as tape:
+            # 3. Interleaved passes; only chunk 0 updates the BN moving statistics.
+            chunks = layers.interleave(tf.split(mixed_inputs, NU + 1), batch)
+            logits = layers.interleave(self.forward(chunks, update_first=True), batch)
+            logits_x, logits_u = logits[0], tf.concat(logits[1:], axis=0)
+
+            # 4. Losses: the two hooks, the unlabeled one weighted by the ramped w_match.
+            loss_xe, labeled_scalars = self.labeled_loss(logits_x, targets_x, step)
+            loss_l2u, unlabeled_scalars = self.unlabeled_loss(logits_u, targets_u)
+            w_match = layers.unlabeled_weight(step, self.w_match, round(self.warmup_kimg * KIMG))
+            loss = loss_xe + w_match * loss_l2u
+            scaled_loss = self.scale_loss(loss)
+        grads = self.gradients(tape, scaled_loss)
+
+        confidence = tf.reduce_max(tf.nn.softmax(logits_u), axis=-1)
+        scalars = {
+            "losses/xe": loss_xe,
+            "losses/l2u": loss_l2u,
+            "losses/overall": loss,
+            "monitors/w_match": w_match,
+            **labeled_scalars,
+            **unlabeled_scalars,
+            "monitors/confidence_min": tf.reduce_min(confidence),
+            "monitors/confidence_mean": tf.reduce_mean(confidence),
+            "monitors/confidence_max": tf.reduce_max(confidence),
+        }
+        return grads, scalars
+
+    def forward(self, chunks, update_first):
+        """Training-mode logits (float32) of each chunk, each normalised with its own batch
+        statistics; the moving statistics follow chunk 0 if update_first, else stay put."""
+        if not self.batched_passes:
+            return [self.net(c, training=True, update_bn_stats=update_first and i == 0)
+                    for i, c in enumerate(chunks)]
+        logits = self.net(tf.concat(chunks, axis=0), training=True,
+                          update_bn_stats=update_first, bn_groups=len(chunks))
+        return tf.split(logits, len(chunks))
+
+    # -- the hooks: (loss, {tag: monitor scalar}) ---------------------------------------------
+    def labeled_loss(self, logits_x, targets_x, step):
+        """Mean soft cross-entropy of the mixed labeled part."""
+        del step
+        return tf.reduce_mean(layers.soft_cross_entropy(targets_x, logits_x)), {}
+
+    def unlabeled_loss(self, logits_u, targets_u):
+        """Mean L2 between the mixed guesses and the predictions."""
+        return tf.reduce_mean(layers.l2_consistency(targets_u, logits_u)), {}
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line (the trainer is libml/train.py). The flags --beta, --w_match and --warmup_kimg
-# are RealMix's (defined when realmix_tf.realmix is imported); its --tsa, --tsa_source and
-# --gamma exist too but are refused here.
+# Command line: the shared main is realmix_tf.registry.
 
-from absl import flags  # noqa: E402
+def define_flags(flag_values=flags.FLAGS) -> None:
+    """MixMatch's flags (RealMix adds its own on top)."""
+    if "beta" in flag_values:
+        return
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_float("beta", 0.75, "MixUp Beta(beta, beta) parameter (the paper's alpha).", **fv)
+    flags.DEFINE_float("w_match", 75.0, "Unlabeled-loss weight lambda_U (ramped over "
+                       "--warmup_kimg).", **fv)
+    flags.DEFINE_float("warmup_kimg", 1024, "Linear ramp-up of w_match, in kimg (fractions "
+                       "allowed).", **fv)
 
-from libml import train  # noqa: E402
-from libml.errors import UserError  # noqa: E402
-from realmix_tf import realmix  # noqa: E402
-from realmix_tf.supervised import check_no_arguments  # noqa: E402
 
-FLAGS = flags.FLAGS
-REALMIX_ONLY_FLAGS = ("tsa", "tsa_source", "gamma", "percent_mask")
-
-
-def mixmatch_hparams(flag_values=FLAGS) -> dict:
-    given = [f"--{name}" for name in REALMIX_ONLY_FLAGS
-             if name in flag_values and flag_values[name].present]
-    if given:
-        raise UserError(f"{', '.join(given)} given, but MixMatch has no TSA or OOD mask: "
-                        f"drop them, or train RealMix (python -m realmix_tf.realmix)")
-    if flag_values.beta <= 0:
-        raise UserError(f"--beta={flag_values.beta} must be positive: MixMatch's CIFAR-10 "
-                        f"runs use 0.75")
-    if flag_values.w_match < 0 or flag_values.warmup_kimg < 0:
-        raise UserError(f"--w_match={flag_values.w_match}, --warmup_kimg={flag_values.warmup_kimg}: "
-                        f"both must be >= 0")
+def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
     return dict(beta=flag_values.beta, w_match=flag_values.w_match,
                 warmup_kimg=flag_values.warmup_kimg)
 
 
-def make_model(info, config: "train.TrainConfig") -> MixMatch:
-    return MixMatch(info.nclass, info.shape, **config.model_kwargs())
-
-
-def main(argv):
-    check_no_arguments(argv)
-    config = train.config_from_flags(FLAGS, **mixmatch_hparams(FLAGS))
-    return train.Trainer(config, make_model, "MixMatch").run()
-
-
-realmix.define_flags()
-
 if __name__ == "__main__":
-    train.cli_run(main)
+    from realmix_tf import registry
+    registry.cli("mixmatch")

@@ -19,9 +19,9 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from libml import export
-from libml.errors import UserError, run_cli
-from libml.records import atomic_path, check_overwrite
+from libml import cli, export
+from libml.errors import UserError
+from libml.io import atomic_path, check_overwrite
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
 
@@ -160,8 +160,7 @@ def predict_folder(model: str, images: str, output: str, batch: int = 256,
 
 
 def main(argv=None):
-    from data_prep.common import parse_flags
-    rest = parse_flags(FLAGS, argv)
+    rest = cli.parse(FLAGS, argv)
     if rest:
         raise UserError(f"unexpected arguments {' '.join(rest)}: use --model, --images, --output")
     count = predict_folder(FLAGS.model, FLAGS.images, FLAGS.output, FLAGS.batch, FLAGS.overwrite)
@@ -170,4 +169,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main, FLAGS)

@@ -10,6 +10,7 @@ Command line:
     python -m realmix_tf.supervised --dataset=cifar10.3@250-5000
 """
 import tensorflow as tf
+from absl import flags
 
 from libml import layers
 from libml.errors import UserError
@@ -26,11 +27,8 @@ class Supervised(SSLModel):
 
     uses_unlabeled = False   # the trainer may feed any (even empty) unlabeled stream
 
-    def __init__(self, nclass, input_shape, filters=32, repeat=4, scales=0, lr=0.002, wd=0.02,
-                 ema=0.999, seed=0, precision="float32", jit_compile=False, name="supervised"):
-        super().__init__(nclass, input_shape, filters=filters, repeat=repeat, scales=scales,
-                         lr=lr, wd=wd, ema=ema, seed=seed, precision=precision,
-                         jit_compile=jit_compile, name=name)
+    def __init__(self, nclass, input_shape, name="supervised", **kwargs):
+        super().__init__(nclass, input_shape, name=name, **kwargs)
         self._losses_and_gradients = tf.function(self._losses_and_gradients_eager,
                                                  jit_compile=self.use_jit)
 
@@ -53,35 +51,22 @@ class Supervised(SSLModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line (the trainer is libml/train.py)
+# Command line: the shared main is realmix_tf.registry.
 
-from absl import flags  # noqa: E402
-
-from libml import train  # noqa: E402
-
-FLAGS = flags.FLAGS
+REFUSED_FLAGS = ("extend",)    # trainer flags this command refuses when set
 
 
-def make_model(info, config: "train.TrainConfig") -> Supervised:
-    return Supervised(info.nclass, info.shape, **config.model_kwargs())
+def define_flags(flag_values=flags.FLAGS) -> None:
+    """No flags of its own: the trainer's."""
 
 
-def check_no_arguments(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments {' '.join(argv[1:])}: every option is a --flag "
-                        f"(see --helpfull)")
-
-
-def main(argv):
-    check_no_arguments(argv)
-    config = train.config_from_flags(FLAGS)
-    if config.extend:
+def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
+    if flag_values.extend:
         raise UserError("--extend is set but the supervised baseline does not read unlabeled "
                         "images: drop --extend")
-    return train.Trainer(config, make_model, "Supervised").run()
+    return {}
 
-
-train.define_train_flags()
 
 if __name__ == "__main__":
-    train.cli_run(main)
+    from realmix_tf import registry
+    registry.cli("supervised")

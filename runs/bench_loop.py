@@ -19,10 +19,12 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from realmix_tf import realmix  # noqa: E402  (defines --filters, --repeat, --batch, ...)
+from libml import cli  # noqa: E402
+from realmix_tf import registry  # noqa: E402
 
+registry.define_flags("realmix", flags.FLAGS)       # --filters, --repeat, --batch, ...
 flags.DEFINE_integer("steps", 30, "Timed steps (bare and loop each).")
 flags.DEFINE_integer("report_steps", 1024, "Steps per report/save period to extrapolate to.")
 FLAGS = flags.FLAGS
@@ -30,23 +32,24 @@ FLAGS = flags.FLAGS
 
 def main(_):
     import tensorflow as tf
-    from libml import train
-    from tests.fixtures_data import make_ssl_dataset
+    from libml.checkpoint import CHECKPOINT_NAME, make_checkpoint
+    from libml.config import TrainConfig
+    from runs.bench_fixtures import make_ssl_dataset
 
     work = tempfile.mkdtemp(prefix="bench_loop_")
     t0 = time.perf_counter()
     toy = make_ssl_dataset(work, name="synth", nclass=10, nlabeled=250, nunlabeled=10000,
                            nvalid=5000, ntest=10000, size=32)
     print(f"data: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    config = train.TrainConfig(dataset=toy.name, data_dir=toy.root, train_dir=os.path.join(work, "exp"),
-                               batch=FLAGS.batch, filters=FLAGS.filters, repeat=FLAGS.repeat,
-                               train_kimg=65536, progress=True, export=False)
-    trainer = train.Trainer(config, realmix.make_model, "RealMix")
+    config = TrainConfig(dataset=toy.name, data_dir=toy.root, train_dir=os.path.join(work, "exp"),
+                         batch=FLAGS.batch, filters=FLAGS.filters, repeat=FLAGS.repeat,
+                         train_kimg=65536, progress=True, export=False)
+    trainer = registry.make_trainer("realmix", config)
     os.makedirs(trainer.tf_dir, exist_ok=True)
     trainer.iterators = trainer._make_iterators()
-    ckpt = trainer._checkpoint(trainer.iterators)
+    ckpt = make_checkpoint(trainer.model, trainer.iterators)
     manager = tf.train.CheckpointManager(ckpt, trainer.tf_dir, max_to_keep=2,
-                                         checkpoint_name=train.CHECKPOINT_NAME)
+                                         checkpoint_name=CHECKPOINT_NAME)
     writer = tf.summary.create_file_writer(trainer.tf_dir)
     fn = trainer._get_train_fn()
     for _ in range(3):                                     # trace + warm-up
@@ -92,4 +95,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

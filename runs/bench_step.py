@@ -20,13 +20,16 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from libml.errors import UserError, absl_run  # noqa: E402
-from libml.ssl import PRECISIONS  # noqa: E402
+from libml import cli  # noqa: E402
+from libml.config import PRECISIONS  # noqa: E402
+from libml.errors import UserError  # noqa: E402
+from realmix_tf import registry  # noqa: E402
 from realmix_tf.realmix import RealMix  # noqa: E402
 
 FLAGS = flags.FLAGS
-# Importing realmix_tf.realmix defined the trainer's flags; this script reuses --batch,
-# --filters, --jit_compile, --tsa and --gamma from them and adds its own below.
+# The RealMix command line's flags: this script reuses --batch, --filters, --jit_compile,
+# --tsa and --gamma from them and adds its own below.
+registry.define_flags("realmix", FLAGS)
 flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Precisions to measure.")
 flags.DEFINE_integer("steps", 2, "Timed steps per round.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, allocator warm-up).")
@@ -126,4 +129,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    absl_run(main)
+    cli.run(main)

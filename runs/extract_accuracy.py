@@ -15,81 +15,22 @@ the median-of-last-20 error of each seed and their mean ± sample standard devia
 number the paper reports (spec §8.3).
 """
 import glob
-import json
-import math
 import os
 import re
 import statistics
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 from absl import flags
 
-from libml.errors import UserError, run_cli
+from libml import cli
+from libml.errors import UserError
+from libml.summaries import MEDIAN_WINDOWS, TEST_TAGS, run_stats
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_list("tags", ["accuracy", "accuracy_test"], "Event tags of the test accuracy, in "
-                  "order of preference.", flag_values=FLAGS)
+flags.DEFINE_list("tags", list(TEST_TAGS), "Event tags of the test accuracy, in order of "
+                  "preference.", flag_values=FLAGS)
 
-WINDOWS = (1, 10, 20, 50)
 _SEED = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*)\.\d+@")
-
-
-def median_of_last(accuracies: Sequence[float]) -> Dict[str, Optional[float]]:
-    """{'last01', 'last10', 'last20', 'last50': median of the last n values, 'reports': n}."""
-    stats: Dict[str, Optional[float]] = {}
-    for n in WINDOWS:
-        window = [a for a in accuracies[-n:] if a is not None and math.isfinite(a)]
-        stats[f"last{n:02d}"] = float(statistics.median(window)) if window else None
-    stats["reports"] = len(accuracies)
-    return stats
-
-
-def read_event_scalars(folder: str, tags: Sequence[str]) -> List[float]:
-    """The values of the first tag of `tags` found in the event files of `folder`, by step.
-    Handles TF2 tensor summaries and TF1 simple_value summaries. A step written twice (a run
-    resumed from an earlier checkpoint redoes its reports) keeps the later write."""
-    import tensorflow as tf
-    from tensorflow.core.util import event_pb2
-    by_tag: Dict[str, Dict[int, Tuple[float, float]]] = {}  # tag -> step -> (wall_time, value)
-    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
-        try:
-            for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
-                event = event_pb2.Event.FromString(record)
-                for value in event.summary.value:
-                    if value.tag not in tags:
-                        continue
-                    if value.HasField("simple_value"):
-                        number = float(value.simple_value)
-                    else:
-                        number = float(tf.make_ndarray(value.tensor).reshape(-1)[0])
-                    steps = by_tag.setdefault(value.tag, {})
-                    steps[int(event.step)] = max(steps.get(int(event.step), (-1.0, 0.0)),
-                                                 (event.wall_time, number))
-        except tf.errors.DataLossError:
-            pass       # a file cut short by an interrupted run: keep what was read
-    for tag in tags:
-        if tag in by_tag:
-            return [value for _, (_, value) in sorted(by_tag[tag].items())]
-    return []
-
-
-def run_stats(run_dir: str, tags: Sequence[str] = ("accuracy", "accuracy_test")) -> Optional[dict]:
-    """Median-of-last-n test accuracies of one run, or None if it has no reports yet."""
-    path = os.path.join(run_dir, "stats", "accuracy.json")
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                stats = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"unreadable {path} ({e}): delete it, it is re-created from the event "
-                            f"files") from None
-        if stats.get("last20") is not None:
-            return dict(stats, source="stats/accuracy.json")
-    for folder in (os.path.join(run_dir, "tf"), run_dir):
-        values = read_event_scalars(folder, tags)
-        if values:
-            return dict(median_of_last(values), source="events")
-    return None
 
 
 def is_run_dir(path: str) -> bool:
@@ -142,7 +83,7 @@ def report(run_dirs: Sequence[str], tags: Sequence[str]) -> str:
             lines.append(f"| {run} | 0 | - | - | - | - | no reports yet |")
             continue
         lines.append(f"| {run} | {stats.get('reports', '?')} | " + " | ".join(
-            _pct(stats.get(f"last{n:02d}")) for n in WINDOWS) + f" | {stats['source']} |")
+            _pct(stats.get(f"last{n:02d}")) for n in MEDIAN_WINDOWS) + f" | {stats['source']} |")
         groups.setdefault(experiment_key(run), []).append(100.0 - stats["last20"])
     lines += ["", "Error % (100 - median of the last 20 test accuracies), over seeds:", "",
               "| experiment | seeds | error per seed | mean ± std |", "|---|---|---|---|"]
@@ -153,8 +94,7 @@ def report(run_dirs: Sequence[str], tags: Sequence[str]) -> str:
 
 
 def main(argv=None):
-    from data_prep import common
-    paths = common.parse_flags(FLAGS, argv)
+    paths = cli.parse(FLAGS, argv)
     if not paths:
         raise UserError("name the run folders: python -m runs.extract_accuracy ./experiments/cifar10.*@250-500")
     runs = find_run_dirs(paths)
@@ -166,4 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main, FLAGS)

@@ -23,7 +23,6 @@ import dataclasses
 import datetime
 import gc
 import hashlib
-import importlib
 import json
 import math
 import os
@@ -34,7 +33,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
 
-from libml.errors import UserError, run_cli
+from libml import cli
+from libml.errors import UserError
+from libml.io import write_json
+from runs.experiments import CIFAR, MISMATCH_GAMMA
+
+# TensorFlow is imported only once a run starts: bad flags fail fast and quietly.
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("experiments", ["sizes", "mismatch", "ablation"], "Experiments to run: sizes, "
@@ -71,19 +75,15 @@ flags.DEFINE_string("work_dir", "./miniature", "Holds ML_DATA/ (the data), train
                     "and results/ (one cached result per finished run).", flag_values=FLAGS)
 flags.DEFINE_string("output", "docs/miniature", "Folder of results.md, results.json and the PNG "
                     "plots.", flag_values=FLAGS)
+flags.DEFINE_bool("data_autotune", True, "Passed to every run (--nodata_autotune: fixed tf.data "
+                  "parallelism, for a busy shared CPU; no effect on the results).", flag_values=FLAGS)
 flags.DEFINE_bool("quick", False, "Tiny settings for a smoke test: the first seed and label "
                   "count only, train_kimg 0.25, 2 reports, filters 8, batch 32, Extend 2 copies.",
                   flag_values=FLAGS)
 
 EXPERIMENTS = ("sizes", "mismatch", "ablation")
-METHODS = {   # method -> (module, run-folder prefix)
-    "Supervised": ("realmix_tf.supervised", "Supervised"),
-    "MeanTeacher": ("realmix_tf.mean_teacher", "MeanTeacher"),
-    "MixMatch": ("realmix_tf.mixmatch", "MixMatch"),
-    "RealMix": ("realmix_tf.realmix", "RealMix"),
-}
-LEVELS = (0, 25, 50, 75, 100)
-MISMATCH_GAMMA = {0: 0.0, 25: 0.2, 50: 0.4, 75: 0.6, 100: 0.85}    # the paper's gamma per level
+METHODS = ("Supervised", "MeanTeacher", "MixMatch", "RealMix")   # realmix_tf.registry names
+LEVELS = tuple(MISMATCH_GAMMA)
 ABLATION_GAMMAS = ((0.6, "RealMix (γ = 0.6)"), (0.3, "RealMix (γ = 0.3)"), (0.0, "RealMix w/o OOD mask"))
 ABLATION_LEVEL = 75
 PAPER = {   # CIFAR-10 error % of the paper, for the pattern (not the values)
@@ -114,6 +114,7 @@ class Settings:
     extend: int = 10
     extend_aug: str = "erase"
     mixed_precision: str = "bf16"
+    data_autotune: bool = True
 
     @property
     def report_kimg(self) -> float:
@@ -143,7 +144,7 @@ class Run:
     def key(self, s: Settings) -> str:
         text = json.dumps([self.method, self.dataset, self.seed, list(self.hparams), self.extend,
                            s.extend_aug if self.extend else "", s.train_kimg, s.reports, s.filters,
-                           s.repeat, s.batch, s.mixed_precision])
+                           s.repeat, s.batch, s.mixed_precision, "short_run_scaling"])
         return f"{self.method}-{self.dataset}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
@@ -168,11 +169,14 @@ def mismatch_name(level: int, seed: int, s: Settings) -> str:
 def method_hparams(method: str, s: Settings, **overrides) -> Tuple[Tuple[str, object], ...]:
     """The paper's CIFAR-10 hyper-parameters, with the ramp-ups scaled to the run length."""
     warmup = s.warmup_fraction * s.train_kimg
+    from libml import baseline_losses
+    paper = {name: float(value) for name, value in CIFAR}      # beta, w_match
     base = {"Supervised": {},
-            "MeanTeacher": dict(consistency_weight=50.0, warmup_pos=0.4),
-            "MixMatch": dict(beta=0.75, w_match=75.0, warmup_kimg=warmup),
-            "RealMix": dict(beta=0.75, w_match=75.0, warmup_kimg=warmup, tsa="none",
-                            tsa_source="labels", gamma=0.0)}[method]
+            "MeanTeacher": dict(consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
+                                warmup_pos=baseline_losses.WARMUP_POS),
+            "MixMatch": dict(paper, warmup_kimg=warmup),
+            "RealMix": dict(paper, warmup_kimg=warmup, tsa="none", tsa_source="labels",
+                            gamma=0.0)}[method]
     base.update(overrides)
     return tuple(sorted(base.items()))
 
@@ -273,54 +277,49 @@ def prepare_extension(dataset: str, copies: int, aug: str, root: str) -> None:
 # Training
 
 def median_error(test_accuracies: Sequence[float], last: int) -> Optional[float]:
-    window = [a for a in list(test_accuracies)[-last:] if a is not None and math.isfinite(a)]
-    return 100.0 - statistics.median(window) if window else None
+    from libml.summaries import median_last
+    median = median_last(test_accuracies, last)
+    return None if median is None else 100.0 - median
 
 
-def short_run_decay(s: Settings) -> float:
-    """EMA decay and BN momentum of a run: what --short_run_scaling gives (1 - 10/steps, at
-    most 0.999), rounded to 4 decimals. Passed explicitly because the trainer writes the
-    unrounded value (0.9805... with 17 digits) twice into the run-folder name, which then
-    exceeds the 255-byte file-name limit for RealMix with Extend."""
-    steps = -(-round(s.train_kimg * 1024) // s.batch)
-    return round(min(0.999, max(0.0, 1.0 - 10.0 / steps)), 4)
+def run_decay(s: Settings) -> float:
+    """EMA decay and BN momentum of every run: what --short_run_scaling gives (1 - 10/steps)."""
+    from libml.config import TrainConfig
+    return TrainConfig(batch=s.batch, train_kimg=s.train_kimg, short_run_scaling=True).effective_decays()[0]
 
 
-def train_config(run: Run, s: Settings, root: str, train_dir: str):
-    from libml import train
-    decay = short_run_decay(s)
-    return train.TrainConfig(
-        dataset=run.dataset, data_dir=root, train_dir=train_dir, batch=s.batch,
-        train_kimg=s.train_kimg, report_kimg=s.report_kimg, save_kimg=s.train_kimg / 2, keep_ckpt=1,
-        filters=s.filters, repeat=s.repeat, seed=run.seed, mixed_precision=s.mixed_precision,
-        ema=decay, bn_momentum=decay, extend=run.extend, extend_aug=s.extend_aug, export=False,
-        progress=False, algorithm=dict(run.hparams))
+def train_flags(run: Run, s: Settings, root: str, train_dir: str) -> dict:
+    """The command-line flags of one run (as `python -m realmix_tf.<module>` would take them)."""
+    values = dict(dataset=run.dataset, data_dir=root, train_dir=train_dir, batch=s.batch,
+                  train_kimg=s.train_kimg, report_kimg=s.report_kimg, save_kimg=s.train_kimg / 2,
+                  keep_ckpt=1, filters=s.filters, repeat=s.repeat, seed=run.seed,
+                  mixed_precision=s.mixed_precision, short_run_scaling=True, export=False,
+                  progress=False, data_autotune=s.data_autotune, **dict(run.hparams))
+    if run.extend:
+        values.update(extend=run.extend, extend_aug=s.extend_aug)
+    return values
 
 
-def train_run(run: Run, s: Settings, root: str, train_dir: str, data_options=None) -> dict:
-    """Trains one run (resuming it if it was interrupted) with a fresh model; returns its
-    per-report test accuracies, run folder and wall time."""
+def train_run(run: Run, s: Settings, root: str, train_dir: str) -> dict:
+    """Trains one run (resuming it if it was interrupted) with a fresh model, through the same
+    flag parsing and checks as its command line; returns its per-report test accuracies, run
+    folder and wall time."""
     import keras
-    from libml import train
-    module_name, algorithm = METHODS[run.method]
-    module = importlib.import_module(module_name)
+    from libml.summaries import read_history
+    from realmix_tf import registry
     keras.backend.clear_session()
     gc.collect()
     start = time.time()
-    trainer = train.Trainer(train_config(run, s, root, train_dir), module.make_model, algorithm,
-                            data_options=data_options)
-    trainer.run()
-    with open(os.path.join(trainer.run_dir, "stats", "accuracy_history.json")) as f:
-        history = json.load(f)
-    return dict(run_dir=trainer.run_dir, method=run.method, dataset=run.dataset, seed=run.seed,
+    run_dir = registry.launch(run.method, train_flags(run, s, root, train_dir))["run_dir"]
+    history = read_history(run_dir)
+    return dict(run_dir=run_dir, method=run.method, dataset=run.dataset, seed=run.seed,
                 hparams=dict(run.hparams), extend=run.extend, wall_seconds=time.time() - start,
                 test=[h["test"] for h in history], kimg=[h["kimg"] for h in history])
 
 
-def run_all(runs: Sequence[Run], s: Settings, root: str, train_dir: str, results_dir: str,
-            data_options=None) -> Dict[Run, dict]:
+def run_all(runs: Sequence[Run], s: Settings, root: str, train_dir: str,
+            results_dir: str) -> Dict[Run, dict]:
     """Each run's result, trained unless cached in results_dir/{key}.json."""
-    from libml.train import write_json
     out = {}
     for i, run in enumerate(runs):
         path = os.path.join(results_dir, run.key(s) + ".json")
@@ -330,8 +329,8 @@ def run_all(runs: Sequence[Run], s: Settings, root: str, train_dir: str, results
             continue
         print(f"[{i + 1}/{len(runs)}] {run.method} {run.dataset} seed {run.seed} "
               f"{dict(run.hparams)}", file=sys.stderr, flush=True)
-        out[run] = train_run(run, s, root, train_dir, data_options)
-        write_json(path, out[run])
+        out[run] = train_run(run, s, root, train_dir)
+        write_json(path, out[run], overwrite=True)
     return out
 
 
@@ -396,7 +395,7 @@ def markdown_report(tables: dict, s: Settings, meta: dict) -> str:
            f"{s.median_last} of {s.reports} reports (EMA model). Every run: {s.train_kimg:g} kimg "
            f"({round(s.train_kimg * 1024 / s.batch)} steps of batch {s.batch}), a report every "
            f"{s.report_kimg:g} kimg, WRN with filters={s.filters} repeat={s.repeat}, "
-           f"--mixed_precision={s.mixed_precision}, EMA decay = BN momentum = {short_run_decay(s):g} "
+           f"--mixed_precision={s.mixed_precision}, EMA decay = BN momentum = {run_decay(s):.6g} "
            f"(1 − 10/steps, as --short_run_scaling), unlabeled-loss ramp-up over "
            f"the first {s.warmup_fraction:g} of the run; RealMix uses Extend = {s.extend} "
            f"'{s.extend_aug}' copies. Validation: the first {s.nvalid} unlabeled images (not "
@@ -457,7 +456,6 @@ def plot(name: str, t: dict, path: str) -> None:
 
 
 def write_outputs(output: str, cells, results, s: Settings, meta: dict) -> dict:
-    from libml.train import write_json
     os.makedirs(output, exist_ok=True)
     tables = aggregate(cells, results, s)
     text = markdown_report(tables, s, meta)
@@ -471,7 +469,8 @@ def write_outputs(output: str, cells, results, s: Settings, meta: dict) -> dict:
     for r in runs:
         r["error"] = median_error(r["test"], s.median_last)
     write_json(os.path.join(output, "results.json"),
-               dict(settings=dataclasses.asdict(s), meta=meta, tables=tables, runs=runs))
+               dict(settings=dataclasses.asdict(s), meta=meta, tables=tables, runs=runs),
+               overwrite=True)
     return tables
 
 
@@ -510,7 +509,7 @@ def settings_from_flags(fv) -> Settings:
                   train_kimg=fv.train_kimg, reports=fv.reports, median_last=fv.median_last,
                   warmup_fraction=fv.warmup_fraction, filters=fv.filters, repeat=fv.repeat,
                   batch=fv.batch, extend=fv.extend, extend_aug=fv.extend_aug,
-                  mixed_precision=fv.mixed_precision)
+                  mixed_precision=fv.mixed_precision, data_autotune=fv.data_autotune)
     if fv.quick:
         values.update(QUICK, seeds=seeds[:1], sizes=sizes[:1])
     s = Settings(**values)
@@ -530,7 +529,7 @@ def load_average() -> str:
         return "n/a"
 
 
-def miniature(s: Settings, work_dir: str, output: str, command: str, data_options=None) -> dict:
+def miniature(s: Settings, work_dir: str, output: str, command: str) -> dict:
     """Prepares the data, trains every run not yet finished and writes the outputs."""
     start, load_start = time.time(), load_average()
     work_dir = os.path.abspath(work_dir)
@@ -544,7 +543,7 @@ def miniature(s: Settings, work_dir: str, output: str, command: str, data_option
     prepare_data(cells, s, root)
     runs = unique_runs(cells)
     cached = sum(os.path.exists(os.path.join(results_dir, r.key(s) + ".json")) for r in runs)
-    results = run_all(runs, s, root, train_dir, results_dir, data_options)
+    results = run_all(runs, s, root, train_dir, results_dir)
     meta = dict(command=command, runs=len(runs), runs_trained=len(runs) - cached,
                 wall_minutes=(time.time() - start) / 60,
                 run_minutes=sum(results[r]["wall_seconds"] for r in runs) / 60,
@@ -567,13 +566,9 @@ def main(argv=None):
     if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
         print(__doc__.strip() + "\n\n" + FLAGS.get_help(include_special_flags=False))
         return 0
-    FLAGS.unparse_flags()     # main may be called again in one process: start from the defaults
-    try:
-        rest = FLAGS(argv)
-    except flags.Error as e:
-        raise UserError(f"{str(e).strip().splitlines()[0]}: see python -m runs.miniature --help") from None
-    if len(rest) > 1:
-        raise UserError(f"unexpected arguments {' '.join(rest[1:])}: pass --flag=value")
+    rest = cli.parse(FLAGS, argv)
+    if rest:
+        raise UserError(f"unexpected arguments {' '.join(rest)}: pass --flag=value")
     s = settings_from_flags(FLAGS)
     command = "python -m runs.miniature " + " ".join(argv[1:])
     miniature(s, FLAGS.work_dir, FLAGS.output, command.strip())
@@ -582,4 +577,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    sys.exit(run_cli(main))
+    cli.run(main, FLAGS)

@@ -26,7 +26,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from absl import flags
 
-from libml.errors import UserError, run_cli
+from libml import cli
+from libml.errors import UserError
+from realmix_tf import registry
+from runs.experiments import EXPERIMENTS, REPORT_KIMG, TABLES, TRAIN_KIMG, Experiment
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("table", "all", "Paper table to print or run: 1..6 or all.", flag_values=FLAGS)
@@ -45,168 +48,8 @@ flags.DEFINE_string("data_dir", "", "Data folder passed to every command (defaul
                     flag_values=FLAGS)
 flags.DEFINE_string("train_dir", "./experiments", "Root folder of the runs.", flag_values=FLAGS)
 
-TABLES = {
-    1: "Distribution mismatch: CIFAR-10, 6 animal classes x 400 labels, error %",
-    2: "CIFAR-10, error % (fully supervised on all 50,000 labels: 4.48)",
-    3: "SVHN (train set only, 73,257 images), error % (fully supervised: 2.72)",
-    4: "Transfer learning from ImageNet 32x32, CIFAR-10, error %",
-    5: "Extend ablation, CIFAR-10 with 250 labels, error %",
-    6: "OOD-mask ablation, 75 % mismatch, error % (supervised baseline: 20.32)",
-}
-TRAIN_KIMG = 32768
-REPORT_KIMG = 64
-MISMATCH_GAMMA = {0: 0.0, 25: 0.2, 50: 0.4, 75: 0.6, 100: 0.85}
-EXTEND = (("extend", "50"), ("extend_aug", "erase"))
-CIFAR = (("w_match", "75"), ("beta", "0.75"))
-SVHN = (("w_match", "250"), ("beta", "0.75"))
-PRETRAIN_RUNS = "{train}/imagenet32-1/FullySupervised_*"      # the Table 4 pretraining run
-TRANSFER = "transfer"          # TL runs have RealMix's hyper-parameters: kept in their own folder
-ALGORITHMS = {"realmix_tf.realmix": "RealMix", "realmix_tf.mixmatch": "MixMatch",
-              "realmix_tf.mean_teacher": "MeanTeacher", "realmix_tf.supervised": "Supervised",
-              "realmix_tf.fully_supervised": "FullySupervised"}
-# Flags a module defines (shared with RealMix) but refuses; and those the trainer leaves out of
-# args.json at their default.
-REFUSED_FLAGS = {"realmix_tf.supervised": {"extend"}, "realmix_tf.fully_supervised": {"extend"}}
+# Flags the trainer leaves out of args.json at their default.
 OMITTED_AT_DEFAULT = {"extend": "0"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Experiment:
-    """One row x column of a paper table. `dataset` may hold {seed} and {nvalid}; flag values
-    may hold {train} (the train_dir). module None: a number quoted by the paper from another
-    paper, with nothing to run here."""
-    table: int
-    method: str
-    setting: str
-    paper_error: Optional[float]
-    paper_std: Optional[float] = None
-    module: Optional[str] = None
-    dataset: str = ""
-    flags: Tuple[Tuple[str, str], ...] = ()
-    subdir: str = ""              # runs under {train_dir}/{subdir}
-    note: str = ""
-
-    @property
-    def per_seed(self) -> bool:
-        return "{seed}" in self.dataset
-
-    @property
-    def paper(self) -> str:
-        if self.paper_error is None:
-            return "-"
-        return f"{self.paper_error:.2f}" + (f" ± {self.paper_std:.2f}" if self.paper_std is not None else "")
-
-    def datasets(self, seeds: Sequence[int], nvalid: int) -> List[str]:
-        if not self.module:
-            return []
-        seeds = seeds if self.per_seed else [0]
-        return [self.dataset.format(seed=s, nvalid=nvalid) for s in seeds]
-
-
-def _ssl(table, method, setting, paper, module, dataset, flags_=(), std=None, subdir="", note=""):
-    return Experiment(table, method, setting, paper, std, module, dataset, tuple(flags_), subdir, note)
-
-
-def _cifar10(n):
-    return f"cifar10.{{seed}}@{n}-{{nvalid}}"
-
-
-def _tsa(n):
-    return (("tsa", "linear" if n <= 250 else "none"),)
-
-
-def _realmix_cifar(n):
-    return CIFAR + (("gamma", "0"),) + _tsa(n) + EXTEND
-
-
-def build_experiments() -> List[Experiment]:
-    e: List[Experiment] = []
-    R, MM, MT = "realmix_tf.realmix", "realmix_tf.mixmatch", "realmix_tf.mean_teacher"
-    SUP, FS = "realmix_tf.supervised", "realmix_tf.fully_supervised"
-    quoted = "quoted by the paper from MixMatch [2] (1M iterations); not implemented here"
-    mt_note = "paper quotes MixMatch [2] (1M iterations); re-run here at the paper's length"
-
-    # Table 1: mismatch (cifar6_mismatch{x}.{seed}@2400, labels 0..5, OOD unlabeled = -1).
-    mismatch = {"MT [14]": (MT, (17.85, 17.25, 18.95, 20.14, 20.57)),
-                "MM [2]": (MM, (16.75, 18.14, 21.01, 21.07, 22.08)),
-                "RealMix": (R, (16.41, 16.60, 16.51, 16.99, 17.62))}
-    for method, (module, numbers) in mismatch.items():
-        for level, paper in zip(MISMATCH_GAMMA, numbers):
-            flags_ = CIFAR if module == MM else ()
-            if module == R:
-                flags_ = CIFAR + (("gamma", f"{MISMATCH_GAMMA[level]:g}"), ("tsa", "none")) + EXTEND
-            e.append(_ssl(1, method, f"{level}%", paper, module,
-                          f"cifar6_mismatch{level}.{{seed}}@2400-{{nvalid}}", flags_))
-    e.append(_ssl(1, "Supervised (labeled only)", "all levels", 20.32, SUP,
-                  "cifar6_mismatch0.{seed}@2400-{nvalid}",
-                  note="the 2,400 labels are the same at every level (Fig. 2 text)"))
-
-    # Table 2: CIFAR-10; Figure 3 adds 500 and 1000 labels (plot only, no number).
-    t2 = {"Π-Model [8]": (None, (53.02, 18.13)), "VAT [9]": (None, (36.03, 11.32)),
-          "Mean Teacher [14]": (MT, (47.32, 10.72)), "MixMatch [2]": (MM, (11.78, 6.45)),
-          "RealMix": (R, (9.79, 6.39))}
-    t2_std = {"RealMix": (0.75, 0.27)}
-    for method, (module, numbers) in t2.items():
-        for i, (n, paper) in enumerate(zip((250, 4000), numbers)):
-            flags_ = {R: _realmix_cifar(n), MM: CIFAR, MT: ()}.get(module, ())
-            note = quoted if module is None else (mt_note if module == MT else "")
-            std = t2_std.get(method, (None, None))[i]
-            e.append(_ssl(2, method, f"{n} labels", paper, module, _cifar10(n) if module else "",
-                          flags_, std, note=note))
-    for n in (500, 1000):
-        e.append(_ssl(2, "MixMatch [2]", f"{n} labels", None, MM, _cifar10(n), CIFAR,
-                      note="Figure 3 (plot only)"))
-        e.append(_ssl(2, "RealMix", f"{n} labels", None, R, _cifar10(n), _realmix_cifar(n),
-                      note="Figure 3 (plot only)"))
-    e.append(_ssl(2, "Fully supervised", "50000 labels", 4.48, FS, "cifar10-1"))
-
-    # Table 3: SVHN, train set only (svhn_noextra; released RealMix's 'svhn').
-    t3 = {"Π-Model [8]": (None, (17.65, 5.57), (0.27, 0.14)),
-          "VAT [9]": (None, (8.41, 4.20), (1.01, 0.15)),
-          "Mean Teacher [14]": (MT, (6.45, 3.39), (2.43, 0.11)),
-          "MixMatch [2]": (MM, (3.63, 3.07), (0.24, 0.14)),
-          "RealMix": (R, (3.53, 3.13), (0.38, 0.11))}
-    for method, (module, numbers, stds) in t3.items():
-        for n, paper, std in zip((250, 4000), numbers, stds):
-            flags_ = {R: SVHN + (("gamma", "0"),) + _tsa(n) + EXTEND, MM: SVHN, MT: ()}.get(module, ())
-            note = quoted if module is None else (mt_note if module == MT else "")
-            e.append(_ssl(3, method, f"{n} labels", paper, module,
-                          f"svhn_noextra.{{seed}}@{n}-{{nvalid}}" if module else "", flags_, std,
-                          note=note))
-    e.append(_ssl(3, "Fully supervised", "73257 labels", 2.72, FS, "svhn-1"))
-
-    # Table 4: transfer learning from ImageNet 32x32 (pretraining, then --load_checkpoint).
-    e.append(_ssl(4, "ImageNet32 pretraining", "1.28 M labels", None, FS, "imagenet32-1",
-                  note="fully supervised, 1000 classes; its run folder is the checkpoint below"))
-    load = (("load_checkpoint", PRETRAIN_RUNS),)
-    for n, (tl, mm, rm, rm_tl) in zip((250, 4000), ((20.60, 11.78, 9.78, 8.48), (8.45, 6.45, 6.39, 6.05))):
-        e.append(_ssl(4, "TL & Fine-Tuning", f"{n} labels", tl, SUP, _cifar10(n), load, subdir=TRANSFER,
-                      note="labeled images only, from the ImageNet32 weights"))
-        e.append(_ssl(4, "MixMatch [2]", f"{n} labels", mm, MM, _cifar10(n), CIFAR, note="Table 2 run"))
-        e.append(_ssl(4, "RealMix", f"{n} labels", rm, R, _cifar10(n), _realmix_cifar(n),
-                      note="Table 2 run"))
-        e.append(_ssl(4, "RealMix + TL", f"{n} labels", rm_tl, R, _cifar10(n), _realmix_cifar(n) + load,
-                      subdir=TRANSFER))
-
-    # Table 5: Extend ablation at 250 labels.
-    base = CIFAR + (("gamma", "0"),) + _tsa(250)
-    e.append(_ssl(5, "RealMix", "250 labels", 9.79, R, _cifar10(250), _realmix_cifar(250),
-                  note="Table 2 run: 50 random-erasing ('CutOut') copies"))
-    e.append(_ssl(5, "RealMix w/ Simple Aug", "250 labels", 10.42, R, _cifar10(250),
-                  base + (("extend", "50"), ("extend_aug", "simple")), note="50 flip+translate copies"))
-    e.append(_ssl(5, "RealMix w/ 25 Augs", "250 labels", 10.80, R, _cifar10(250),
-                  base + (("extend", "25"), ("extend_aug", "erase"))))
-
-    # Table 6: OOD-mask ablation at 75 % mismatch.
-    for method, gamma, paper in (("RealMix (γ = 0.60)", "0.6", 16.99), ("RealMix (γ = 0.3)", "0.3", 20.73),
-                                 ("RealMix w/o OODMask", "0", 22.70)):
-        e.append(_ssl(6, method, "75% mismatch", paper, R, "cifar6_mismatch75.{seed}@2400-{nvalid}",
-                      CIFAR + (("gamma", gamma), ("tsa", "none")) + EXTEND,
-                      note="Table 1 run" if gamma == "0.6" else ""))
-    return e
-
-
-EXPERIMENTS = build_experiments()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,23 +174,15 @@ def table_commands(table: int, s: Settings) -> Dict[str, List[Command]]:
 
 
 def module_flags(module_name: str) -> set:
-    """The flag names a command-line module accepts. Data scripts keep their own FlagValues
-    (FLAGS or make_flags()); the trainers share absl's global FLAGS, so a trainer's flags are
-    those defined by the module itself and by the libml / realmix_tf modules it imports, less
-    the ones it refuses. Imports the module (and TensorFlow)."""
+    """The flag names a command-line module accepts: a trainer's from the registry (less the
+    ones it refuses), a data script's from its own FlagValues (FLAGS or make_flags()). Imports the module (and TensorFlow)."""
     import importlib
-    import types
     module = importlib.import_module(module_name)
+    if module_name.startswith("realmix_tf.") and module_name != "realmix_tf.predict":
+        return set(registry.define_flags(module_name)) - set(getattr(module, "REFUSED_FLAGS", ()))
     if hasattr(module, "make_flags"):
         return set(module.make_flags())
-    if getattr(module, "FLAGS", flags.FLAGS) is not flags.FLAGS:
-        return set(module.FLAGS)
-    owners = {module_name} | {m.__name__ for m in vars(module).values() if isinstance(m, types.ModuleType)
-                              and m.__name__.startswith(("libml.", "realmix_tf."))}
-    by_module = flags.FLAGS.flags_by_module_dict()
-    names = {f.name for owner in owners for f in by_module.get(owner, [])}
-    refused = set(REFUSED_FLAGS.get(module_name, ())) | set(getattr(module, "REALMIX_ONLY_FLAGS", ()))
-    return names - refused
+    return set(module.FLAGS)
 
 
 def all_commands(s: Settings) -> List[Command]:
@@ -418,7 +253,7 @@ def matching_runs(command: Command, train: str) -> List[str]:
                 args = json.load(f)
         except (OSError, ValueError):
             continue
-        if args.get("algorithm") != ALGORITHMS.get(command.module):
+        if args.get("algorithm") != registry.get(command.module).name:
             continue
         if all(_same(args[k], v) if k in args else OMITTED_AT_DEFAULT.get(k, v) == v
                for k, v in values.items()):
@@ -497,7 +332,8 @@ def run_commands(commands: Sequence[Command], s: Settings, data: str, train: str
 
 def results_lines(table: int, s: Settings, train: str) -> List[str]:
     """Measured median-of-last-20 error (mean ± std over seeds) beside the paper's number."""
-    from runs.extract_accuracy import mean_std, run_stats
+    from libml.summaries import run_stats
+    from runs.extract_accuracy import mean_std
     lines = [f"## Table {table}: {TABLES[table]}", "",
              "| method | setting | paper | measured (mean ± std) | seeds done |", "|---|---|---|---|---|"]
     for exp in (e for e in EXPERIMENTS if e.table == table):
@@ -549,8 +385,7 @@ def settings_from_flags(fv=FLAGS) -> Settings:
 
 
 def main(argv=None):
-    from data_prep import common
-    rest = common.parse_flags(FLAGS, argv)
+    rest = cli.parse(FLAGS, argv)
     if rest:
         raise UserError(f"unexpected arguments {' '.join(rest)}: every option is a --flag")
     tables = parse_tables(FLAGS.table)
@@ -578,4 +413,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main, FLAGS)

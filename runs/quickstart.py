@@ -12,14 +12,16 @@ Steps whose output exists are skipped, so a second call only prints the table. D
 by --seed (TF op determinism is on).
 """
 import glob
-import json
 import os
 import subprocess
 import sys
 
 from absl import flags
 
-from libml.errors import UserError, run_cli
+from libml import cli
+from libml.errors import UserError
+from libml.summaries import median_last, run_test_accuracies
+from realmix_tf.registry import REGISTRY
 
 FLAG_VALUES = flags.FlagValues()
 flags.DEFINE_string("work_dir", "quickstart", "Folder for the data and the runs.", flag_values=FLAG_VALUES)
@@ -35,8 +37,7 @@ flags.DEFINE_integer("seed", 1, "Seed of the labeled split and of the runs.", fl
 flags.DEFINE_list("algorithms", ["realmix", "supervised"], "Trainers to run (modules of realmix_tf).",
                   flag_values=FLAG_VALUES)
 
-NAMES = {"realmix": "RealMix", "supervised": "Supervised", "mixmatch": "MixMatch",
-         "mean_teacher": "MeanTeacher"}
+NAMES = {name: a.name for name, a in REGISTRY.items() if name != "fully_supervised"}
 MEDIAN_OF = 10
 
 
@@ -57,12 +58,9 @@ def newest_run(train_dir, dataset, algorithm):
 
 
 def median_of_last(run_dir, n):
-    with open(os.path.join(run_dir, "stats", "accuracy_history.json")) as f:
-        history = json.load(f)
-    tests = sorted(h["test"] for h in history[-n:])
-    middle = len(tests) // 2
-    median = tests[middle] if len(tests) % 2 else (tests[middle - 1] + tests[middle]) / 2
-    return 100 - median, 100 - history[-1]["test"]
+    """(100 - median of the last n test accuracies, 100 - the last one) of a run."""
+    tests = run_test_accuracies(run_dir)
+    return 100 - median_last(tests, n), 100 - tests[-1]
 
 
 def main(argv):
@@ -113,10 +111,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    def parse_and_run(argv=None):
-        try:
-            argv = FLAG_VALUES(sys.argv if argv is None else argv)
-        except flags.Error as e:
-            raise UserError(f"{e}: see python -m runs.quickstart --help") from None
-        return main(argv)
-    sys.exit(run_cli(parse_and_run))
+    def parse_and_run(argv):
+        return main([sys.argv[0]] + cli.parse(FLAG_VALUES, argv))
+    cli.run(parse_and_run, FLAG_VALUES)

@@ -46,12 +46,6 @@ def test_linear_warmup(mode):
     assert float(bl.linear_warmup(0, 0.0, train_images)) == 1.0
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_sigmoid_rampup(mode):
-    out = run(mode, bl.sigmoid_rampup, np.float32([-1, 0, 0.5, 1, 2]))
-    np.testing.assert_allclose(out, [np.exp(-5), np.exp(-5), np.exp(-1.25), 1.0, 1.0], rtol=1e-6)
-
-
 def test_mean_teacher_total_loss_at_mid_warmup():
     # xe 0.5 + 50 * warmup(0.625) * 1/144, the combination of M:mean_teacher.py.
     weight = bl.MEAN_TEACHER_CONSISTENCY_WEIGHT * bl.linear_warmup(1 << 24, bl.WARMUP_POS, 1 << 26)

@@ -1,24 +1,21 @@
 """Baselines (supervised, MixMatch, Mean Teacher, fully supervised): losses on hand-computed
 values, few-step smoke runs on a tiny Wide ResNet, fully supervised data and the trainer."""
-import copy
 import json
 import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from absl import flags
 
-from libml import train
-from libml.data import test_options
+from libml import cli, config as train_config
 from libml.errors import UserError
-from realmix_tf import fully_supervised, mean_teacher, mixmatch, supervised
+from realmix_tf import registry
 from realmix_tf.fully_supervised import FullySupervised, load_fully_supervised, parse_fully_supervised_name
 from realmix_tf.mean_teacher import MeanTeacher
 from realmix_tf.mixmatch import MixMatch
 from realmix_tf.realmix import RealMix
 from realmix_tf.supervised import Supervised, labeled_cross_entropy
-from tests.fixtures_data import make_ssl_dataset, toy_images, write_set
+from tests.fixtures_data import make_ssl_dataset, test_options, toy_images, write_set
 from tests.reference import clone_network, softmax
 
 B, SIZE, NCLASS = 8, 16, 4
@@ -222,16 +219,15 @@ def test_fully_supervised_data_errors(full_toy, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Through the trainer
 
-@pytest.mark.parametrize("module,algorithm", [(mean_teacher, "MeanTeacher"),
-                                              (supervised, "Supervised")])
-def test_trainer_runs(module, algorithm, tmp_path):
+@pytest.mark.parametrize("algorithm", ["MeanTeacher", "Supervised"])
+def test_trainer_runs(algorithm, tmp_path):
     toy = make_ssl_dataset(tmp_path / "data", nlabeled=16, nunlabeled=48, nvalid=8, ntest=16,
                            size=8)
-    config = train.TrainConfig(dataset=toy.name, data_dir=toy.root, train_dir=str(tmp_path / "runs"),
+    config = train_config.TrainConfig(dataset=toy.name, data_dir=toy.root, train_dir=str(tmp_path / "runs"),
                                batch=8, filters=8, repeat=1, train_kimg=1 / 32, report_kimg=1 / 64,
                                save_kimg=1 / 32, eval_batch=64, export=False, progress=False,
                                short_run_scaling=True)
-    trainer = train.Trainer(config, module.make_model, algorithm, data_options=test_options())
+    trainer = registry.make_trainer(algorithm, config, data_options=test_options())
     stats = trainer.run()
     assert os.path.basename(trainer.run_dir).startswith(algorithm + "_")
     assert int(trainer.model.step.numpy()) == 32 and stats["reports"] == 2
@@ -239,30 +235,33 @@ def test_trainer_runs(module, algorithm, tmp_path):
         assert json.load(f)["algorithm"] == algorithm
 
 
-def test_mixmatch_command_line_refuses_realmix_flags():
-    flag_values = copy.deepcopy(flags.FLAGS)     # the global flags stay unparsed
-    flag_values(["mixmatch", "--tsa=linear", "--beta=0.5"])
-    with pytest.raises(UserError, match="MixMatch has no TSA"):
-        mixmatch.mixmatch_hparams(flag_values)
-    flag_values = copy.deepcopy(flags.FLAGS)
-    flag_values(["mixmatch", "--beta=0.5", "--w_match=100"])
-    assert mixmatch.mixmatch_hparams(flag_values) == dict(beta=0.5, w_match=100.0, warmup_kimg=1024)
-    flag_values = copy.deepcopy(flags.FLAGS)
-    flag_values(["mean_teacher", "--warmup_pos=2"])
-    with pytest.raises(UserError, match="warmup_pos"):
-        mean_teacher.mean_teacher_hparams(flag_values)
+def test_baseline_command_lines_refuse_other_algorithms_flags_and_check_their_own():
+    for name, args in (("mixmatch", ["--tsa=linear"]), ("mixmatch", ["--gamma=0.5"]),
+                       ("mixmatch", ["--percent_mask=0.5"]), ("supervised", ["--beta=0.5"])):
+        with pytest.raises(UserError, match=args[0][2:].split("=")[0]):
+            cli.parse(registry.define_flags(name), [name] + args)
+    flag_values = registry.define_flags("mixmatch")
+    cli.parse(flag_values, ["mixmatch", "--beta=0.5", "--w_match=100"])
+    assert registry.configure("mixmatch", flag_values).algorithm == \
+        dict(beta=0.5, w_match=100.0, warmup_kimg=1024)
+    flag_values = registry.define_flags("mean_teacher")
+    cli.parse(flag_values, ["mean_teacher", "--warmup_pos=2"])
+    with pytest.raises(UserError, match="--warmup_pos=2.0 is out of range"):
+        MeanTeacher(NCLASS, (SIZE, SIZE, 3), **registry.configure("mean_teacher", flag_values).algorithm)
+    for name in ("supervised", "fully_supervised"):
+        flag_values = registry.define_flags(name)
+        cli.parse(flag_values, [name, "--extend=2"])
+        with pytest.raises(UserError, match="drop --extend"):
+            registry.configure(name, flag_values)
 
 
 def test_fully_supervised_trainer(full_toy, tmp_path):
     root, _, _ = full_toy
-    flag_values = copy.deepcopy(flags.FLAGS)
-    flag_values(["fully_supervised", "--dataset=toy-5", f"--data_dir={root}",
-                 f"--train_dir={tmp_path}", "--batch=8", "--filters=8", "--repeat=1",
-                 "--train_kimg=0.015625", "--report_kimg=0.015625", "--save_kimg=0.015625",
-                 "--noexport", "--noprogress"])
-    config = fully_supervised.config_from_flags(flag_values)
-    trainer = fully_supervised.FullySupervisedTrainer(config, fully_supervised.make_model,
-                                                      "FullySupervised", data_options=test_options())
-    stats = trainer.run()
-    assert trainer.run_dir.startswith(os.path.join(str(tmp_path), "toy-5", "FullySupervised_"))
-    assert int(trainer.model.step.numpy()) == 16 and stats["reports"] == 1
+    stats = registry.launch("fully_supervised", dict(
+        dataset="toy-5", data_dir=root, train_dir=str(tmp_path), batch=8, filters=8, repeat=1,
+        train_kimg=0.015625, report_kimg=0.015625, save_kimg=0.015625, export=False,
+        progress=False), data_options=test_options())
+    assert stats["run_dir"].startswith(os.path.join(str(tmp_path), "toy-5", "FullySupervised_"))
+    assert stats["reports"] == 1
+    assert registry.define_flags("fully_supervised")["dataset"].default == "cifar10-1"
+    assert stats["kimg"] == 16 / 1024                                 # 2 steps of 8 images

@@ -5,14 +5,13 @@ import subprocess
 import sys
 
 import pytest
-from absl import flags
 
-from libml import train
+from libml import config as train_config, train
 from libml.errors import UserError
-from realmix_tf import realmix
+from realmix_tf import registry
+from realmix_tf.realmix import RealMix
 from tests.fixtures_data import make_ssl_dataset
 
-FLAGS = flags.FLAGS
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,26 +21,20 @@ def toy(tmp_path_factory):
                             nvalid=8, ntest=16, size=8)
 
 
-@pytest.fixture
-def parse():
-    def parse_args(*args):
-        FLAGS.unparse_flags()
-        FLAGS(["realmix", *args])
-        return FLAGS
-    yield parse_args
-    FLAGS.unparse_flags()
+def parse(*args, algorithm="realmix"):
+    """The command line's flags (a fresh FlagValues), parsed."""
+    flag_values = registry.define_flags(algorithm)
+    flag_values([algorithm, *args])
+    return flag_values
 
 
 def start(*args):
     """Parses the flags and runs the command's start-up checks (no data needed)."""
-    FLAGS.unparse_flags()
-    FLAGS(["realmix", *args])
-    return train.config_from_flags(FLAGS, **realmix.realmix_hparams(FLAGS))
+    return registry.configure("realmix", parse(*args))
 
 
-def test_defaults_are_the_released_ones(parse):
-    parse()
-    config = train.config_from_flags(FLAGS, **realmix.realmix_hparams(FLAGS))
+def test_defaults_are_the_released_ones():
+    config = registry.configure("realmix", parse())
     assert (config.dataset, config.batch, config.lr, config.wd, config.ema) == \
         ("cifar10.3@250-5000", 64, 0.002, 0.02, 0.999)
     assert (config.train_kimg, config.report_kimg, config.save_kimg, config.keep_ckpt) == (65536, 64, 64, 50)
@@ -51,25 +44,27 @@ def test_defaults_are_the_released_ones(parse):
     assert config.train_nimg == 65536 * 1024 and config.report_nimg == 65536
 
 
-def test_percent_mask_is_an_alias_of_gamma_and_released_tsa_names_work(parse):
-    parse("--percent_mask=0.6", "--tsa=linear_schedule")
-    hp = realmix.realmix_hparams(FLAGS)
+def test_percent_mask_is_an_alias_of_gamma_and_released_tsa_names_work():
+    hp = registry.configure("realmix", parse("--percent_mask=0.6", "--tsa=linear_schedule")).algorithm
     assert hp["gamma"] == 0.6 and hp["tsa"] == "linear"
 
 
-def test_fractional_kimg(parse):
-    parse("--train_kimg=0.5", "--report_kimg=0.125", "--save_kimg=0.25", "--batch=8")
-    config = train.config_from_flags(FLAGS)
+def test_fractional_kimg():
+    config = registry.configure("supervised", parse("--train_kimg=0.5", "--report_kimg=0.125",
+                                                    "--save_kimg=0.25", "--batch=8",
+                                                    algorithm="supervised"))
     assert (config.train_nimg, config.report_nimg, config.save_nimg, config.total_steps) == (512, 128, 256, 64)
 
 
 def test_every_flag_is_documented():
+    FLAGS = parse()
     help_text = FLAGS.get_help()
     for name in ("dataset", "data_dir", "train_dir", "batch", "lr", "wd", "ema", "beta", "w_match",
                  "warmup_kimg", "train_kimg", "report_kimg", "save_kimg", "keep_ckpt", "filters",
                  "repeat", "scales", "tsa", "tsa_source", "gamma", "percent_mask", "extend",
                  "extend_aug", "extend_seed", "seed", "mixed_precision", "jit_compile",
-                 "load_checkpoint", "eval_ckpt", "bn_momentum", "short_run_scaling", "export_only"):
+                 "load_checkpoint", "eval_ckpt", "bn_momentum", "short_run_scaling", "export_only",
+                 "data_autotune"):
         assert name in FLAGS, name
         assert FLAGS[name].help and (f"--{name}" in help_text or f"--[no]{name}" in help_text), name
 
@@ -105,40 +100,38 @@ def test_every_flag_is_documented():
     (["--w_match=-1"], "both must be >= 0"),
 ])
 def test_flag_errors_are_one_line_user_errors(args, message):
-    try:
-        with pytest.raises(UserError) as error:
-            start(*args)
-        assert message in str(error.value)
-        assert "\n" not in str(error.value) and ": " in str(error.value)
-    finally:
-        FLAGS.unparse_flags()
+    with pytest.raises(UserError) as error:
+        start(*args)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value) and ": " in str(error.value)
 
 
-def test_positional_arguments_are_rejected(parse):
-    parse()
+def test_positional_arguments_are_rejected():
     with pytest.raises(UserError, match="unexpected arguments extra"):
-        realmix.main(["realmix", "extra"])
+        registry.main("realmix", ["realmix", "extra"], parse())
 
 
-def test_missing_data_names_the_command_that_creates_it(parse, tmp_path):
-    parse(f"--data_dir={tmp_path}", "--dataset=cifar10.3@250-5000", f"--train_dir={tmp_path}/exp")
+def test_missing_data_names_the_command_that_creates_it(tmp_path):
+    flag_values = parse(f"--data_dir={tmp_path}", "--dataset=cifar10.3@250-5000",
+                        f"--train_dir={tmp_path}/exp")
     with pytest.raises(UserError, match="create_split"):
-        realmix.main(["realmix"])
+        registry.main("realmix", ["realmix"], flag_values)
 
 
-def test_extend_without_extension_files_names_the_command(parse, toy, tmp_path):
-    parse(f"--data_dir={toy.root}", f"--dataset={toy.name}", "--extend=50", "--extend_aug=erase",
-          f"--train_dir={tmp_path}", "--batch=8")
+def test_extend_without_extension_files_names_the_command(toy, tmp_path):
+    flag_values = parse(f"--data_dir={toy.root}", f"--dataset={toy.name}", "--extend=50",
+                        "--extend_aug=erase", f"--train_dir={tmp_path}", "--batch=8")
     with pytest.raises(UserError, match="extend_unlabeled"):
-        realmix.main(["realmix"])
+        registry.main("realmix", ["realmix"], flag_values)
 
 
 def test_batch_not_divisible_by_the_replicas(toy, tmp_path):
     class ThreeReplicas:
         num_replicas_in_sync = 3
-    config = train.TrainConfig(dataset=toy.name, data_dir=toy.root, train_dir=str(tmp_path), batch=8)
+    config = train_config.TrainConfig(dataset=toy.name, data_dir=toy.root, train_dir=str(tmp_path),
+                                      batch=8)
     with pytest.raises(UserError, match="--batch=8 does not split over 3 devices"):
-        train.Trainer(config, realmix.make_model, "RealMix", strategy=ThreeReplicas())
+        train.Trainer(config, RealMix.from_config, "RealMix", strategy=ThreeReplicas())
 
 
 def run_command(*args):
@@ -156,13 +149,28 @@ def test_command_exit_code_2_and_one_line_on_bad_values_and_bad_types():
         assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
 
 
-def test_main_trains_a_tiny_run_and_returns_0(parse, toy, tmp_path, monkeypatch):
-    from libml.data import test_options
-    monkeypatch.setattr(train, "DEFAULT_DATA_OPTIONS", test_options())
-    parse(f"--data_dir={toy.root}", f"--dataset={toy.name}", f"--train_dir={tmp_path}", "--batch=8",
-          "--filters=8", "--repeat=1", "--train_kimg=0.015625", "--report_kimg=0.015625",
-          "--noexport", "--noprogress", "--tsa=exp", "--percent_mask=0.5")
-    assert realmix.main(["realmix"]) == 0
+def test_main_trains_a_tiny_run_and_returns_stats(toy, tmp_path):
+    flag_values = parse(f"--data_dir={toy.root}", f"--dataset={toy.name}", f"--train_dir={tmp_path}",
+                        "--batch=8", "--filters=8", "--repeat=1", "--train_kimg=0.015625",
+                        "--report_kimg=0.015625", "--noexport", "--noprogress", "--tsa=exp",
+                        "--percent_mask=0.5", "--nodata_autotune")
+    stats = registry.main("realmix", ["realmix"], flag_values)
+    assert stats["reports"] == 1 and 0 <= stats["last01"] <= 100
     (run_dir,) = (tmp_path / toy.name).iterdir()
     assert run_dir.name.startswith("RealMix_") and "gamma0.5" in run_dir.name and "tsaexp" in run_dir.name
     assert (run_dir / "stats" / "accuracy.json").exists() and (run_dir / "tf" / "checkpoint").exists()
+
+
+def test_launch_parses_and_validates_like_the_command_line(toy, tmp_path):
+    for values, message in (({"gamma": 1.5}, "--gamma=1.5 is out of range"),
+                            ({"batch": 0}, "--batch=0 must be positive"),
+                            ({"gammma": 0.5}, "gammma")):
+        with pytest.raises(UserError, match=message):
+            registry.launch("realmix", dict(values, dataset=toy.name, data_dir=toy.root,
+                                            train_dir=str(tmp_path)))
+    assert not os.listdir(tmp_path)
+    assert registry.flag_args({"gamma": 0.6, "export": False, "progress": True}) == \
+        ["--gamma=0.6", "--noexport", "--progress"]
+    assert registry.get("RealMix") is registry.get("realmix")
+    with pytest.raises(UserError, match="unknown algorithm"):
+        registry.get("fixmatch")

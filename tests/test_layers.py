@@ -312,10 +312,6 @@ def test_unlabeled_weight_ramp(mode):
     assert float(layers.unlabeled_weight(0, 75.0, 0)) == 75.0
 
 
-def test_weight_decay_factor():
-    assert layers.weight_decay_factor(0.02, 0.002) == pytest.approx(0.99996, abs=1e-12)
-
-
 # ---------------------------------------------------------------------------------------- samplers
 
 def test_sample_mixup_lambda_reproducible_and_beta_distributed():

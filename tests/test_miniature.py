@@ -33,8 +33,10 @@ def test_default_grid_counts_and_sharing():
     assert all(dict(r.hparams)["tsa"] == "linear" and r.extend == 10 for r in sizes_rm)
     assert all(r.extend == 0 for r in miniature.unique_runs(cells) if r.method != "RealMix")
     assert dict(sizes_rm[0].hparams)["warmup_kimg"] == 8.0        # 0.25 x 32 kimg
-    assert miniature.short_run_decay(s) == 0.9805                 # 1 - 10/512, rounded
-    assert miniature.short_run_decay(miniature.Settings(train_kimg=0.25, batch=32)) == 0.0
+    assert miniature.run_decay(s) == 1 - 10 / 512                 # --short_run_scaling
+    assert miniature.run_decay(miniature.Settings(train_kimg=0.25, batch=32)) == 0.0
+    flags_ = miniature.train_flags(sizes_rm[0], s, "/data", "/runs")
+    assert flags_["short_run_scaling"] is True and "ema" not in flags_ and flags_["extend"] == 10
 
 
 def test_median_error_and_cells():
@@ -58,13 +60,12 @@ def test_bad_flags(argv, match):
         miniature.main(["miniature"] + argv)
 
 
-def test_quick_run_writes_table_and_plot(tmp_path, monkeypatch):
+def test_quick_run_writes_table_and_plot(tmp_path):
     from PIL import Image
-    from libml import data, train
-    monkeypatch.setattr(train, "DEFAULT_DATA_OPTIONS", data.test_options())
     work, out = tmp_path / "work", tmp_path / "out"
     argv = ["miniature", "--quick", "--experiments=sizes", "--methods=Supervised,RealMix",
-            "--seeds=1,2", "--sizes=50,100", f"--work_dir={work}", f"--output={out}"]
+            "--seeds=1,2", "--sizes=50,100", f"--work_dir={work}", f"--output={out}",
+            "--nodata_autotune"]
     assert miniature.main(argv) == 0
 
     text = (out / "results.md").read_text()

@@ -10,7 +10,9 @@ import pytest
 import tensorflow as tf
 
 from libml.errors import UserError
+from libml import names
 from libml.names import parse_dataset_name
+from libml import summaries
 from runs import extract_accuracy as ea
 from runs import paper_commands as pc
 
@@ -137,11 +139,11 @@ def test_preparation_commands_and_their_outputs(tmp_path):
     paths = create_mismatch.output_paths(data, "cifar6_mismatch75", 2, 2400)
     assert {paths[k] for k in ("label", "unlabel", "test", "meta")} == {p.format(data=data) for p in steps[1].outputs}
     assert steps[2].outputs[0].format(data=data) == os.path.join(
-        extend.extend_dir("cifar6_mismatch75.2@2400-500", data, 50, "erase", 0), extend.MANIFEST)
+        names.extend_dir("cifar6_mismatch75.2@2400-500", data, 50, "erase", 0), extend.MANIFEST)
     svhn = pc.prep_commands(experiment(3, "MixMatch [2]", "250 labels"), "svhn_noextra.1@250-500", s)
     assert svhn[1].render("$ML_DATA", "x") == ("python -m data_prep.create_split --seed=1 --size=250 "
                                                "$ML_DATA/SSL/svhn_noextra $ML_DATA/svhn-train.tfrecord")
-    split = create_split.split_paths(os.path.join(data, "SSL", "svhn_noextra"), 1, 250)
+    split = names.split_paths(os.path.join(data, "SSL", "svhn_noextra"), 1, 250)
     assert set(split.values()) == {p.format(data=data) for p in svhn[1].outputs}
     assert svhn[0].args == ("svhn",) and len(svhn) == 2          # MixMatch: no extension
     with_dir = pc.Settings(data_dir="/d")
@@ -170,7 +172,7 @@ def write_run(run_dir, args, accuracies=None, reports=None):
         json.dump(args, f)
     if reports is not None:
         os.makedirs(os.path.join(run_dir, "stats"), exist_ok=True)
-        stats = dict(ea.median_of_last(accuracies or [50.0] * reports), reports=reports)
+        stats = dict(summaries.median_accuracies(accuracies or [50.0] * reports), reports=reports)
         with open(os.path.join(run_dir, "stats", "accuracy.json"), "w") as f:
             json.dump(stats, f)
 
@@ -250,7 +252,7 @@ def test_matching_runs_compares_recorded_flags(tmp_path):
 def write_tf2_events(folder, values, start_step=1):
     """tf.summary event files as the trainer writes them (libml.train.write_scalar: the
     scalars plugin's tensor summaries; TensorBoard itself is not needed)."""
-    from libml.train import write_scalar
+    from libml.summaries import write_scalar
     writer = tf.summary.create_file_writer(folder)
     for i, v in enumerate(values):
         with writer.as_default(step=(start_step + i) * 65536):
@@ -274,7 +276,7 @@ def test_medians_from_tf2_events_with_a_resumed_run(tmp_path):
     write_tf2_events(os.path.join(run, "tf"), [float(v) for v in range(1, 26)])         # reports 1..25
     write_tf2_events(os.path.join(run, "tf"), [float(v) + 100 for v in range(21, 31)], start_step=21)
     # resumed at report 20: reports 21..25 rewritten (the later values win), then 26..30
-    stats = ea.run_stats(run)
+    stats = summaries.run_stats(run)
     assert stats["source"] == "events" and stats["reports"] == 30
     expected = [float(v) for v in range(1, 21)] + [v + 100.0 for v in range(21, 31)]
     for n in (1, 10, 20, 50):
@@ -286,12 +288,12 @@ def test_released_tag_and_accuracy_json_precedence(tmp_path):
     run = tmp_path / "released" / "cifar10_aug50.1@250-500" / "RealMix_y"
     os.makedirs(run / "tf")
     write_tf1_events(str(run / "tf" / "events.out.tfevents.1.host"), "accuracy_test", [10.0, 20.0, 30.0])
-    stats = ea.run_stats(str(run))
+    stats = summaries.run_stats(str(run))
     assert (stats["last01"], stats["last10"], stats["reports"]) == (30.0, 20.0, 3)
     os.makedirs(run / "stats")
     (run / "stats" / "accuracy.json").write_text(json.dumps({"last01": 1.0, "last10": 2.0, "last20": 3.0,
                                                                "last50": 4.0}))
-    assert ea.run_stats(str(run))["last20"] == 3.0 and ea.run_stats(str(run))["source"] == "stats/accuracy.json"
+    assert summaries.run_stats(str(run))["last20"] == 3.0 and summaries.run_stats(str(run))["source"] == "stats/accuracy.json"
 
 
 def test_table_over_seeds_and_cli(tmp_path, capsys):
@@ -299,7 +301,7 @@ def test_table_over_seeds_and_cli(tmp_path, capsys):
     for seed, accuracy in ((1, 90.0), (2, 92.0), (3, 91.0)):
         run = root / f"cifar10.{seed}@250-500" / "RealMix_a"
         os.makedirs(run / "stats")
-        (run / "stats" / "accuracy.json").write_text(json.dumps(ea.median_of_last([accuracy] * 20)))
+        (run / "stats" / "accuracy.json").write_text(json.dumps(summaries.median_accuracies([accuracy] * 20)))
     write_tf2_events(str(root / "cifar10.1@250-500" / "MixMatch_b" / "tf"), [80.0, 84.0])
     os.makedirs(root / "cifar10.2@250-500" / "MixMatch_b" / "args")   # started, no report yet
     (root / "cifar10.2@250-500" / "MixMatch_b" / "args" / "args.json").write_text("{}")

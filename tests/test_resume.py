@@ -11,10 +11,9 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from libml import train
-from libml.data import test_options
-from realmix_tf import realmix
-from tests.fixtures_data import make_ssl_dataset
+from libml import config as train_config, train
+from realmix_tf.realmix import RealMix
+from tests.fixtures_data import make_ssl_dataset, test_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,12 +41,12 @@ def tiny_config(toy, train_dir, **overrides):
                   keep_ckpt=10, eval_batch=64, export=False, progress=False, short_run_scaling=True,
                   algorithm=dict(tsa="linear", gamma=0.25))
     values.update(overrides)
-    return train.TrainConfig(**values)
+    return train_config.TrainConfig(**values)
 
 
 def run(config, stop_after_steps=None, data_options="test"):
     options = test_options() if data_options == "test" else data_options
-    trainer = train.Trainer(config, realmix.make_model, "RealMix", data_options=options)
+    trainer = train.Trainer(config, RealMix.from_config, "RealMix", data_options=options)
     if stop_after_steps is not None:    # a crash: no final save, no clean-up
         fn = trainer._get_train_fn
         calls = {"n": 0}

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import export, train
-from libml.data import test_options
+from libml import checkpoint, config as train_config, export, summaries, train
 from libml.errors import UserError
-from realmix_tf import realmix
-from tests.fixtures_data import make_ssl_dataset
+from realmix_tf.realmix import RealMix
+from tests.fixtures_data import make_ssl_dataset, test_options
 
 STEPS = [32, 64, 96, 128]    # report steps (images) of the tiny run
 
@@ -23,11 +22,11 @@ def tiny_config(toy, train_dir, **overrides):
                   keep_ckpt=2, eval_batch=64, progress=False, short_run_scaling=True,
                   algorithm=dict(tsa="linear", gamma=0.25))
     values.update(overrides)
-    return train.TrainConfig(**values)
+    return train_config.TrainConfig(**values)
 
 
 def make_trainer(config):
-    return train.Trainer(config, realmix.make_model, "RealMix", data_options=test_options())
+    return train.Trainer(config, RealMix.from_config, "RealMix", data_options=test_options())
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +45,7 @@ def finished_run(toy, tmp_path_factory):
 
 def test_event_files_have_the_libml_tags_at_each_report(finished_run):
     trainer, _ = finished_run
-    events = train.read_events(trainer.tf_dir)
+    events = summaries.read_events(trainer.tf_dir)
     for tag in ("accuracy/train_labeled", "accuracy/valid", "accuracy", "losses/xe", "losses/l2u",
                 "losses/overall", "monitors/lr", "monitors/img_per_sec", "monitors/mask_threshold",
                 "monitors/unlabeled_confidence"):
@@ -63,7 +62,7 @@ def test_accuracy_json_holds_the_medians_of_the_test_accuracy(finished_run):
     trainer, stats = finished_run
     with open(os.path.join(trainer.stats_dir, "accuracy.json")) as f:
         saved = json.load(f)
-    test = [float(v) for _, v in train.read_events(trainer.tf_dir)["accuracy"]]
+    test = [float(v) for _, v in summaries.read_events(trainer.tf_dir)["accuracy"]]
     assert saved["reports"] == 4 and saved["kimg"] == 0.125
     assert saved["last01"] == pytest.approx(test[-1])
     for key in ("last10", "last20", "last50"):
@@ -74,11 +73,11 @@ def test_accuracy_json_holds_the_medians_of_the_test_accuracy(finished_run):
 
 def test_median_accuracies_windows():
     values = [float(v) for v in range(1, 61)]       # 1..60
-    stats = train.median_accuracies(values)
+    stats = summaries.median_accuracies(values)
     assert stats["last01"] == 60 and stats["last10"] == 55.5
     assert stats["last20"] == 50.5 and stats["last50"] == 35.5
     assert stats["error_last20"] == 49.5
-    assert train.median_accuracies([])["last20"] is None
+    assert summaries.median_accuracies([])["last20"] is None
 
 
 def test_checkpoints_every_save_period_keeping_keep_ckpt(finished_run):
@@ -115,11 +114,11 @@ def test_run_folder_name_rounds_long_floats_and_keeps_libml_forms():
 
 
 def test_short_run_scaling_caps_decays_to_the_run_length(finished_run):
-    config = train.TrainConfig(batch=64, train_kimg=75, short_run_scaling=True)   # 1200 steps
+    config = train_config.TrainConfig(batch=64, train_kimg=75, short_run_scaling=True)   # 1200 steps
     assert config.total_steps == 1200
     assert config.effective_decays() == pytest.approx((1 - 10 / 1200, 1 - 10 / 1200))
-    assert train.TrainConfig(short_run_scaling=True).effective_decays() == (0.999, 0.999)
-    assert train.TrainConfig(train_kimg=75).effective_decays() == (0.999, 0.999)
+    assert train_config.TrainConfig(short_run_scaling=True).effective_decays() == (0.999, 0.999)
+    assert train_config.TrainConfig(train_kimg=75).effective_decays() == (0.999, 0.999)
     trainer, _ = finished_run                   # 16 steps: 1 - 10/16
     assert trainer.model.ema_decay == pytest.approx(0.375)
     assert {bn.momentum for bn in trainer.model.net.bn_layers()} == {0.375}
@@ -157,10 +156,10 @@ def copy_run(trainer, tmp_path):
 def restore_only(config):
     trainer = make_trainer(config)
     trainer.iterators = trainer._make_iterators()
-    ckpt = trainer._checkpoint(trainer.iterators)
+    ckpt = checkpoint.make_checkpoint(trainer.model, trainer.iterators)
     manager = tf.train.CheckpointManager(ckpt, trainer.tf_dir, max_to_keep=5,
-                                         checkpoint_name=train.CHECKPOINT_NAME)
-    return trainer, trainer._restore_latest(ckpt, manager)
+                                         checkpoint_name=checkpoint.CHECKPOINT_NAME)
+    return trainer, checkpoint.restore_latest(trainer.model, trainer.iterators, manager)
 
 
 def test_half_written_checkpoint_is_ignored(finished_run, tmp_path):
@@ -214,7 +213,7 @@ def toy4(tmp_path_factory):
 
 
 def source_values(prefix, path):
-    return tf.train.load_checkpoint(prefix).get_tensor(train.checkpoint_key(path))
+    return tf.train.load_checkpoint(prefix).get_tensor(checkpoint.checkpoint_key(path))
 
 
 @pytest.mark.parametrize("source", ["checkpoint", "keras"])
@@ -225,7 +224,7 @@ def test_transfer_keeps_a_fresh_head_and_copies_every_other_weight(finished_run,
     fresh_head = [v.numpy() for v in model.net.classifier.weights + model.ema_net.classifier.weights]
     path = trainer.run_dir if source == "checkpoint" else os.path.join(trainer.export_dir, export.KERAS_FILE)
     export.transfer_weights(model, path, target.info)
-    prefix = train.resolve_checkpoint(trainer.run_dir)
+    prefix = checkpoint.resolve_checkpoint(trainer.run_dir)
     for net in (model.net, model.ema_net):
         head = {id(v) for v in net.classifier.weights}
         for v in net.weights:

@@ -1,0 +1,115 @@
+"""Checkpoints of an SSLModel: which variables are stored and under which keys, how a path
+given on the command line becomes a checkpoint prefix, and reading back the newest one.
+
+A checkpoint stores `model_variables(model)` (a dict keyed by Keras variable path) plus, while
+training, the two input iterators, so a resumed run continues with the same data order.
+"""
+import glob
+import os
+from typing import Dict
+
+import tensorflow as tf
+from absl import logging
+
+from libml.errors import UserError, first_line
+
+CHECKPOINT_NAME = "model.ckpt"
+# What a damaged checkpoint raises when read (the reader raises IndexError on a short file).
+READ_ERRORS = (tf.errors.OpError, ValueError, AssertionError, IndexError, RuntimeError)
+
+
+def model_variables(model) -> Dict[str, tf.Variable]:
+    """Every variable of an SSLModel keyed by its Keras path (net/..., ema_net/..., adam/...,
+    step). Checkpoints store this dict rather than the object tree, so they do not depend on
+    which Python containers Keras tracks, and transfer can match variables by path."""
+    found: Dict[str, tf.Variable] = {}
+    seen = set()
+
+    def add(key, v):
+        if id(v) in seen:
+            return
+        if key in found:
+            raise ValueError(f"two model variables share the path {key}")
+        seen.add(id(v))
+        found[key] = v
+
+    for v in list(model.net.weights) + list(model.ema_net.weights) + [model.step]:
+        add(v.path, v)
+    # Optimizer variables by position: their paths start with an auto-generated, per-process
+    # optimizer name (adam, adam_1, ...).
+    for i, v in enumerate(model.optimizer.variables):
+        add(f"optimizer/{i:04d}_{v.name}", v)
+    for v in model.variables:
+        add(v.path, v)
+    return found
+
+
+def checkpoint_key(path: str) -> str:
+    """The key under which `model_variables` stores the variable at `path`."""
+    return "variables/" + path.replace(".", "..").replace("/", ".S") + "/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def make_checkpoint(model, iterators=None) -> tf.train.Checkpoint:
+    """The model's variables, plus the (labeled, unlabeled) input iterators if given."""
+    parts = dict(variables=model_variables(model))
+    if iterators is not None:
+        parts.update(labeled_iterator=iterators[0], unlabeled_iterator=iterators[1])
+    return tf.train.Checkpoint(**parts)
+
+
+def checkpoint_exists(path: str) -> bool:
+    """True for a folder, a file or a checkpoint prefix (what --eval_ckpt/--load_checkpoint take)."""
+    return bool(path) and (os.path.isdir(path) or os.path.isfile(path)
+                           or bool(glob.glob(path + ".index")))
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint prefix from a run folder, its tf/ folder or a prefix; UserError if none."""
+    if os.path.isdir(path):
+        for folder in (os.path.join(path, "tf"), path):
+            latest = tf.train.latest_checkpoint(folder) if os.path.isdir(folder) else None
+            if latest:
+                return latest
+        raise UserError(f"{path} holds no complete checkpoint (no tf/checkpoint index): pass a run "
+                        f"folder that has saved at least once, or a checkpoint prefix")
+    if path.endswith(".index"):
+        path = path[: -len(".index")]
+    if not os.path.exists(path + ".index"):
+        raise UserError(f"{path} is not a checkpoint (no {path}.index): pass a run folder or "
+                        f"tf/model.ckpt-N")
+    return path
+
+
+def read_model(model, prefix: str) -> None:
+    """Restores the model variables (not the iterators) of a checkpoint; UserError if the
+    checkpoint is of another architecture or damaged."""
+    try:
+        make_checkpoint(model).read(prefix).expect_partial().assert_existing_objects_matched()
+    except READ_ERRORS as e:
+        raise UserError(f"{prefix} does not match this model ({first_line(e)}): pass the "
+                        f"flags the run was trained with (--filters/--repeat/--scales/--dataset)") from None
+
+
+def restore_latest(model, iterators, manager: tf.train.CheckpointManager) -> str:
+    """Restores the newest checkpoint of `manager` that reads back; returns its path, or ""
+    if there is none. A damaged newest one (the index file `checkpoint` is written last, so
+    only disk damage can cause that) is skipped. If only the input-iterator state does not fit
+    (the input pipeline changed, e.g. another TF version), the model is restored and the data
+    order restarts, with a warning."""
+    for path in reversed(manager.checkpoints):
+        try:
+            make_checkpoint(model, iterators).read(path).expect_partial().assert_existing_objects_matched()
+        except READ_ERRORS as e:
+            try:
+                make_checkpoint(model).read(path).expect_partial().assert_existing_objects_matched()
+            except READ_ERRORS as e2:
+                logging.warning("skipping unreadable checkpoint %s: %s", path, first_line(e2))
+                continue
+            logging.warning("restored the model from %s but not the input position (%s): "
+                            "the data order will differ from an uninterrupted run",
+                            path, first_line(e))
+        return path
+    if manager.checkpoints:
+        raise UserError(f"no readable checkpoint in {manager.directory}: delete the folder to "
+                        f"start over, or pass a different --train_dir")
+    return ""

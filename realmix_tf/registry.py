@@ -1,0 +1,124 @@
+"""The algorithms: one table, the one command-line main, and `launch` (the same in-process).
+
+    python -m realmix_tf.<module> --flags...      ->  cli(name)      (exit 2 + one line on bad input)
+    launch(name, {"dataset": ..., "gamma": 0.6})   ->  the stats dict of the run (runs/ use this)
+
+Both go through `configure`: the trainer's flags and the algorithm's are defined on one
+FlagValues, parsed by absl, turned into a validated TrainConfig plus the algorithm's
+hyper-parameters; the model constructor checks those when the Trainer builds it.
+
+An algorithm module (realmix_tf/<module>.py) defines:
+    the model class, named as its REGISTRY entry (= the run-folder prefix), an SSLModel;
+    define_flags(flag_values)       its own flags (idempotent), none if it has none;
+    hparams_from_flags(flag_values) -> dict of model-constructor keyword arguments;
+    optionally Config (a TrainConfig subclass) and Trainer (a libml.train.Trainer subclass);
+    `if __name__ == "__main__": registry.cli("<name>")`.
+Adding an algorithm = that file + one line in REGISTRY.
+"""
+import dataclasses
+import importlib
+from typing import Dict, List, Optional
+
+from absl import flags
+
+from libml import cli as cli_runner
+from libml import config as train_config
+from libml import train
+from libml.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    module: str     # python -m <module>
+    name: str       # model class in the module and run-folder prefix
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+    def model_class(self):
+        return getattr(self.load(), self.name)
+
+    def config_class(self):
+        return getattr(self.load(), "Config", train_config.TrainConfig)
+
+    def trainer_class(self):
+        return getattr(self.load(), "Trainer", train.Trainer)
+
+
+REGISTRY: Dict[str, Algorithm] = {
+    "realmix": Algorithm("realmix_tf.realmix", "RealMix"),
+    "mixmatch": Algorithm("realmix_tf.mixmatch", "MixMatch"),
+    "mean_teacher": Algorithm("realmix_tf.mean_teacher", "MeanTeacher"),
+    "supervised": Algorithm("realmix_tf.supervised", "Supervised"),
+    "fully_supervised": Algorithm("realmix_tf.fully_supervised", "FullySupervised"),
+}
+
+
+def get(name: str) -> Algorithm:
+    """The registry entry of a command name (realmix), a run-folder prefix (RealMix) or a
+    module (realmix_tf.realmix)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    for algorithm in REGISTRY.values():
+        if name in (algorithm.name, algorithm.module):
+            return algorithm
+    raise UserError(f"unknown algorithm {name!r}: use one of {', '.join(REGISTRY)}")
+
+
+def define_flags(name: str, flag_values: Optional[flags.FlagValues] = None) -> flags.FlagValues:
+    """The trainer's and the algorithm's flags on flag_values (a new FlagValues if None)."""
+    algorithm = get(name)
+    flag_values = flags.FlagValues() if flag_values is None else flag_values
+    train_config.define_train_flags(flag_values, algorithm.config_class())
+    algorithm.load().define_flags(flag_values)
+    return flag_values
+
+
+def configure(name: str, flag_values: flags.FlagValues) -> train_config.TrainConfig:
+    """The validated TrainConfig of parsed flags, the algorithm's hyper-parameters included."""
+    algorithm = get(name)
+    hparams = algorithm.load().hparams_from_flags(flag_values)
+    config = train_config.config_from_flags(flag_values, algorithm.config_class(), **hparams)
+    algorithm.model_class().check_hparams(train_kimg=config.train_kimg, **hparams)
+    return config
+
+
+def make_trainer(name: str, config: train_config.TrainConfig, **trainer_options) -> train.Trainer:
+    """The Trainer of a run (trainer_options: strategy, data_options for tests)."""
+    algorithm = get(name)
+    return algorithm.trainer_class()(config, algorithm.model_class().from_config, algorithm.name,
+                                     **trainer_options)
+
+
+def main(name: str, argv: List[str], flag_values: flags.FlagValues = flags.FLAGS):
+    """The command line's main, after absl parsed flag_values: returns the run's stats."""
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {' '.join(argv[1:])}: every option is a --flag "
+                        f"(see --helpfull)")
+    return make_trainer(name, configure(name, flag_values)).run()
+
+
+def cli(name: str) -> None:
+    """`python -m realmix_tf.<module>`: defines the flags, parses, runs, exits (2 on bad input)."""
+    define_flags(name, flags.FLAGS)
+    cli_runner.run(lambda argv: main(name, argv))
+
+
+def flag_args(values: dict) -> List[str]:
+    """{"gamma": 0.6, "export": False} -> ["--gamma=0.6", "--noexport"]."""
+    args = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            args.append(f"--{'' if value else 'no'}{key}")
+        else:
+            args.append(f"--{key}={value}")
+    return args
+
+
+def launch(name: str, values: dict, **trainer_options) -> dict:
+    """Runs an algorithm in this process as its command line would with these flags (parsed
+    and validated the same way); returns the run's stats plus its folder (`run_dir`)."""
+    flag_values = define_flags(name)
+    cli_runner.parse(flag_values, [get(name).module] + flag_args(values))
+    trainer = make_trainer(name, configure(name, flag_values), **trainer_options)
+    return dict(trainer.run(), run_dir=trainer.run_dir)
