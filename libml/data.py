@@ -40,12 +40,6 @@ INTERLEAVE_CYCLE = 16                  # shard files read at once when streaming
 UNROLL_MAX_BATCH = 256             # streamed batches up to this size decode in an unrolled graph
 SHIFT = 4                              # translation range in pixels (spec §4)
 
-# Deprecated aliases for realmix_tf/fully_supervised.py (removed once it has switched).
-meta_path = names.meta_path
-_first_image_shape = records.first_image_shape
-_count_at_most = records.count_at_most
-_corrupt = records.corrupt_error
-
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
