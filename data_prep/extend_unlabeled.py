@@ -11,7 +11,7 @@ imported next to other command-line modules that define flags of the same names.
 """
 from absl import flags
 
-from libml import cli, extend, names
+from libml import augment, cli, extend, names
 from libml.errors import UserError
 
 FLAGS = flags.FlagValues()
@@ -19,10 +19,10 @@ flags.DEFINE_string("dataset", "", "Split to extend, {name}.{seed}@{nlabeled}-{n
                     "cifar10.3@250-5000. The first nvalid unlabeled records (validation) are "
                     "never extended.", flag_values=FLAGS)
 flags.DEFINE_integer("copies", 50, "Number of augmented copies (paper: 50; Table 5: 25).", flag_values=FLAGS)
-flags.DEFINE_string("aug", "erase", "Augmentation of the copies: erase (random erasing, the "
-                    "paper's 'CutOut' as the released code meant it), cutout (16x16 square), "
-                    "simple (flip + translate), none (plain duplicates, the released code's "
-                    "effective behaviour).", flag_values=FLAGS)
+flags.DEFINE_string("aug", "erase", "Augmentation of the copies, one of "
+                    + ", ".join(augment.AUGMENTATIONS) + " (libml/augment.py; erase = random "
+                    "erasing, the paper's 'CutOut' as the released code meant it; none = plain "
+                    "duplicates, the released code's effective behaviour).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed of the augmentations and shard order; the same seed "
                      "gives byte-identical shards.", flag_values=FLAGS)
 flags.DEFINE_bool("keep_original", False, "Also store the un-augmented images once (as copy 0).",
