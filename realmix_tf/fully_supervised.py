@@ -69,9 +69,6 @@ def load_fully_supervised(dataset: Union[str, FullySupervisedName], root: str, s
     labeled = train records nvalid..end, valid = the first nvalid, test = the test file.
     Other arguments as libml.data.load_ssl."""
     name = dataset if isinstance(dataset, FullySupervisedName) else parse_fully_supervised_name(dataset)
-    if shuffle_buffer < 0:
-        raise UserError(f"shuffle buffer {shuffle_buffer} is negative: use 0 (per-epoch "
-                        f"permutation) or a positive number of records")
     how_to_create = f"python -m data_prep.create_datasets {name.name}"
     train_file = records.require_file(train_path(root, name.name), how_to_create)
     test_file = records.require_file(test_path(root, name.name), how_to_create)

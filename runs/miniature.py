@@ -36,7 +36,7 @@ from absl import flags
 from libml import cli
 from libml.errors import UserError
 from libml.io import write_json
-from runs.experiments import CIFAR, MISMATCH_GAMMA
+from runs.experiments import CIFAR, MISMATCH_GAMMA, paper_error
 
 # TensorFlow is imported only once a run starts: bad flags fail fast and quietly.
 
@@ -86,13 +86,24 @@ METHODS = ("Supervised", "MeanTeacher", "MixMatch", "RealMix")   # realmix_tf.re
 LEVELS = tuple(MISMATCH_GAMMA)
 ABLATION_GAMMAS = ((0.6, "RealMix (γ = 0.6)"), (0.3, "RealMix (γ = 0.3)"), (0.0, "RealMix w/o OOD mask"))
 ABLATION_LEVEL = 75
-PAPER = {   # CIFAR-10 error % of the paper, for the pattern (not the values)
-    "sizes": "Table 2 (250 / 4000 labels): MixMatch 11.78 / 6.45, RealMix 9.79 / 6.39; "
-             "Mean Teacher 47.32 / 10.72",
-    "mismatch": "Table 1 (0/25/50/75/100 %): supervised 20.32; Mean Teacher 17.85 / 17.25 / 18.95 / "
-                "20.14 / 20.57; MixMatch 16.75 / 18.14 / 21.01 / 21.07 / 22.08; RealMix 16.41 / "
-                "16.60 / 16.51 / 16.99 / 17.62",
-    "ablation": "Table 6 (75 %): γ = 0.6 16.99, γ = 0.3 20.73, no mask 22.70; supervised 20.32",
+
+
+def _paper(table: int, method: str, settings) -> str:
+    return " / ".join(f"{paper_error(table, method, x):.2f}" for x in settings)
+
+
+SIZES, PCTS = ("250 labels", "4000 labels"), tuple(f"{level}%" for level in LEVELS)
+PAPER = {   # CIFAR-10 error % of the paper (runs/experiments.py), for the pattern (not the values)
+    "sizes": f"Table 2 (250 / 4000 labels): MixMatch {_paper(2, 'MixMatch [2]', SIZES)}, RealMix "
+             f"{_paper(2, 'RealMix', SIZES)}; Mean Teacher {_paper(2, 'Mean Teacher [14]', SIZES)}",
+    "mismatch": f"Table 1 (0/25/50/75/100 %): supervised {_paper(1, 'Supervised (labeled only)', ['all levels'])}; "
+                f"Mean Teacher {_paper(1, 'MT [14]', PCTS)}; MixMatch {_paper(1, 'MM [2]', PCTS)}; "
+                f"RealMix {_paper(1, 'RealMix', PCTS)}",
+    "ablation": "Table 6 (75 %): " + ", ".join(
+        f"{label} {_paper(6, method, ['75% mismatch'])}" for label, method in
+        (("γ = 0.6", "RealMix (γ = 0.60)"), ("γ = 0.3", "RealMix (γ = 0.3)"),
+         ("no mask", "RealMix w/o OODMask")))
+        + f"; supervised {_paper(1, 'Supervised (labeled only)', ['all levels'])}",
 }
 
 
