@@ -1,0 +1,113 @@
+"""libml.ood_share: scores, the share estimate on synthetic mixtures with a known share, AUROC,
+and the trust / smoothing rule of --gamma=auto."""
+import itertools
+
+import numpy as np
+import pytest
+
+from libml import ood_share
+
+
+def _mixture(rng, share, n, in_mean=3.0, out_mean=0.0):
+    n_out = int(round(share * n))
+    return np.concatenate([rng.normal(out_mean, 1.0, n_out), rng.normal(in_mean, 1.0, n - n_out)])
+
+
+@pytest.mark.parametrize("share", [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+def test_estimate_within_005_of_a_known_gaussian_mixture_share(share):
+    rng = np.random.default_rng(int(share * 100))
+    reference = rng.normal(3.0, 1.0, 2000)
+    estimate = ood_share.estimate_share(reference, _mixture(rng, share, 5000))
+    assert abs(estimate.share - share) <= 0.05, estimate
+    assert 0.0 <= estimate.share <= 1.0
+
+
+@pytest.mark.parametrize("share", [0.2, 0.6])
+def test_estimate_on_softmax_confidences_of_a_synthetic_classifier(share):
+    """Logits of a 6-class model: in-distribution rows have one large logit, outliers are flat;
+    the estimate works on the log-odds confidence score computed from them."""
+    rng = np.random.default_rng(7)
+
+    def logits(n, inlier):
+        z = rng.normal(0.0, 1.0, (n, 6))
+        if inlier:
+            z[np.arange(n), rng.integers(0, 6, n)] += rng.normal(6.0, 1.5, n)
+        return z
+
+    n_out = int(share * 4000)
+    mixture = np.concatenate([logits(n_out, False), logits(4000 - n_out, True)])
+    reference = ood_share.score(logits(1000, True))
+    estimate = ood_share.estimate_share(reference, ood_share.score(mixture))
+    assert abs(estimate.share - share) <= 0.05, estimate
+
+
+def test_estimate_worked_examples():
+    # Reference 0..9; mixture = the reference + as many outliers at -1: share 0.5. The bound
+    # (q_m + eps_m) / (q_r - eps_r) is smallest at the lowest threshold (largest q_r).
+    e = ood_share.estimate_share(np.arange(10.0), np.r_[np.arange(10.0), -np.ones(10)])
+    assert (e.threshold, e.reference_above, e.mixture_above, e.share) == (0.0, 1.0, 0.5, 0.5)
+    # Outliers in the middle of the reference (4.5): only tails above them are pure. With
+    # eps_r = sqrt(log 40 / 2000), eps_m = sqrt(log 40 / 4000), t = 5 gives the smallest bound
+    # (0.25 + 0.0304) / (0.5 - 0.0430) = 0.614 (t = 4: 1.49, t = 6: 0.645), so share = 0.5.
+    reference = np.repeat(np.arange(10.0), 100)
+    e = ood_share.estimate_share(reference, np.r_[reference, np.full(1000, 4.5)])
+    assert (e.threshold, e.reference_above, e.mixture_above) == (5.0, 0.5, 0.25)
+    assert e.share == pytest.approx(0.5) and (e.n_reference, e.n_mixture) == (1000, 2000)
+
+
+def test_estimate_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 5 reference"):
+        ood_share.estimate_share([1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match="finite"):
+        ood_share.estimate_share(np.r_[np.arange(9.0), np.nan], [1.0])
+
+
+def test_confidence_score_is_the_log_odds_of_the_top_probability():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, (50, 5))
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    top = p.max(1)
+    np.testing.assert_allclose(ood_share.confidence_score(z), np.log(top / (1 - top)), rtol=1e-9)
+    np.testing.assert_allclose(ood_share.confidence_from_score(ood_share.confidence_score(z)), top)
+    # No saturation: float32 softmax rounds these to 1.0, the score keeps them apart and ordered.
+    big = np.array([[40.0, 0.0, 0.0], [45.0, 0.0, 0.0]])
+    s = ood_share.confidence_score(big)
+    assert np.all(np.isfinite(s)) and s[1] > s[0]
+    np.testing.assert_allclose(s, [40 - np.log(2), 45 - np.log(2)])
+
+
+def test_energy_score_is_logsumexp():
+    z = np.array([[1.0, 2.0, 3.0], [1000.0, 0.0, -5.0]])
+    np.testing.assert_allclose(ood_share.energy_score(z),
+                               [np.log(np.exp([1, 2, 3]).sum()), 1000.0 + np.log1p(np.exp(-1000) + np.exp(-1005))])
+    with pytest.raises(ValueError, match="unknown OOD score"):
+        ood_share.score(z, "entropy")
+
+
+def test_auroc_matches_pairwise_counting_with_ties():
+    rng = np.random.default_rng(3)
+    pos = rng.integers(0, 6, 40).astype(float)
+    neg = rng.integers(0, 6, 30).astype(float)
+    pairs = [(1.0 if a > b else 0.5 if a == b else 0.0) for a, b in itertools.product(pos, neg)]
+    assert ood_share.auroc(pos, neg) == pytest.approx(np.mean(pairs))
+    assert ood_share.auroc([2.0, 3.0], [0.0, 1.0]) == 1.0
+    assert ood_share.auroc([0.0], [1.0]) == 0.0
+    assert ood_share.auroc([1.0], []) is None
+
+
+def test_auto_gamma_waits_for_trust_then_smooths():
+    auto = ood_share.AutoGamma(nclass=6, rate=0.5, trust_reports=2)
+    assert ood_share.trust_accuracy(6) == pytest.approx(7 / 12)
+    assert auto.update(0.8, reference_accuracy=0.9) == 0.0      # 1 report above: not yet
+    assert auto.update(0.8, reference_accuracy=0.3) == 0.0      # streak broken
+    assert auto.update(0.8, reference_accuracy=0.6) == 0.0
+    assert auto.update(0.8, reference_accuracy=0.6) == pytest.approx(0.4)   # trusted: 0 + .5*.8
+    assert auto.update(0.4, reference_accuracy=0.1) == pytest.approx(0.4)   # stays trusted
+    assert auto.update(None, reference_accuracy=0.9) == pytest.approx(0.4)  # no estimate: kept
+    assert auto.update(2.0, reference_accuracy=0.9) == pytest.approx(0.7)   # raw clipped to 1
+    for _ in range(20):
+        auto.update(1.0, reference_accuracy=0.9)
+    assert auto.gamma == 0.95 and auto.estimate > 0.95                    # capped for the mask
+    restored = ood_share.AutoGamma(nclass=6, rate=0.5)
+    restored.set_state(*auto.state())
+    assert restored.state() == auto.state() and restored.gamma == auto.gamma
