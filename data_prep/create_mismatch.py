@@ -132,6 +132,15 @@ def mismatch_split(train_labels: np.ndarray, test_labels: np.ndarray, source: st
     return MismatchSplit(labeled, [int(chosen[i]) for i in order], test)
 
 
+def unlabeled_truth(origin: np.ndarray, classes: MismatchClasses) -> dict:
+    """The ground truth kept in the split's -map.json, one entry per unlabeled record in file
+    order (validation records first): its source class and whether that class is labeled."""
+    origin = np.asarray(origin, np.int64)
+    return {"unlabel_class": origin.tolist(),
+            "unlabel_in_distribution": np.isin(origin, classes.labeled).tolist(),
+            "class_names": list(classes.class_names)}
+
+
 def source_paths(root: str, source: str) -> Tuple[str, str]:
     how = f"python -m data_prep.create_datasets {source}"
     return (records.require_file(names.train_path(root, source), how),
@@ -193,7 +202,8 @@ def create_mismatch(root: str, source: str, level: int, seed: int = 1, labels_pe
         return records.relabel(record, table[train_labels[pos]])
 
     create_split.write_split(records.iterate_serialized(train_path), split.labeled, split.unlabeled,
-                             split_files, overwrite, total=len(train_labels), relabel=relabel)
+                             split_files, overwrite, total=len(train_labels), relabel=relabel,
+                             map_extra=unlabeled_truth(train_labels[split.unlabeled], classes))
     keep = frozenset(split.test.tolist())
     if write_shared:
         test_records = (records.relabel(r, table[test_labels[i]])

@@ -109,12 +109,12 @@ def unlabeled_order(labels: np.ndarray, labeled: Sequence[int]) -> List[int]:
 # Files
 
 def write_split(serialized, labeled: Sequence[int], order: Sequence[int], paths: dict,
-                overwrite: bool = False, total: int = None, relabel=None) -> None:
+                overwrite: bool = False, total: int = None, relabel=None, map_extra: dict = None) -> None:
     """Streams the records once: labeled ones to -label, those in `order` to -unlabel in that order.
 
     Records in neither are skipped. `relabel(pos, record) -> record`, if given, rewrites a
-    record before it is written. Only the records waiting for their turn in `order` are held
-    in memory.
+    record before it is written; `map_extra` adds keys to the -map.json. Only the records
+    waiting for their turn in `order` are held in memory.
     """
     import tensorflow as tf
     labeled = frozenset(int(x) for x in labeled)
@@ -138,8 +138,8 @@ def write_split(serialized, labeled: Sequence[int], order: Sequence[int], paths:
                     next_index += 1
             if waiting or next_index != len(order):
                 raise RuntimeError("the unlabeled positions are not all in the input records")
-        io.write_json(paths["map"], {"label": sorted(labeled), "unlabel": [int(p) for p in order]},
-                          overwrite)
+        io.write_json(paths["map"], {"label": sorted(labeled), "unlabel": [int(p) for p in order],
+                                     **(map_extra or {})}, overwrite)
 
 
 def create_split(prefix: str, inputs: Sequence[str], size: int, seed: int = 0,

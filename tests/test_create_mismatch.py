@@ -120,3 +120,19 @@ def test_second_seed_reuses_the_seed_independent_files(mnist_root):
         cm.create_mismatch(mnist_root, "mnist5k", 0, seed=3, labels_per_class=15, keep_original_ids=True)
     assert open(meta_file).read() == before[2]
     assert not os.path.exists(names.parse_dataset_name("mnist6_mismatch0.3@90-1").label_path(mnist_root))
+
+
+def test_map_keeps_each_unlabeled_records_origin_class(mnist_root):
+    """--gamma=auto / realmix_tf.inspect read the truth from the -map.json: the source class
+    and the in-distribution flag of every unlabeled record, in file order."""
+    cm.create_mismatch(mnist_root, "mnist5k", 25, seed=3, labels_per_class=30, overwrite=True)
+    dataset = names.parse_dataset_name("mnist6_mismatch25.3@180-1")
+    with open(dataset.map_path(mnist_root)) as f:
+        split = json.load(f)
+    written = records.load_labels(dataset.unlabel_path(mnist_root))
+    source = records.load_labels(os.path.join(mnist_root, "mnist5k-train.tfrecord"))
+    origin = np.array(split["unlabel_class"])
+    assert origin.tolist() == source[split["unlabel"]].tolist()
+    assert sorted(set(origin.tolist())) == [3, 4, 5, 6]          # 25 %: digit 6 replaces 2
+    assert split["unlabel_in_distribution"] == (written >= 0).tolist() == (origin != 6).tolist()
+    assert split["class_names"] == [str(i) for i in range(10)]
