@@ -26,6 +26,8 @@ from typing import Optional
 import numpy as np
 
 SCORES = ("confidence", "energy")
+MIN_REFERENCE = 20      # held-out labeled images needed to use them as the reference
+MAX_GAMMA = 0.95        # the mask needs gamma < 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +126,17 @@ def auroc(in_scores, out_scores) -> Optional[float]:
     return float((rank_sum - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
 
 
+def choose_reference(valid_scores, valid_labels, labeled_scores):
+    """(reference scores, name): the validation images that carry a class label (held out
+    from training, so scored like unseen in-distribution images) when there are at least
+    MIN_REFERENCE of them, else the labeled training images ("labeled": the model has fitted
+    them, so they look more in-distribution than unseen images and the share comes out high)."""
+    known = np.asarray(valid_labels) >= 0
+    if known.sum() >= MIN_REFERENCE:
+        return np.asarray(valid_scores)[known], "valid"
+    return np.asarray(labeled_scores), "labeled"
+
+
 # ---------------------------------------------------------------------------------------------
 # Over a run: trust rule and smoothing (the state is checkpointed by the trainer)
 
@@ -147,7 +160,7 @@ class AutoGamma:
     nclass: int
     rate: float = 0.3
     trust_reports: int = 2
-    max_gamma: float = 0.95
+    max_gamma: float = MAX_GAMMA
     estimate: float = 0.0
     streak: int = 0           # consecutive reports at or above the trust accuracy
     trusted: bool = False
