@@ -148,6 +148,20 @@ class SSLData:
                     return path
         return None
 
+    def unlabeled_window(self, size: int, offset: int) -> tf.data.Dataset:
+        """One batch {'image': f32[n,H,W,C], 'label': i64[n]} of the training unlabeled images
+        of the split file (never the Extend copies), un-augmented: `size` records from
+        position `offset` on, wrapping round (--gamma=auto scores one window per report)."""
+        _check_batch(size)
+        source = dataclasses.replace(self._sources["valid"], skip=self.dataset.nvalid, take=-1)
+        if getattr(self, "_window_count", None) is None:     # counted once per run
+            self._window_count = int(source.records().reduce(tf.constant(0, tf.int64),
+                                                             lambda n, _: n + 1))
+        count = self._window_count
+        ds = source.records().repeat().skip(int(offset) % max(count, 1)).take(min(int(size), count))
+        ds = ds.map(_decoder(self.info)).batch(int(size))
+        return self._finish(ds.map(lambda e: {"image": augment.to_float(e["image"]), "label": e["label"]}))
+
     def valid(self, batch: int) -> tf.data.Dataset:
         return self._eval("valid", batch)
 

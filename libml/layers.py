@@ -253,19 +253,25 @@ def ood_mask(probs, gamma, return_threshold=False):
     confidence is strictly above the floor(gamma * N)-th smallest (0-based; the index is
     computed in float32 as in the released code), so ties at the threshold are masked and about
     a fraction gamma (plus one) is dropped. gamma = 0 keeps everything (threshold 0).
-    gamma must be a Python float in [0, 1). With return_threshold, returns (mask, threshold).
+    gamma: a Python float in [0, 1), or a float32 scalar tensor (--gamma=auto: a variable read
+    at each step, same rule). With return_threshold, returns (mask, threshold).
     """
-    if not isinstance(gamma, numbers.Real) or not 0 <= gamma < 1:
+    tensor = tf.is_tensor(gamma) or isinstance(gamma, tf.Variable)
+    if not tensor and (not isinstance(gamma, numbers.Real) or not 0 <= gamma < 1):
         raise ValueError(f"OOD mask gamma must be a float in [0, 1), got {gamma!r}")
     confidence = tf.reduce_max(_f32(probs), axis=-1)
-    if gamma == 0:
+    if not tensor and gamma == 0:
         mask = tf.ones_like(confidence)
         threshold = tf.constant(0.0, tf.float32)
     else:
         n = tf.shape(confidence)[0]
-        index = tf.cast(tf.cast(n, tf.float32) * tf.constant(gamma, tf.float32), tf.int32)
+        index = tf.cast(tf.cast(n, tf.float32) * _f32(gamma), tf.int32)
         # The +inf sentinel makes an empty batch (or index == N by float32 rounding) mask all.
         sorted_conf = tf.concat([tf.sort(confidence), [math.inf]], axis=0)
         threshold = tf.gather(sorted_conf, tf.minimum(index, n))
         mask = tf.stop_gradient(tf.cast(confidence > threshold, tf.float32))
+        if tensor:      # gamma 0 keeps every row, as the Python-float rule
+            off = _f32(gamma) <= 0
+            mask = tf.where(off, tf.ones_like(mask), mask)
+            threshold = tf.where(off, tf.constant(0.0, tf.float32), threshold)
     return (mask, threshold) if return_threshold else mask

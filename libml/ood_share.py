@@ -126,14 +126,14 @@ def auroc(in_scores, out_scores) -> Optional[float]:
     return float((rank_sum - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
 
 
-def choose_reference(valid_scores, valid_labels, labeled_scores):
-    """(reference scores, name): the validation images that carry a class label (held out
-    from training, so scored like unseen in-distribution images) when there are at least
-    MIN_REFERENCE of them, else the labeled training images ("labeled": the model has fitted
-    them, so they look more in-distribution than unseen images and the share comes out high)."""
-    known = np.asarray(valid_labels) >= 0
-    if known.sum() >= MIN_REFERENCE:
-        return np.asarray(valid_scores)[known], "valid"
+def choose_reference(valid_scores, labeled_scores):
+    """(reference scores, name): the scores of the validation images that carry a class label
+    (held out from training, so scored like unseen in-distribution images) when there are at
+    least MIN_REFERENCE of them, else those of the labeled training images ("labeled": the
+    model has fitted them, so they look more in-distribution than unseen images and the share
+    comes out high)."""
+    if len(valid_scores) >= MIN_REFERENCE:
+        return np.asarray(valid_scores), "valid"
     return np.asarray(labeled_scores), "labeled"
 
 

@@ -104,6 +104,10 @@ class Trainer:
         self._eval_fns = {}
         self._train_fn = None
         self.history: List[dict] = []
+        self.gamma_hook = None
+        if getattr(self.model, "gamma_state", None) is not None:      # --gamma=auto
+            from libml.gamma_auto import GammaAutoHook
+            self.gamma_hook = GammaAutoHook(self.model, self.info.nclass, self.run_dir)
 
     # -- construction -------------------------------------------------------------------------
     def _load_data(self, options):
@@ -275,14 +279,13 @@ class Trainer:
                 labels = tf.cast(batch["label"], tf.int64)
                 known = labels >= 0
                 hit = tf.logical_and(known, tf.argmax(probs, axis=-1) == labels)
-                return (tf.reduce_sum(tf.cast(hit, tf.int64)), tf.reduce_sum(tf.cast(known, tf.int64)),
-                        tf.reduce_max(probs, axis=-1))
+                return tf.reduce_sum(tf.cast(hit, tf.int64)), tf.reduce_sum(tf.cast(known, tf.int64)), probs
 
             def evaluate(batch):
-                hits, known, confidence = strategy.run(replica, args=(batch,))
+                hits, known, probs = strategy.run(replica, args=(batch,))
                 total = tf.distribute.ReduceOp.SUM
                 return (strategy.reduce(total, hits, axis=None), strategy.reduce(total, known, axis=None),
-                        strategy.gather(confidence, axis=0))
+                        strategy.gather(probs, axis=0))
 
             self._eval_fns[ema] = tf.function(evaluate)
         return self._eval_fns[ema]
@@ -295,26 +298,27 @@ class Trainer:
                                    "test": self.distribute(d.test(b))}
         return self._eval_datasets
 
-    def evaluate(self, ema: bool = True, sets=("train_labeled", "valid", "test")):
-        """{set: accuracy %} over records with a known label (label >= 0), plus the
-        confidences (max probability) of the validation images."""
+    def evaluate(self, ema: bool = True, sets=("train_labeled", "valid", "test"), keep=("valid",)):
+        """{set: accuracy %} over records with a known label (label >= 0), and {set: class
+        probabilities [N, K]} of the sets in `keep`."""
         fn = self._eval_fn(ema)
-        result, confidences = {}, None
+        result, kept = {}, {}
         for name in sets:
             hits = known = 0
-            conf = []
+            probs = []
             for batch in self._eval_sets()[name]:
-                h, k, c = fn(batch)
+                h, k, p = fn(batch)
                 hits, known = hits + int(h), known + int(k)
-                if name == "valid":
-                    conf.append(c.numpy())
+                if name in keep:
+                    probs.append(p.numpy())
             result[name] = 100.0 * hits / known if known else float("nan")
-            if name == "valid":
-                confidences = np.concatenate(conf) if conf else np.zeros([0], np.float32)
-        return result, confidences
+            if name in keep:
+                kept[name] = np.concatenate(probs) if probs else np.zeros([0, self.info.nclass], np.float32)
+        return result, kept
 
     def _report(self, writer, step: int, means: dict) -> None:
-        accuracy, confidence = self.evaluate(ema=True)
+        accuracy, probs = self.evaluate(ema=True, keep=("valid", "train_labeled"))
+        confidence = probs["valid"].max(axis=1) if len(probs["valid"]) else None
         kimg = step / KIMG
         with writer.as_default(step=step):
             write_scalar("accuracy/train_labeled", accuracy["train_labeled"])
@@ -324,8 +328,10 @@ class Trainer:
                 write_scalar(key, value)
             write_scalar("monitors/lr", self.config.lr)
             write_scalar("monitors/kimg", kimg)
-            if confidence is not None and confidence.size:
+            if confidence is not None:
                 write_histogram("monitors/unlabeled_confidence", confidence)
+            if self.gamma_hook is not None:
+                self._report_gamma(step, probs, accuracy)
         writer.flush()
         self.history = [h for h in self.history if h["step"] < step]
         self.history.append(dict(step=step, kimg=kimg, **{k: finite_or_none(v) for k, v in accuracy.items()}))
@@ -335,9 +341,26 @@ class Trainer:
               f"{accuracy['valid']:.2f}  {accuracy['test']:.2f}   "
               f"{means.get('monitors/img_per_sec', 0):.0f} img/s", file=sys.stderr)
 
+    def _report_gamma(self, step: int, probs: dict, accuracy: dict) -> None:
+        """--gamma=auto: the EMA model scores one window of unlabeled images (one extra pass of
+        --eval_batch images); the hook updates gamma (libml/gamma_auto.py)."""
+        c, hook = self.config, self.gamma_hook
+        offset = hook.window_offset(step, c.report_nimg, c.eval_batch)
+        fn = self._eval_fn(True)
+        window = self.distribute(self.data.unlabeled_window(c.eval_batch, offset))
+        parts = [fn(batch)[2].numpy() for batch in window]
+        window_probs = np.concatenate(parts) if parts else np.zeros([0, self.info.nclass], np.float32)
+        record = hook.report(step, window_probs, probs, accuracy)
+        raw = "n/a" if record["ood_share_raw"] is None else f"{record['ood_share_raw']:.3f}"
+        print(f"kimg {step / KIMG:<8g} gamma {record['gamma']:.3f}  OOD share estimate "
+              f"{record['ood_share_estimate']:.3f} (raw {raw}, reference {record['reference']}"
+              f"{', trusted' if record['trusted'] else ''})", file=sys.stderr)
+
     def _load_history(self, step: int) -> None:
         """Report history up to the restored step (reports after it will be redone)."""
         self.history = [h for h in read_history(self.run_dir) if h["step"] <= step]
+        if self.gamma_hook is not None:
+            self.gamma_hook.load_history(step)
 
     # -- evaluation only / export -------------------------------------------------------------
     def evaluate_checkpoint(self, path: str) -> dict:

@@ -18,7 +18,6 @@ file. --dataset defaults to the one the model was trained on. Writes to --output
 The score and the estimate are those of --gamma=auto (libml/ood_share.py).
 """
 import csv
-import json
 import os
 import sys
 import types
@@ -26,8 +25,9 @@ import types
 import numpy as np
 from absl import flags
 
-from libml import ood_share, records
-from libml.errors import UserError, run_cli
+from libml import cli, ood_share, records
+from libml.errors import UserError
+from libml.io import atomic_path, check_overwrite, read_json, write_json
 from libml.names import data_dir, parse_dataset_name
 
 FLAGS = flags.FlagValues()
@@ -69,7 +69,7 @@ def _checkpoint_net(run_dir: str):
     """The EMA net of the newest checkpoint of a run, rebuilt from its args.json."""
     from libml import export
     from libml.models import WideResNet
-    from libml.train import resolve_checkpoint
+    from libml.checkpoint import resolve_checkpoint
     args = _read_json(os.path.join(run_dir, "args", "args.json"))
     shape = tuple(args["image_shape"])
     template = WideResNet(int(args["nclass"]), filters=args["filters"], repeat=args["repeat"],
@@ -79,10 +79,8 @@ def _checkpoint_net(run_dir: str):
 
 
 def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
+    """A run's or an export's JSON file, {} if it is absent."""
+    return read_json(path, "re-create it (train or export again)") if os.path.isfile(path) else {}
 
 
 def logits_of(net, images: np.ndarray, batch: int) -> np.ndarray:
@@ -110,12 +108,17 @@ def load_split(dataset, root: str):
     return xl, xu, yu, truth
 
 
+def reference_scores(scores, labels_unlabeled, nvalid: int, logits_labeled):
+    """The in-distribution reference of --gamma=auto: validation records with a class label."""
+    known = np.asarray(labels_unlabeled[:nvalid]) >= 0
+    return ood_share.choose_reference(scores[:nvalid][known], ood_share.confidence_score(logits_labeled))
+
+
 def analyse(logits_labeled, logits_unlabeled, labels_unlabeled, nvalid: int, truth=None) -> dict:
     """Scores, estimate and per-image decisions, as --gamma=auto makes them at a report."""
     nvalid = min(nvalid, len(logits_unlabeled))
     scores = ood_share.confidence_score(logits_unlabeled)
-    reference, reference_name = ood_share.choose_reference(
-        scores[:nvalid], labels_unlabeled[:nvalid], ood_share.confidence_score(logits_labeled))
+    reference, reference_name = reference_scores(scores, labels_unlabeled, nvalid, logits_labeled)
     train_scores = scores[nvalid:]
     estimate = ood_share.estimate_share(reference, train_scores)
     gamma = min(estimate.share, ood_share.MAX_GAMMA)
@@ -234,7 +237,7 @@ def inspect(model: str, dataset: str = "", root: str = "", output: str = "", bat
         output = os.path.join(run_dir, "inspect", str(name))
     paths = {k: os.path.join(output, k) for k in OUTPUTS}
     for path in paths.values():
-        records.check_overwrite(path, overwrite)
+        check_overwrite(path, overwrite)
     xl, xu, yu, truth = load_split(name, root)
     shape = meta.get("image_shape") or [meta.get(k) for k in ("height", "width", "channels")]
     if None not in shape and tuple(xu.shape[1:]) != tuple(shape):
@@ -242,30 +245,22 @@ def inspect(model: str, dataset: str = "", root: str = "", output: str = "", bat
                         f"{'x'.join(map(str, shape))}: pass the dataset the model was trained on")
     logits_u, logits_l = logits_of(net, xu, batch), logits_of(net, xl, batch)
     result = analyse(logits_l, logits_u, yu, name.nvalid, truth)
-    reference = ood_share.choose_reference(result["scores"][:name.nvalid], yu[:name.nvalid],
-                                           ood_share.confidence_score(logits_l))[0]
+    reference = reference_scores(result["scores"], yu, name.nvalid, logits_l)[0]
     os.makedirs(output, exist_ok=True)
     class_names = list(meta.get("class_names", []))
     summary = dict(result["summary"], dataset=str(name), model=model)
     writers = {"unlabeled.csv": lambda p: write_csv(p, result, logits_u, name.nvalid, class_names, truth),
-               "summary.json": lambda p: _dump_json(p, summary),
+               "summary.json": lambda p: write_json(p, summary, overwrite=True),
                "histogram.png": lambda p: write_histogram(p, result, reference, name.nvalid, truth),
                "contact_sheet.png": lambda p: write_contact_sheet(p, xu, result, name.nvalid, sheet)}
     for key, write in writers.items():
-        with records.atomic_path(paths[key], overwrite) as tmp:
+        with atomic_path(paths[key], overwrite) as tmp:
             write(tmp)
     return dict(summary, output=output)
 
 
-def _dump_json(path: str, value: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def main(argv=None):
-    from data_prep.common import parse_flags
-    rest = parse_flags(FLAGS, argv)
+    rest = cli.parse(FLAGS, argv)
     if rest:
         raise UserError(f"unexpected arguments {' '.join(rest)}: every option is a --flag")
     s = inspect(FLAGS.model, FLAGS.dataset, FLAGS.data_dir, FLAGS.output, FLAGS.batch, FLAGS.sheet,
@@ -279,4 +274,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli.run(main, FLAGS)

@@ -21,7 +21,7 @@ Command line:
 import tensorflow as tf
 from absl import flags
 
-from libml import layers
+from libml import gamma_auto, layers
 from libml.config import KIMG, positive, whole_kimg
 from libml.errors import UserError
 from realmix_tf import mixmatch
@@ -36,9 +36,9 @@ def check_realmix(train_kimg, tsa, tsa_source, gamma):
         raise UserError(f"--tsa={tsa!r} is unknown: use one of {', '.join(TSA_CHOICES)}")
     if tsa_source not in layers.TSA_SOURCES:
         raise UserError(f"--tsa_source={tsa_source!r} is unknown: use labels or logits")
-    if not 0.0 <= gamma < 1.0:
+    if gamma != gamma_auto.AUTO and not 0.0 <= gamma < 1.0:
         raise UserError(f"--gamma={gamma} is out of range: use a fraction in [0, 1) "
-                        f"(0.6 masks the 60 % least confident predictions)")
+                        f"(0.6 masks the 60 % least confident predictions) or auto")
     positive("train_kimg", train_kimg)
 
 
@@ -46,14 +46,17 @@ class RealMix(MixMatch):
     """RealMix on a Wide ResNet. train_kimg: run length, TSA progress = step / (train_kimg *
     1024) clipped to [0, 1]; tsa: 'none' | 'linear' | 'log' | 'exp'; tsa_source: 'labels'
     (the paper's rule) | 'logits' (the released code's rule); gamma: OOD-mask percentile in
-    [0, 1), 0 = off. Other arguments as MixMatch (defaults are the released ones, spec §2)."""
+    [0, 1), 0 = off, or "auto": estimated during training (libml/gamma_auto.py; then gamma
+    is a variable the trainer's report hook sets). Other arguments as MixMatch (defaults are the released ones, spec §2)."""
 
     def __init__(self, nclass, input_shape, train_kimg=65536, tsa="none", tsa_source="labels",
                  gamma=0.0, name="realmix", **kwargs):
         check_realmix(train_kimg, tsa, tsa_source, gamma)
         super().__init__(nclass, input_shape, name=name, **kwargs)
         self.train_kimg = whole_kimg(train_kimg)
-        self.tsa, self.tsa_source, self.gamma = tsa, tsa_source, float(gamma)
+        self.tsa, self.tsa_source = tsa, tsa_source
+        self.gamma = gamma if gamma == gamma_auto.AUTO else float(gamma)
+        self.gamma_state = gamma_auto.GammaState() if gamma == gamma_auto.AUTO else None
 
     @classmethod
     def check_hparams(cls, train_kimg=65536, tsa="none", tsa_source="labels", gamma=0.0, **others):
@@ -83,13 +86,15 @@ class RealMix(MixMatch):
 
     def unlabeled_loss(self, logits_u, targets_u):
         """Algorithm 1, lines 23-24: with gamma > 0, the mean L2 over the rows whose confidence
-        is above the per-batch gamma-percentile (spec §6.7)."""
-        if self.gamma <= 0:
+        is above the per-batch gamma-percentile (spec §6.7); --gamma=auto reads gamma from
+        its variable (0 until the estimate is trusted)."""
+        gamma = self.gamma if self.gamma_state is None else tf.convert_to_tensor(self.gamma_state.gamma)
+        if self.gamma_state is None and self.gamma <= 0:
             loss, _ = super().unlabeled_loss(logits_u, targets_u)
             return loss, {"monitors/mask_ratio": tf.constant(1.0),
                           "monitors/mask_threshold": tf.constant(0.0)}
         sq_err = layers.l2_consistency(targets_u, logits_u)
-        keep, threshold = layers.ood_mask(tf.nn.softmax(logits_u), self.gamma, return_threshold=True)
+        keep, threshold = layers.ood_mask(tf.nn.softmax(logits_u), gamma, return_threshold=True)
         return layers.masked_l2_mean(sq_err, keep, self.nclass), {
             "monitors/mask_ratio": tf.reduce_mean(keep), "monitors/mask_threshold": threshold}
 
@@ -107,8 +112,9 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                         "linear, log, exp (the released names linear_schedule, ... also work).", **fv)
     flags.DEFINE_string("tsa_source", "labels", "What the TSA threshold multiplies: labels "
                         "(the paper's rule) or logits (the released code's, spec §6.6).", **fv)
-    flags.DEFINE_float("gamma", 0.0, "OOD mask: fraction in [0, 1) of the least confident mixed "
-                       "unlabeled predictions left out of the unlabeled loss (0 = off).", **fv)
+    flags.DEFINE_string("gamma", "0", "OOD mask: fraction in [0, 1) of the least confident mixed "
+                        "unlabeled predictions left out of the unlabeled loss (0 = off), or auto: "
+                        "estimated from the data during training (docs/usage_gamma_auto.md).", **fv)
     flags.DEFINE_alias("percent_mask", "gamma", flag_values=flag_values)
 
 
@@ -117,7 +123,7 @@ def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
     if tsa.endswith("_schedule"):     # the released code's names
         tsa = tsa[: -len("_schedule")]
     return dict(mixmatch.hparams_from_flags(flag_values), tsa=tsa,
-                tsa_source=flag_values.tsa_source, gamma=flag_values.gamma)
+                tsa_source=flag_values.tsa_source, gamma=gamma_auto.parse_gamma(flag_values.gamma))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""--gamma=auto during training: the model's state and the trainer's report hook.
+
+A model that masks by gamma (RealMix) creates a `GammaState` in its constructor (under the
+strategy scope) when gamma is "auto" and reads `state.gamma` in its step: a variable, so the
+traced step never changes and every replica reads the same value. At each report the trainer
+calls `GammaAutoHook.report(...)`, which scores one window of `--eval_batch` un-augmented
+unlabeled images with the EMA model (the only extra forward pass), estimates their
+out-of-distribution share against the held-out in-distribution reference the evaluation has
+already scored (libml/ood_share.py), updates the smoothed estimate and gamma, logs them to
+TensorBoard (`monitors/gamma`, `monitors/ood_share_estimate`, `monitors/ood_share_raw`,
+`monitors/gamma_trusted`) and to `stats/gamma_auto.json`. The estimate, the trust streak and
+the trust flag are model variables, so they are in every checkpoint (exact resume).
+"""
+import os
+from typing import Dict, List, Optional
+
+import keras
+import numpy as np
+
+from libml import ood_share
+from libml.errors import UserError
+from libml.io import read_json, write_json
+from libml.summaries import write_scalar
+
+AUTO = "auto"
+HISTORY_FILE = os.path.join("stats", "gamma_auto.json")    # in the run folder
+
+
+class GammaState:
+    """The checkpointed variables of --gamma=auto (create under the strategy scope)."""
+
+    def __init__(self):
+        only_first = dict(trainable=False, aggregation="only_first_replica")
+        self.gamma = keras.Variable(0.0, dtype="float32", name="gamma_auto", **only_first)
+        self.estimate = keras.Variable(0.0, dtype="float32", name="gamma_auto_estimate", **only_first)
+        self.streak = keras.Variable(0, dtype="int64", name="gamma_auto_streak", **only_first)
+        self.trusted = keras.Variable(0, dtype="int64", name="gamma_auto_trusted", **only_first)
+
+    def load(self, auto: ood_share.AutoGamma) -> None:
+        auto.set_state(float(self.estimate.numpy()), int(self.streak.numpy()),
+                       bool(self.trusted.numpy()))
+
+    def store(self, auto: ood_share.AutoGamma) -> None:
+        estimate, streak, trusted = auto.state()
+        self.estimate.assign(estimate)
+        self.streak.assign(streak)
+        self.trusted.assign(int(trusted))
+        self.gamma.assign(auto.gamma)
+
+
+def parse_gamma(value):
+    """--gamma: 'auto' or a number (its range is checked by the model); returns 'auto' or a
+    float. A word is a UserError."""
+    text = str(value).strip().lower()
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--gamma={value!r} is not a number: use a fraction in [0, 1) or auto") from None
+
+
+def probs_score(probs) -> np.ndarray:
+    """The log-odds confidence score from probabilities (softmax(log p) = p; zeros floored)."""
+    return ood_share.confidence_score(np.log(np.maximum(np.asarray(probs, np.float64), 1e-38)))
+
+
+class GammaAutoHook:
+    """The trainer's report hook for a model with a `gamma_state` (GammaState)."""
+
+    def __init__(self, model, nclass: int, run_dir: str):
+        self.state: GammaState = model.gamma_state
+        self.auto = ood_share.AutoGamma(nclass=nclass)
+        self.path = os.path.join(run_dir, HISTORY_FILE)
+        self.history: List[dict] = []
+
+    def load_history(self, step: int) -> None:
+        """Reports up to the restored step (later ones are redone), as the accuracy history."""
+        history = read_json(self.path, "delete it; it is rewritten at the next report") \
+            if os.path.exists(self.path) else []
+        self.history = [h for h in history if h["step"] <= step]
+
+    @staticmethod
+    def window_offset(step: int, report_nimg: int, size: int) -> int:
+        """Where this report's window starts: consecutive reports read consecutive windows."""
+        return (step // max(report_nimg, 1)) * size
+
+    def report(self, step: int, window_probs, probs: Dict[str, np.ndarray],
+               accuracy: Dict[str, float]) -> dict:
+        """One report, inside the trainer's TensorBoard writer context. probs: the EMA model's
+        class probabilities of 'valid' (the validation images with a label) and
+        'train_labeled'; accuracy: the trainer's, in %."""
+        ref_scores, ref_name = ood_share.choose_reference(probs_score(probs["valid"]),
+                                                          probs_score(probs["train_labeled"]))
+        ref_accuracy = accuracy["valid" if ref_name == "valid" else "train_labeled"] / 100.0
+        window = probs_score(window_probs)
+        raw: Optional[float] = None
+        if len(window) and len(ref_scores) >= 5:
+            raw = ood_share.estimate_share(ref_scores, window).share
+        self.state.load(self.auto)
+        gamma = self.auto.update(raw, ref_accuracy if np.isfinite(ref_accuracy) else 0.0)
+        self.state.store(self.auto)
+        record = dict(step=step, kimg=step / 1024, gamma=gamma, ood_share_estimate=self.auto.estimate,
+                      ood_share_raw=raw, trusted=self.auto.trusted, reference=ref_name,
+                      n_reference=int(len(ref_scores)), n_window=int(len(window)),
+                      reference_accuracy=ref_accuracy)
+        write_scalar("monitors/gamma", gamma)
+        write_scalar("monitors/ood_share_estimate", self.auto.estimate)
+        write_scalar("monitors/ood_share_raw", float("nan") if raw is None else raw)
+        write_scalar("monitors/gamma_trusted", float(self.auto.trusted))
+        self.history = [h for h in self.history if h["step"] < step] + [record]
+        write_json(self.path, self.history, overwrite=True)
+        return record
