@@ -26,10 +26,13 @@ AUTO = "auto"
 HISTORY_FILE = os.path.join("stats", "gamma_auto.json")    # in the run folder
 
 
-class GammaState:
-    """The checkpointed variables of --gamma=auto (create under the strategy scope)."""
+class GammaState(keras.layers.Layer):
+    """The checkpointed variables of --gamma=auto (create under the strategy scope). A Keras
+    layer, so that the model tracks them: they are in `model.variables`, hence in every
+    checkpoint (libml.train.model_variables)."""
 
     def __init__(self):
+        super().__init__(name="gamma_auto", trainable=False)
         only_first = dict(trainable=False, aggregation="only_first_replica")
         self.gamma = keras.Variable(0.0, dtype="float32", name="gamma_auto", **only_first)
         self.estimate = keras.Variable(0.0, dtype="float32", name="gamma_auto_estimate", **only_first)

@@ -1,0 +1,185 @@
+"""--gamma=auto in training: the tensor-gamma mask, the flag, TensorBoard and stats/ records,
+exact resume of the estimate, and a two-replica MirroredStrategy run without retracing."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
+
+from libml import gamma_auto, layers, ood_share, train
+from libml.data import test_options
+from libml.errors import UserError
+from realmix_tf import realmix
+from tests.fixtures_data import make_ssl_dataset
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPORTS = [32, 64, 96, 128]
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 0.9])
+def test_mask_with_a_tensor_gamma_equals_the_float_rule(gamma):
+    probs = tf.nn.softmax(tf.random.stateless_normal([37, 5], seed=[1, 2]) * 3)
+    want_mask, want_threshold = layers.ood_mask(probs, gamma, return_threshold=True)
+    variable = tf.Variable(gamma, dtype=tf.float32)
+    got_mask, got_threshold = tf.function(
+        lambda: layers.ood_mask(probs, tf.convert_to_tensor(variable), return_threshold=True))()
+    np.testing.assert_array_equal(got_mask.numpy(), want_mask.numpy())
+    assert float(got_threshold) == pytest.approx(float(want_threshold))
+
+
+def test_gamma_flag_accepts_auto_and_rejects_words():
+    assert gamma_auto.parse_gamma("auto") == "auto" and gamma_auto.parse_gamma(" AUTO ") == "auto"
+    assert gamma_auto.parse_gamma("0.6") == 0.6
+    flags = type("F", (), dict(tsa="none", tsa_source="labels", beta=0.75, w_match=75.0,
+                               warmup_kimg=1.0, gamma="often"))()
+    with pytest.raises(UserError, match="--gamma='often' is not a number"):
+        realmix.realmix_hparams(flags)
+    flags.gamma = "1.5"
+    with pytest.raises(UserError, match="out of range"):
+        realmix.realmix_hparams(flags)
+    flags.gamma = "auto"
+    assert realmix.realmix_hparams(flags)["gamma"] == "auto"
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return make_ssl_dataset(tmp_path_factory.mktemp("data"), nlabeled=16, nunlabeled=48, nvalid=8,
+                            ntest=16, size=8)
+
+
+@pytest.fixture
+def quick_trust(monkeypatch):
+    """Trust from the second report on, so that the tiny runs move gamma off 0."""
+    monkeypatch.setattr(ood_share, "trust_accuracy", lambda nclass: 0.0)
+
+
+def tiny_config(toy, train_dir, **overrides):
+    values = dict(dataset=toy.name, data_dir=toy.root, train_dir=str(train_dir), batch=8,
+                  filters=8, repeat=1, train_kimg=0.125, report_kimg=0.03125, save_kimg=0.03125,
+                  keep_ckpt=10, eval_batch=16, export=False, progress=False,
+                  short_run_scaling=True, algorithm=dict(gamma="auto"))
+    values.update(overrides)
+    return train.TrainConfig(**values)
+
+
+class Stopped(Exception):
+    pass
+
+
+def run(config, stop_after_steps=None):
+    trainer = train.Trainer(config, realmix.make_model, "RealMix", data_options=test_options())
+    if stop_after_steps is not None:    # a crash after this many steps: no final save
+        make = trainer._get_train_fn
+        calls = {"n": 0}
+
+        def crashing():
+            inner = make()
+
+            def step():
+                if calls["n"] == stop_after_steps:
+                    raise Stopped()
+                calls["n"] += 1
+                return inner()
+            return step
+        trainer._get_train_fn = crashing
+    try:
+        trainer.run()
+    except Stopped:
+        pass
+    return trainer
+
+
+def state(trainer):
+    s = trainer.model.gamma_state
+    return [float(s.gamma.numpy()), float(s.estimate.numpy()), int(s.streak.numpy()),
+            int(s.trusted.numpy())]
+
+
+def history(trainer):
+    with open(os.path.join(trainer.stats_dir, gamma_auto.HISTORY_FILE)) as f:
+        return json.load(f)
+
+
+def test_run_logs_gamma_and_estimate_at_every_report(toy, tmp_path, quick_trust):
+    trainer = run(tiny_config(toy, tmp_path))
+    assert "gammaauto" in os.path.basename(trainer.run_dir)
+    events = train.read_events(trainer.tf_dir)
+    for tag in ("monitors/gamma", "monitors/ood_share_estimate", "monitors/ood_share_raw",
+                "monitors/gamma_trusted"):
+        assert [step for step, _ in events[tag]] == REPORTS, tag
+    records = history(trainer)
+    assert [r["step"] for r in records] == REPORTS
+    assert [r["trusted"] for r in records] == [False, True, True, True]   # 2 reports to trust
+    estimate = 0.0
+    for r in records:     # the smoothing rule, from 0: estimate += 0.3 * (raw - estimate)
+        if r["trusted"]:
+            estimate += 0.3 * (min(max(r["ood_share_raw"], 0.0), 1.0) - estimate)
+        assert r["ood_share_estimate"] == pytest.approx(estimate, abs=1e-6)
+        assert r["gamma"] == pytest.approx(min(estimate, 0.95) if r["trusted"] else 0.0, abs=1e-6)
+        assert r["reference"] == "labeled" and r["n_window"] == 16 and r["n_reference"] == 16
+    tb = dict(events["monitors/gamma"])
+    assert [float(tb[s]) for s in REPORTS] == pytest.approx([r["gamma"] for r in records], abs=1e-6)
+    assert state(trainer)[0] == pytest.approx(records[-1]["gamma"], abs=1e-6)
+    # gamma is a variable read by the step: one trace for the whole run
+    assert trainer._train_fn.experimental_get_tracing_count() == 1
+
+
+def test_resume_keeps_the_estimate(toy, tmp_path, quick_trust):
+    tf_config.enable_op_determinism()
+    try:
+        reference = run(tiny_config(toy, tmp_path / "ref"))
+        # 10 steps = 80 images: reports at 32 and 64 and their checkpoints survive.
+        stopped = run(tiny_config(toy, tmp_path / "cut"), stop_after_steps=10)
+        assert [r["step"] for r in history(stopped)] == [32, 64]
+        resumed = run(tiny_config(toy, tmp_path / "cut"))
+    finally:
+        tf_config.disable_op_determinism()
+    assert state(resumed) == state(reference)
+    assert history(resumed) == history(reference)
+    assert any(r["ood_share_raw"] for r in history(reference))   # a non-trivial estimate
+
+
+MIRRORED_SCRIPT = """
+import json
+import numpy as np, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from realmix_tf.realmix import RealMix
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+rng = np.random.RandomState(0)
+lab = tf.data.Dataset.from_tensor_slices({"image": rng.uniform(-1, 1, (32, 8, 8, 3)).astype("f4"),
+                                          "label": rng.randint(0, 4, 32)})
+unl = tf.data.Dataset.from_tensor_slices({"image": rng.uniform(-1, 1, (32, 2, 8, 8, 3)).astype("f4")})
+data = tf.data.Dataset.zip((lab, unl)).repeat().batch(16, drop_remainder=True)
+with strategy.scope():
+    model = RealMix(4, (8, 8, 3), filters=4, repeat=1, warmup_kimg=0, gamma="auto")
+batches = iter(strategy.experimental_distribute_dataset(data))
+step = tf.function(lambda d: strategy.run(model.train_step, args=(d,)))
+ratios = []
+for gamma in (0.0, 0.5, 0.25):
+    model.gamma_state.gamma.assign(gamma)          # what the report hook does, from the host
+    out = step(next(batches))
+    ratios.append([float(v) for v in out["monitors/mask_ratio"].values])
+print("RESULT", json.dumps(dict(ratios=ratios, traces=step.experimental_get_tracing_count(),
+      replicas=[float(v.numpy()) for v in model.gamma_state.gamma.value.values])))
+"""
+
+
+def test_two_replica_mirrored_strategy_reads_gamma_without_retracing(tmp_path):
+    """gamma set from the host between steps reaches both replicas' masks; one trace."""
+    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], cwd=REPO,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines, result.stderr[-3000:]
+    out = json.loads(lines[0].split(" ", 1)[1])
+    assert out["traces"] == 1 and out["replicas"] == [0.25, 0.25]
+    # Each replica masks floor(gamma * 16) + ties of its 16 mixed unlabeled rows (2 views x 8).
+    for (gamma, ratios) in zip((0.0, 0.5, 0.25), out["ratios"]):
+        assert len(ratios) == 2
+        for ratio in ratios:
+            assert ratio == 1.0 if gamma == 0 else 1 - gamma - 1 / 16 - 1e-6 <= ratio <= 1 - gamma + 1e-6
