@@ -22,6 +22,7 @@ from absl import app, flags  # noqa: E402
 
 from libml import cli  # noqa: E402
 from libml.config import PRECISIONS  # noqa: E402
+from libml import gamma_auto  # noqa: E402
 from libml.errors import UserError  # noqa: E402
 from realmix_tf import registry  # noqa: E402
 from realmix_tf.realmix import RealMix  # noqa: E402
@@ -91,7 +92,8 @@ def measure(precision):
     that load from other jobs hits both alike. Returns {name: [seconds per round]}."""
     model = RealMix(10, (FLAGS.size, FLAGS.size, 3), filters=FLAGS.filters,
                     precision=precision, jit_compile=FLAGS.jit_compile,
-                    tsa=FLAGS.tsa.replace("_schedule", ""), gamma=FLAGS.gamma,
+                    tsa=FLAGS.tsa.replace("_schedule", ""),
+                    gamma=gamma_auto.parse_gamma(FLAGS.gamma),
                     batched_passes=FLAGS.batched_passes, warmup_kimg=1)
     data = random_batch(FLAGS.batch, FLAGS.size)
     steps = {"realmix": tf.function(model.train_step), "bare": bare_step_fn(model)}

@@ -10,11 +10,11 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from libml import gamma_auto, layers, ood_share, train
-from libml.data import test_options
+from libml import gamma_auto, layers, ood_share, summaries, train
+from libml.config import TrainConfig
 from libml.errors import UserError
-from realmix_tf import realmix
-from tests.fixtures_data import make_ssl_dataset
+from realmix_tf.realmix import RealMix
+from tests.fixtures_data import make_ssl_dataset, test_options
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORTS = [32, 64, 96, 128]
@@ -34,15 +34,12 @@ def test_mask_with_a_tensor_gamma_equals_the_float_rule(gamma):
 def test_gamma_flag_accepts_auto_and_rejects_words():
     assert gamma_auto.parse_gamma("auto") == "auto" and gamma_auto.parse_gamma(" AUTO ") == "auto"
     assert gamma_auto.parse_gamma("0.6") == 0.6
-    flags = type("F", (), dict(tsa="none", tsa_source="labels", beta=0.75, w_match=75.0,
-                               warmup_kimg=1.0, gamma="often"))()
     with pytest.raises(UserError, match="--gamma='often' is not a number"):
-        realmix.realmix_hparams(flags)
-    flags.gamma = "1.5"
+        gamma_auto.parse_gamma("often")
     with pytest.raises(UserError, match="out of range"):
-        realmix.realmix_hparams(flags)
-    flags.gamma = "auto"
-    assert realmix.realmix_hparams(flags)["gamma"] == "auto"
+        RealMix.check_hparams(gamma=1.5)
+    RealMix.check_hparams(gamma="auto")
+    assert RealMix(3, (8, 8, 3), filters=4, repeat=1, gamma="auto").hparams()["gamma"] == "auto"
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +60,7 @@ def tiny_config(toy, train_dir, **overrides):
                   keep_ckpt=10, eval_batch=16, export=False, progress=False,
                   short_run_scaling=True, algorithm=dict(gamma="auto"))
     values.update(overrides)
-    return train.TrainConfig(**values)
+    return TrainConfig(**values)
 
 
 class Stopped(Exception):
@@ -71,7 +68,7 @@ class Stopped(Exception):
 
 
 def run(config, stop_after_steps=None):
-    trainer = train.Trainer(config, realmix.make_model, "RealMix", data_options=test_options())
+    trainer = train.Trainer(config, RealMix.from_config, "RealMix", data_options=test_options())
     if stop_after_steps is not None:    # a crash after this many steps: no final save
         make = trainer._get_train_fn
         calls = {"n": 0}
@@ -100,14 +97,14 @@ def state(trainer):
 
 
 def history(trainer):
-    with open(os.path.join(trainer.stats_dir, gamma_auto.HISTORY_FILE)) as f:
+    with open(os.path.join(trainer.run_dir, gamma_auto.HISTORY_FILE)) as f:
         return json.load(f)
 
 
 def test_run_logs_gamma_and_estimate_at_every_report(toy, tmp_path, quick_trust):
     trainer = run(tiny_config(toy, tmp_path))
     assert "gammaauto" in os.path.basename(trainer.run_dir)
-    events = train.read_events(trainer.tf_dir)
+    events = summaries.read_events(trainer.tf_dir)
     for tag in ("monitors/gamma", "monitors/ood_share_estimate", "monitors/ood_share_raw",
                 "monitors/gamma_trusted"):
         assert [step for step, _ in events[tag]] == REPORTS, tag

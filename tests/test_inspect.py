@@ -10,10 +10,11 @@ import pytest
 from PIL import Image
 
 from libml import ood_share, train
-from libml.data import test_options
+from libml.config import TrainConfig
 from libml.errors import UserError
-from realmix_tf import inspect, realmix
-from tests.fixtures_data import make_ssl_dataset
+from realmix_tf import inspect
+from realmix_tf.realmix import RealMix
+from tests.fixtures_data import make_ssl_dataset, test_options
 
 NUNLABELED, NVALID = 48, 8
 
@@ -30,12 +31,12 @@ def tiny_run(tmp_path_factory):
                    "unlabel_class": np.where(outliers, 9, labels).tolist(),
                    "unlabel_in_distribution": (~outliers).tolist(),
                    "class_names": [f"c{i}" for i in range(10)]}, f)
-    config = train.TrainConfig(dataset=toy.name, data_dir=toy.root,
+    config = TrainConfig(dataset=toy.name, data_dir=toy.root,
                                train_dir=str(tmp_path_factory.mktemp("runs")), batch=8, filters=8,
                                repeat=1, train_kimg=0.0625, report_kimg=0.03125, save_kimg=0.03125,
                                eval_batch=64, progress=False, short_run_scaling=True,
                                algorithm=dict(gamma=0.25))
-    trainer = train.Trainer(config, realmix.make_model, "RealMix", data_options=test_options())
+    trainer = train.Trainer(config, RealMix.from_config, "RealMix", data_options=test_options())
     trainer.run()
     return toy, trainer, outliers
 
