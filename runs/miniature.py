@@ -9,7 +9,10 @@ Three scaled-down experiments (paper tables in brackets):
   mismatch  labeled digits 0-5, 4 unlabeled classes with 0/25/50/75/100 % taken from digits 6-9,
             supervised vs Mean Teacher vs MixMatch vs RealMix (gamma 0/0.2/0.4/0.6/0.85)
             (Table 1 / Fig. 2);
-  ablation  RealMix at 75 % mismatch with gamma 0.6 vs 0.3 vs no OOD mask (Table 6).
+  ablation  RealMix at 75 % mismatch with gamma 0.6 vs 0.3 vs no OOD mask (Table 6);
+  gamma_auto (only when asked for) RealMix with --gamma=auto vs the hand-chosen gamma vs no
+            mask at every mismatch level, and the estimated OOD share vs the truth
+            (docs/usage_gamma_auto.md).
 
 The script prepares its own data under {work_dir}/ML_DATA (create_datasets mnist5k,
 create_split, create_mismatch --source=mnist5k, extend_unlabeled), trains every run in this
@@ -42,7 +45,7 @@ from runs.experiments import CIFAR, MISMATCH_GAMMA, paper_error
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("experiments", ["sizes", "mismatch", "ablation"], "Experiments to run: sizes, "
-                  "mismatch, ablation.", flag_values=FLAGS)
+                  "mismatch, ablation, gamma_auto (not run by default).", flag_values=FLAGS)
 flags.DEFINE_list("methods", ["Supervised", "MeanTeacher", "MixMatch", "RealMix"], "Methods to "
                   "run (the ablation is RealMix only).", flag_values=FLAGS)
 flags.DEFINE_list("seeds", ["1", "2"], "Seeds: each seed is both the split seed (dataset "
@@ -81,7 +84,9 @@ flags.DEFINE_bool("quick", False, "Tiny settings for a smoke test: the first see
                   "count only, train_kimg 0.25, 2 reports, filters 8, batch 32, Extend 2 copies.",
                   flag_values=FLAGS)
 
-EXPERIMENTS = ("sizes", "mismatch", "ablation")
+EXPERIMENTS = ("sizes", "mismatch", "ablation", "gamma_auto")
+DEFAULT_EXPERIMENTS = EXPERIMENTS[:3]
+AUTO_ROWS = (("auto", "RealMix (γ = auto)"), ("hand", "RealMix (γ per level)"), (0.0, "RealMix (γ = 0)"))
 METHODS = ("Supervised", "MeanTeacher", "MixMatch", "RealMix")   # realmix_tf.registry names
 LEVELS = tuple(MISMATCH_GAMMA)
 ABLATION_GAMMAS = ((0.6, "RealMix (γ = 0.6)"), (0.3, "RealMix (γ = 0.3)"), (0.0, "RealMix w/o OOD mask"))
@@ -104,6 +109,8 @@ PAPER = {   # CIFAR-10 error % of the paper (runs/experiments.py), for the patte
         (("γ = 0.6", "RealMix (γ = 0.60)"), ("γ = 0.3", "RealMix (γ = 0.3)"),
          ("no mask", "RealMix w/o OODMask")))
         + f"; supervised {_paper(1, 'Supervised (labeled only)', ['all levels'])}",
+    "gamma_auto": "Table 1 (0/25/50/75/100 %), RealMix with γ chosen by hand per level: "
+                  f"{_paper(1, 'RealMix', PCTS)} (no paper estimates γ from the data)",
 }
 
 
@@ -112,7 +119,7 @@ class Settings:
     seeds: Tuple[int, ...] = (1, 2)
     sizes: Tuple[int, ...] = (50, 100)
     methods: Tuple[str, ...] = tuple(METHODS)
-    experiments: Tuple[str, ...] = EXPERIMENTS
+    experiments: Tuple[str, ...] = DEFAULT_EXPERIMENTS
     mismatch_labels_per_class: int = 10
     nvalid: int = 200
     train_kimg: float = 32
@@ -233,6 +240,13 @@ def build_cells(s: Settings) -> List[Cell]:
                 cells.append(Cell("ablation", "Supervised", column, seed,
                                   make_run("Supervised", mismatch_name(0, seed, s), seed, s),
                                   "the mismatch experiment's supervised run (same labeled set)"))
+        if "gamma_auto" in s.experiments and "RealMix" in s.methods:
+            # --gamma=auto vs the hand-chosen gamma (the mismatch runs) vs no mask, per level.
+            for gamma, label in AUTO_ROWS:
+                for level in LEVELS:
+                    g = MISMATCH_GAMMA[level] if gamma == "hand" else gamma
+                    cells.append(Cell("gamma_auto", label, f"{level}%", seed,
+                                      make_run("RealMix", mismatch_name(level, seed, s), seed, s, gamma=g)))
     return cells
 
 
@@ -323,9 +337,25 @@ def train_run(run: Run, s: Settings, root: str, train_dir: str) -> dict:
     start = time.time()
     run_dir = registry.launch(run.method, train_flags(run, s, root, train_dir))["run_dir"]
     history = read_history(run_dir)
-    return dict(run_dir=run_dir, method=run.method, dataset=run.dataset, seed=run.seed,
-                hparams=dict(run.hparams), extend=run.extend, wall_seconds=time.time() - start,
-                test=[h["test"] for h in history], kimg=[h["kimg"] for h in history])
+    result = dict(run_dir=run_dir, method=run.method, dataset=run.dataset, seed=run.seed,
+                  hparams=dict(run.hparams), extend=run.extend, wall_seconds=time.time() - start,
+                  test=[h["test"] for h in history], kimg=[h["kimg"] for h in history])
+    if dict(run.hparams).get("gamma") == "auto":
+        result.update(ood_share(run_dir, root))
+    return result
+
+
+def ood_share(run_dir: str, root: str) -> dict:
+    """--gamma=auto runs: the last report's estimate and gamma (stats/gamma_auto.json), and
+    realmix_tf.inspect on the final model (whole-set estimate, true share, AUROC)."""
+    from libml.gamma_auto import HISTORY_FILE
+    from libml.io import read_json
+    from realmix_tf import inspect
+    last = read_json(os.path.join(run_dir, HISTORY_FILE), "re-run the miniature")[-1]
+    summary = inspect.inspect(run_dir, root=root, overwrite=True)
+    return dict(gamma_final=last["gamma"], estimate_final=last["ood_share_estimate"],
+                estimate_inspect=summary["estimated_ood_share"],
+                true_share=summary.get("true_ood_share"), auroc=summary.get("auroc"))
 
 
 def run_all(runs: Sequence[Run], s: Settings, root: str, train_dir: str,
@@ -374,13 +404,26 @@ def aggregate(cells: Sequence[Cell], results: Dict[Run, dict], s: Settings) -> d
         error = median_error(results[c.run]["test"], s.median_last)
         if error is not None:
             t["errors"].setdefault(c.row, {}).setdefault(c.column, []).append(error)
+        if "true_share" in results[c.run]:     # --gamma=auto: the share estimates vs the truth
+            for key in SHARE_ROWS:
+                value = results[c.run].get(key)
+                if value is not None:
+                    t.setdefault("shares", {}).setdefault(key, {}).setdefault(c.column, []).append(value)
     return table
+
+
+SHARE_ROWS = {"true_share": "true OOD share (training unlabeled images)",
+              "estimate_final": "estimate at the last report (smoothed)",
+              "gamma_final": "γ used after the last report",
+              "estimate_inspect": "estimate of the final model on all unlabeled images (inspect)",
+              "auroc": "AUROC of the confidence score, in vs out (inspect)"}
 
 
 TITLES = {
     "sizes": "Labeled-set size: mnist5k, error % (paper Table 2 / Fig. 3 pattern)",
     "mismatch": "Distribution mismatch: digits 0-5 labeled, error % (paper Table 1 / Fig. 2 pattern)",
     "ablation": "OOD-mask ablation at 75 % mismatch, error % (paper Table 6 pattern)",
+    "gamma_auto": "γ from the data (--gamma=auto) vs γ by hand vs no mask, error %",
 }
 
 
@@ -417,6 +460,14 @@ def markdown_report(tables: dict, s: Settings, meta: dict) -> str:
         t = tables[name]
         out += [f"## {TITLES[name]}", ""] + markdown_table(t) + [""]
         out += [f"Error % per seed ({seeds}):", ""] + markdown_table(t, per_seed=True) + [""]
+        if t.get("shares"):
+            out += ["Share of out-of-distribution unlabeled images, mean over seeds:", "",
+                    "| quantity | " + " | ".join(t["columns"]) + " |", "|---" * (len(t["columns"]) + 1) + "|"]
+            for key, label in SHARE_ROWS.items():
+                row = t["shares"].get(key, {})
+                out.append(f"| {label} | " + " | ".join(
+                    f"{statistics.mean(row[c]):.3f}" if row.get(c) else "-" for c in t["columns"]) + " |")
+            out.append("")
         for row, note in t["notes"].items():
             out.append(f"- {row}: {note}.")
         out += [f"- Paper, CIFAR-10: {PAPER[name]}.", f"- Plot: `{name}.png`.", ""]

@@ -11,7 +11,7 @@ from runs import miniature
 def test_default_grid_counts_and_sharing():
     s = miniature.Settings()
     cells = miniature.build_cells(s)
-    per_experiment = {e: sum(c.experiment == e for c in cells) for e in miniature.EXPERIMENTS}
+    per_experiment = {e: sum(c.experiment == e for c in cells) for e in miniature.DEFAULT_EXPERIMENTS}
     # 3 methods x 2 sizes, 4 methods x 5 levels, 3 gammas + supervised; times 2 seeds
     assert per_experiment == {"sizes": 12, "mismatch": 40, "ablation": 8}
     # Supervised: one run per seed for the 5 levels; gamma 0.6 at 75 % shared with the ablation.
@@ -37,6 +37,23 @@ def test_default_grid_counts_and_sharing():
     assert miniature.run_decay(miniature.Settings(train_kimg=0.25, batch=32)) == 0.0
     flags_ = miniature.train_flags(sizes_rm[0], s, "/data", "/runs")
     assert flags_["short_run_scaling"] is True and "ema" not in flags_ and flags_["extend"] == 10
+
+
+def test_gamma_auto_grid_shares_the_hand_and_no_mask_runs():
+    s = miniature.Settings(seeds=(1,), experiments=("mismatch", "ablation", "gamma_auto"))
+    cells = miniature.build_cells(s)
+    auto = [c for c in cells if c.experiment == "gamma_auto"]
+    assert len(auto) == 3 * 5
+    gammas = {(c.row, c.column): dict(c.run.hparams)["gamma"] for c in auto}
+    assert {k[1]: v for k, v in gammas.items() if k[0] == "RealMix (γ = auto)"} == {
+        f"{level}%": "auto" for level in miniature.LEVELS}
+    assert {v for k, v in gammas.items() if k[0] == "RealMix (γ = 0)"} == {0.0}
+    hand = {c.run for c in auto if c.row == "RealMix (γ per level)"}
+    assert hand == {c.run for c in cells if c.experiment == "mismatch" and c.row.startswith("RealMix")}
+    # New runs: 5 auto + 3 no-mask (at 0 % the hand gamma is 0; at 75 % it is the ablation's).
+    assert len(miniature.unique_runs(cells)) - len(miniature.unique_runs(
+        [c for c in cells if c.experiment != "gamma_auto"])) == 8
+    assert miniature.train_flags(auto[0].run, s, "/d", "/r")["gamma"] == "auto"
 
 
 def test_median_error_and_cells():
@@ -105,5 +122,5 @@ def test_command_line_exit_code(tmp_path):
                            f"--work_dir={tmp_path}"], cwd=root, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: --experiments=tables: use one or more of sizes,mismatch,ablation"]
+        "error: --experiments=tables: use one or more of sizes,mismatch,ablation,gamma_auto"]
     assert not os.listdir(tmp_path)                     # nothing prepared or trained
