@@ -1,4 +1,5 @@
-import os
+"""libml: the shared library of realmix_tf. Importing it sets TensorFlow up for the machine
+(libml.platform.setup) before anything imports TensorFlow."""
+from libml import platform as _platform
 
-# Hide TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) unless the user set a level.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_platform.setup()

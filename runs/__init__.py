@@ -1,4 +1,5 @@
-import os
+# Sets TensorFlow up for the machine (oneDNN, log level, quiet CUDA probe) before any module of
+# this package imports TensorFlow: see libml/platform.py.
+from libml import platform as _platform
 
-# Hide TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notes) unless the user set a level.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+_platform.setup()

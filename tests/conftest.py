@@ -1,6 +1,8 @@
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from libml import platform as _platform
+
+_platform.setup()   # before anything imports TensorFlow, as every entry point does
 os.environ.setdefault("TF_DETERMINISTIC_OPS", "0")
 
 import numpy as np
