@@ -260,8 +260,10 @@ def describe() -> List[str]:
     """Lines for a banner: CPU model and cores, ISA, oneDNN state, threads (imports TF)."""
     model, flags = cpu_info()
     import tensorflow as tf
-    intra = tf.config.threading.get_intra_op_parallelism_threads() or os.cpu_count()
-    inter = tf.config.threading.get_inter_op_parallelism_threads() or os.cpu_count()
+    intra = (tf.config.threading.get_intra_op_parallelism_threads()
+             or os.environ.get("TF_NUM_INTRAOP_THREADS") or os.cpu_count())
+    inter = (tf.config.threading.get_inter_op_parallelism_threads()
+             or os.environ.get("TF_NUM_INTEROP_THREADS") or os.cpu_count())
     return [f"CPU: {model}, {os.cpu_count()} cores ({_stdlib_platform.machine()})",
             f"ISA: {isa_line(flags)}",
             f"oneDNN: {onednn_state()}; TF {tf.__version__}; threads intra-op {intra}, "

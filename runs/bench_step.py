@@ -6,26 +6,28 @@ Bare compute = the same network: two no-gradient training-mode passes on B, plus
 forward+backward on 3B images with an Adam step (no MixUp, no interleave, no WD, no EMA).
 
   python -m runs.bench_step --precisions=float32,mixed_bfloat16 --tsa=linear --gamma=0.6
+  python -m runs.bench_step --peer=../MixMatch-pytorch --peer_python=../torchvenv/bin/python
 
-Prints s/step (median and best of the rounds), steps/s and images/s (labeled images: B per
-step) for each precision, the ratio RealMix/bare, and the bf16 speed-up. Warm-up steps
-(tracing) are excluded; the two steps alternate so that other jobs slow both alike.
+Prints the machine (CPU model, AVX2 / AVX-512 / AMX flags, TensorFlow's oneDNN state, load
+average), then s/step (median and best of the rounds), steps/s and images/s (labeled images:
+B per step) for each precision, the ratio RealMix/bare, and the bf16 speed-up. With --peer, the
+PyTorch MixMatch port's own train() step (runs/peer_step.py; bf16 = torch.autocast) runs in its
+own process and takes part in every round, so the RealMix/port ratio is measured side by side.
+Warm-up steps (tracing) are excluded; the steps alternate so that other jobs slow all alike.
 """
 import os
 import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
+from absl import flags
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
-
-from libml import cli  # noqa: E402
-from libml.config import PRECISIONS  # noqa: E402
-from libml import gamma_auto  # noqa: E402
-from libml.errors import UserError  # noqa: E402
-from realmix_tf import registry  # noqa: E402
-from realmix_tf.realmix import RealMix  # noqa: E402
+from libml import cli, gamma_auto, platform
+from libml.config import PRECISIONS
+from libml.errors import UserError
+from realmix_tf import registry
+from realmix_tf.realmix import RealMix
+from runs.peer_step import PEER_PRECISIONS, PeerProcess
 
 FLAGS = flags.FLAGS
 # The RealMix command line's flags: this script reuses --batch, --filters, --jit_compile,
@@ -34,11 +36,16 @@ registry.define_flags("realmix", FLAGS)
 flags.DEFINE_list("precisions", ["float32", "mixed_bfloat16"], "Precisions to measure.")
 flags.DEFINE_integer("steps", 2, "Timed steps per round.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps first (tracing, allocator warm-up).")
-flags.DEFINE_integer("repeats", 6, "Rounds alternating the RealMix and the bare step; the "
-                     "median and the best round are reported.")
+flags.DEFINE_integer("repeats", 6, "Rounds; each times every step (RealMix, bare, port) of "
+                     "every precision once. The median and the best round are reported.")
 flags.DEFINE_integer("size", 32, "Image size.")
 flags.DEFINE_bool("batched_passes", True, "Run BN chunks as one grouped call (False: "
                   "separate calls, as the released code).")
+flags.DEFINE_string("peer", "", "A checkout of the PyTorch MixMatch port (YU1ut/MixMatch-pytorch) "
+                    "to time side by side; empty: RealMix and bare only.")
+flags.DEFINE_string("peer_python", "python3", "A Python with torch installed (e.g. a separate "
+                    "venv with the CPU wheel) that runs the port.")
+
 
 def random_batch(batch, size, seed=0):
     rng = np.random.RandomState(seed)
@@ -87,10 +94,11 @@ def seconds_per_step(step, data, steps):
     return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
 
 
-def measure(precision):
-    """Per-step seconds of each step function: `repeats` rounds that alternate the two, so
-    that load from other jobs hits both alike. Returns {name: [seconds per round]}."""
-    model = RealMix(10, (FLAGS.size, FLAGS.size, 3), filters=FLAGS.filters,
+def contestants(precision, peers):
+    """{name: timer} for one precision; timer() -> (wall, cpu) seconds per step of
+    FLAGS.steps steps, after the warm-up. With --peer the port's worker joins (`peers` keeps
+    it, to close it at the end)."""
+    model = RealMix(10, (FLAGS.size, FLAGS.size, 3), filters=FLAGS.filters, repeat=FLAGS.repeat,
                     precision=precision, jit_compile=FLAGS.jit_compile,
                     tsa=FLAGS.tsa.replace("_schedule", ""),
                     gamma=gamma_auto.parse_gamma(FLAGS.gamma),
@@ -99,32 +107,77 @@ def measure(precision):
     steps = {"realmix": tf.function(model.train_step), "bare": bare_step_fn(model)}
     for fn in steps.values():
         seconds_per_step(fn, data, max(FLAGS.warmup, 1))
-    rounds = {name: [] for name in steps}
-    for _ in range(FLAGS.repeats):
-        for name, fn in steps.items():
-            rounds[name].append(seconds_per_step(fn, data, FLAGS.steps))
+    timers = {name: (lambda fn=fn: seconds_per_step(fn, data, FLAGS.steps))
+              for name, fn in steps.items()}
+    if FLAGS.peer and precision in PEER_PRECISIONS:
+        peer = PeerProcess(FLAGS.peer, FLAGS.peer_python, FLAGS.batch, precision, FLAGS.warmup,
+                           FLAGS.seed)
+        peers.append(peer)
+        print(f"peer ({precision}): PyTorch MixMatch port at {FLAGS.peer}, torch "
+              f"{peer.info['torch']}, {peer.info['threads']} threads", flush=True)
+        timers["port"] = lambda: peer.time(FLAGS.steps)
+    return timers
+
+
+def measure(precisions):
+    """`repeats` rounds; each round times every step of every precision once (RealMix, bare,
+    the port with --peer), so that load from other jobs hits all alike.
+    Returns {precision: {name: [(wall, cpu) seconds per step, one per round]}}."""
+    peers = []
+    try:
+        timers = {p: contestants(p, peers) for p in precisions}
+        rounds = {p: {name: [] for name in t} for p, t in timers.items()}
+        for _ in range(FLAGS.repeats):
+            for p, named in timers.items():
+                for name, timer in named.items():
+                    rounds[p][name].append(timer())
+    finally:
+        for peer in peers:
+            peer.close()
     return rounds
+
+
+def report(precision, rounds):
+    """Prints one precision's figures; returns its median wall seconds per step by name."""
+    med = {k: float(np.median([w for w, _ in v])) for k, v in rounds.items()}
+    best = {k: min(w for w, _ in v) for k, v in rounds.items()}
+    cpu = {k: float(np.median([c for _, c in v])) for k, v in rounds.items()}
+    print(f"{precision:15s} realmix {med['realmix']:.3f} s/step (median; best "
+          f"{best['realmix']:.3f}) = {1 / med['realmix']:.2f} steps/s, "
+          f"{FLAGS.batch / med['realmix']:.1f} img/s | bare {med['bare']:.3f} (best "
+          f"{best['bare']:.3f}) | realmix/bare wall {med['realmix'] / med['bare']:.3f} "
+          f"median, {best['realmix'] / best['bare']:.3f} best; CPU time "
+          f"{cpu['realmix']:.2f}/{cpu['bare']:.2f} s = {cpu['realmix'] / cpu['bare']:.3f}")
+    if "port" in rounds:
+        per_round = [r[0] / p[0] for r, p in zip(rounds["realmix"], rounds["port"])]
+        print(f"{'':15s} port    {med['port']:.3f} s/step (median; best {best['port']:.3f}) "
+              f"| realmix/port wall {med['realmix'] / med['port']:.3f} median, "
+              f"{best['realmix'] / best['port']:.3f} best, per round "
+              f"{' '.join(f'{x:.2f}' for x in per_round)} | CPU time {cpu['port']:.2f} s, "
+              f"realmix/port {cpu['realmix'] / cpu['port']:.3f}")
+    return med
+
+
+def load():
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv):
     del argv
-    for p in FLAGS.precisions:
+    precisions = [platform.auto_precision()[0] if p == "auto" else p for p in FLAGS.precisions]
+    for p in precisions:
         if p not in PRECISIONS:
-            raise UserError(f"unknown precision {p!r}: use {', '.join(PRECISIONS)}")
-    medians = {}
-    for precision in FLAGS.precisions:
-        rounds = measure(precision)
-        med = medians[precision] = {k: float(np.median([w for w, _ in v]))
-                                    for k, v in rounds.items()}
-        best = {k: min(w for w, _ in v) for k, v in rounds.items()}
-        cpu = {k: float(np.median([c for _, c in v])) for k, v in rounds.items()}
-        print(f"{precision:15s} realmix {med['realmix']:.3f} s/step (median; best "
-              f"{best['realmix']:.3f}) = {1 / med['realmix']:.2f} steps/s, "
-              f"{FLAGS.batch / med['realmix']:.1f} img/s | bare {med['bare']:.3f} (best "
-              f"{best['bare']:.3f}) | realmix/bare wall {med['realmix'] / med['bare']:.3f} "
-              f"median, {best['realmix'] / best['bare']:.3f} best; CPU time "
-              f"{cpu['realmix']:.2f}/{cpu['bare']:.2f} s = {cpu['realmix'] / cpu['bare']:.3f}",
-              flush=True)
+            raise UserError(f"unknown precision {p!r}: use auto, {', '.join(PRECISIONS)}")
+    if FLAGS.peer and not os.path.isfile(os.path.join(FLAGS.peer, "train.py")):
+        raise UserError(f"--peer={FLAGS.peer} has no train.py: pass a checkout of the PyTorch "
+                        f"MixMatch port (github.com/YU1ut/MixMatch-pytorch)")
+    for line in platform.describe():
+        print(line)
+    print(f"auto precision: {' -- '.join(platform.auto_precision())}; load average {load()}",
+          flush=True)
+    rounds = measure(list(dict.fromkeys(precisions)))
+    medians = {p: report(p, r) for p, r in rounds.items()}
+    print(f"load average at the end {load()}")
     if "float32" in medians and "mixed_bfloat16" in medians:
         print(f"bf16 speed-up of the RealMix step (medians): "
               f"{medians['float32']['realmix'] / medians['mixed_bfloat16']['realmix']:.2f}x")
