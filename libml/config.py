@@ -34,12 +34,6 @@ def whole_kimg(value):
     return int(value) if value.is_integer() else value
 
 
-def default_precision() -> str:
-    """mixed_float16 on a GPU, mixed_bfloat16 on a CPU (fast with AVX-512 bf16 / AMX)."""
-    import tensorflow as tf
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
-
-
 def _extend_augmentations():
     from libml.augment import AUGMENTATIONS
     return tuple(AUGMENTATIONS)
@@ -113,8 +107,11 @@ class TrainConfig:
     scales: int = option(0, "Resolution stages; 0 = ceil(log2(width)) - 2.",
                          non_negative("use 0 (from the image size) or more"))
     seed: int = option(0, "Run seed: initial weights, data order, augmentation and per-step draws.")
-    mixed_precision: str = option("none", "none (float32), bf16, fp16 or auto (fp16 on a GPU, "
-                                  "bf16 on a CPU).", one_of("none", "auto", "bf16", "fp16"))
+    mixed_precision: str = option("auto", "auto (by hardware: bf16 on GPUs of compute "
+                                  "capability >= 8.0 and on CPUs with AMX or AVX512_BF16, fp16 "
+                                  "with loss scaling on older GPUs, float32 on other CPUs), none "
+                                  "(float32), bf16 or fp16.",
+                                  one_of("auto", "none", "bf16", "fp16"))
     jit_compile: bool = option(False, "Compile the training step with XLA.")
     deterministic: bool = option(False, "Enable TF op determinism (bit-exact reruns and resumes; "
                                  "slower on GPU).")
@@ -186,9 +183,16 @@ class TrainConfig:
         return -(-self.train_nimg // self.batch)
 
     def precision(self) -> str:
+        """The Keras dtype policy of the run."""
+        return self.precision_choice()[0]
+
+    def precision_choice(self):
+        """(Keras dtype policy, why): --mixed_precision=auto asks libml.platform."""
         if self.mixed_precision == "auto":
-            return default_precision()
-        return PRECISION_CHOICES[self.mixed_precision]
+            from libml.platform import auto_precision
+            policy, reason = auto_precision()
+            return policy, f"--mixed_precision=auto: {reason}"
+        return PRECISION_CHOICES[self.mixed_precision], f"--mixed_precision={self.mixed_precision}"
 
     def effective_decays(self):
         """(EMA decay, BN momentum): the flags, or with --short_run_scaling at most

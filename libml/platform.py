@@ -36,6 +36,9 @@ CPUINFO = "/proc/cpuinfo"
 # CPU features with which TensorFlow enables oneDNN by itself (tensorflow/core/util/util.cc).
 ONEDNN_BY_DEFAULT = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
+# bf16 beats float32 only with a bf16 matrix unit: with AVX512_BF16 alone the RealMix step was
+# 1.6x slower in bf16 than in float32 (Intel Xeon, no AMX; docs/benchmarks.md).
+FAST_BF16 = ("amx_bf16",)
 # What the CUDA build prints on a machine without a GPU, before its log level applies.
 CUDA_PROBE_NOISE = ("All log messages before absl::InitializeLog()", "cudart_stub.cc",
                     "failed call to cuInit", "oneDNN custom operations are on",
@@ -88,6 +91,10 @@ def onednn_default(flags: Iterable[str]) -> bool:
 
 def native_bf16(flags: Iterable[str]) -> bool:
     return any(f in set(flags) for f in NATIVE_BF16)
+
+
+def fast_bf16(flags: Iterable[str]) -> bool:
+    return any(f in set(flags) for f in FAST_BF16)
 
 
 def has_nvidia_device() -> bool:
@@ -218,7 +225,8 @@ def auto_precision(cpu_flags: Optional[Iterable[str]] = None,
 
     GPUs (the oldest one decides): compute capability >= 8.0 -> mixed_bfloat16 (no loss scaling
     needed), older -> mixed_float16 (SSLModel adds loss scaling). CPU only: mixed_bfloat16 with
-    native bf16 (AMX or AVX512_BF16), else float32 (emulated bf16 was 8x slower on AVX2).
+    AMX, else float32: emulated bf16 was 8x slower than float32 on AVX2, and with AVX512_BF16
+    but no AMX bf16 was still 1.6x slower (docs/benchmarks.md).
     Arguments default to this machine (the GPU list needs TensorFlow)."""
     if gpu_capabilities is None:
         gpu_capabilities = gpu_compute_capabilities()
@@ -229,9 +237,10 @@ def auto_precision(cpu_flags: Optional[Iterable[str]] = None,
             return "mixed_bfloat16", f"GPU compute capability {cc} >= 8.0: native bf16"
         return "mixed_float16", f"GPU compute capability {cc} < 8.0: fp16 with loss scaling"
     flags = cpu_info()[1] if cpu_flags is None else set(cpu_flags)
+    if fast_bf16(flags):
+        return "mixed_bfloat16", "CPU with AMX-BF16"
     if native_bf16(flags):
-        have = " + ".join(f.upper() for f in NATIVE_BF16 if f in flags)
-        return "mixed_bfloat16", f"CPU with native bf16 ({have})"
+        return "float32", "CPU with AVX512_BF16 but no AMX: bf16 is slower than float32 there"
     return "float32", "CPU without native bf16 (no AMX, no AVX512_BF16)"
 
 
@@ -245,11 +254,16 @@ def gpu_compute_capabilities() -> List[Tuple[int, int]]:
     return caps
 
 
-def onednn_state() -> str:
-    """'on (TF default for this CPU)' / 'on (TF_ENABLE_ONEDNN_OPTS=1)' / 'off ...' as TensorFlow
-    reports it (imports TensorFlow)."""
+def onednn_enabled() -> bool:
+    """Whether this TensorFlow runs its oneDNN kernels (imports TensorFlow)."""
     from tensorflow.python.util import _pywrap_util_port
-    on = _pywrap_util_port.IsMklEnabled()
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def onednn_state() -> str:
+    """'on (TensorFlow's default)' / 'on (TF_ENABLE_ONEDNN_OPTS=1, set by libml.platform)' /
+    'off (TF_ENABLE_ONEDNN_OPTS=0, by the user)' (imports TensorFlow)."""
+    on = onednn_enabled()
     env = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
     source = f"TF_ENABLE_ONEDNN_OPTS={env}" if env is not None else "TensorFlow's default"
     by = "set by libml.platform" if "TF_ENABLE_ONEDNN_OPTS" in _state["applied"] else "by the user"

@@ -32,6 +32,7 @@ from libml.errors import UserError, first_line
 from libml.export import export_model, transfer_weights
 from libml.io import progress, write_json
 from libml.names import data_dir
+from libml.platform import cpu_info, isa_line, onednn_enabled
 from libml.summaries import (HISTORY_FILE, STATS_FILE, accuracy_stats, finite_or_none,
                              read_history, write_histogram, write_scalar)
 
@@ -161,6 +162,7 @@ class Trainer:
     # -- training -----------------------------------------------------------------------------
     def train(self) -> dict:
         c = self.config
+        print(self.start_line(), file=sys.stderr)
         os.makedirs(self.tf_dir, exist_ok=True)
         self._write_args()
         self.iterators = self._make_iterators()
@@ -195,6 +197,14 @@ class Trainer:
             print(f"{self.run_dir}\n  test error {stats['error_last20']:.2f} % (median of the last "
                   f"{window} reports; stats/accuracy.json)", file=sys.stderr)
         return stats
+
+    def start_line(self) -> str:
+        """The run's first line: the precision chosen and why, oneDNN, the CPU."""
+        _, reason = self.config.precision_choice()
+        model, flags = cpu_info()
+        return (f"precision {self.model.precision} ({reason}); oneDNN "
+                f"{'on' if onednn_enabled() else 'off'}; {model}, {os.cpu_count()} cores, "
+                f"{isa_line(flags)}")
 
     def _train_period(self, step: int, end: int, manager):
         """Runs steps until `end` images; saves at each --save_kimg boundary crossed (except
@@ -265,7 +275,8 @@ class Trainer:
             write_json(path, overwrite=True, value=dict(self.hparams, dataset=c.dataset, algorithm=self.algorithm,
                                   train_kimg=c.train_kimg, report_kimg=c.report_kimg,
                                   save_kimg=c.save_kimg, keep_ckpt=c.keep_ckpt,
-                                  mixed_precision=c.mixed_precision, jit_compile=c.jit_compile,
+                                  mixed_precision=c.mixed_precision, precision=self.model.precision,
+                                  jit_compile=c.jit_compile,
                                   load_checkpoint=c.load_checkpoint, image_shape=list(self.info.shape),
                                   class_names=list(self.info.class_names)))
 

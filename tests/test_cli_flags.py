@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from libml import config as train_config, train
+from libml import config as train_config, platform, train
 from libml.errors import UserError
 from realmix_tf import registry
 from realmix_tf.realmix import RealMix
@@ -149,13 +149,15 @@ def test_command_exit_code_2_and_one_line_on_bad_values_and_bad_types():
         assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
 
 
-def test_main_trains_a_tiny_run_and_returns_stats(toy, tmp_path):
+def test_main_trains_a_tiny_run_and_returns_stats(toy, tmp_path, capsys):
     flag_values = parse(f"--data_dir={toy.root}", f"--dataset={toy.name}", f"--train_dir={tmp_path}",
                         "--batch=8", "--filters=8", "--repeat=1", "--train_kimg=0.015625",
                         "--report_kimg=0.015625", "--noexport", "--noprogress", "--tsa=exp",
                         "--percent_mask=0.5", "--nodata_autotune")
     stats = registry.main("realmix", ["realmix"], flag_values)
     assert stats["reports"] == 1 and 0 <= stats["last01"] <= 100
+    first = capsys.readouterr().err.splitlines()[0]     # the run's first line: the precision
+    assert first.startswith(f"precision {platform.auto_precision()[0]} (--mixed_precision=auto: ")
     (run_dir,) = (tmp_path / toy.name).iterdir()
     assert run_dir.name.startswith("RealMix_") and "gamma0.5" in run_dir.name and "tsaexp" in run_dir.name
     assert (run_dir / "stats" / "accuracy.json").exists() and (run_dir / "tf" / "checkpoint").exists()
