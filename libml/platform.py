@@ -17,8 +17,8 @@ variables the user has not set (the user's value always wins) and reads /proc/cp
   import hook does that and writes every other line back. TF_CPP_MIN_LOG_LEVEL=0 or 1 (set by
   the user) keeps everything.
 
-Threads: TensorFlow's defaults (intra-op = inter-op = the core count) are kept; the step
-benchmark found nothing faster (docs/benchmarks.md).
+Threads: TensorFlow's defaults (intra-op = inter-op = the core count) are kept; the user's
+TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS override them.
 
 `auto_precision()` is what `--mixed_precision=auto` picks; `describe()` is the CPU / ISA /
 oneDNN line printed by runs/bench_step and the trainer's start banner.
@@ -37,7 +37,7 @@ CPUINFO = "/proc/cpuinfo"
 ONEDNN_BY_DEFAULT = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
 # bf16 beats float32 only with a bf16 matrix unit: with AVX512_BF16 alone the RealMix step was
-# 1.6x slower in bf16 than in float32 (Intel Xeon, no AMX; docs/benchmarks.md).
+# 1.7x slower in bf16 than in float32 (Intel Xeon, no AMX; docs/benchmarks.md).
 FAST_BF16 = ("amx_bf16",)
 # What the CUDA build prints on a machine without a GPU, before its log level applies.
 CUDA_PROBE_NOISE = ("All log messages before absl::InitializeLog()", "cudart_stub.cc",
@@ -226,7 +226,7 @@ def auto_precision(cpu_flags: Optional[Iterable[str]] = None,
     GPUs (the oldest one decides): compute capability >= 8.0 -> mixed_bfloat16 (no loss scaling
     needed), older -> mixed_float16 (SSLModel adds loss scaling). CPU only: mixed_bfloat16 with
     AMX, else float32: emulated bf16 was 8x slower than float32 on AVX2, and with AVX512_BF16
-    but no AMX bf16 was still 1.6x slower (docs/benchmarks.md).
+    but no AMX bf16 was still 1.7x slower (docs/benchmarks.md).
     Arguments default to this machine (the GPU list needs TensorFlow)."""
     if gpu_capabilities is None:
         gpu_capabilities = gpu_compute_capabilities()

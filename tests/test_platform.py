@@ -91,7 +91,7 @@ def test_onednn_default_matches_tensorflows_rule(tmp_path):
 @pytest.mark.parametrize("cpu, policy", [
     (AMD_AVX2, "float32"),                    # emulated bf16 was 8x slower there
     (INTEL_AVX512_NO_BF16, "float32"),
-    (INTEL_AVX512_BF16, "float32"),           # native bf16 without AMX: still 1.6x slower
+    (INTEL_AVX512_BF16, "float32"),           # native bf16 without AMX: still 1.7x slower
     (INTEL_AMX, "mixed_bfloat16"),
 ])
 def test_auto_precision_on_cpus(tmp_path, cpu, policy):
