@@ -21,6 +21,7 @@ import keras
 import tensorflow as tf
 
 from libml.config import PRECISIONS, decay, non_negative, one_of, positive
+from libml.errors import UserError
 from libml.models import WideResNet, scales_for_size
 
 
@@ -34,6 +35,29 @@ def run_cross_replica(fn):
 
 def tf_variable(v):
     return v.value if isinstance(v, keras.Variable) else v
+
+
+LOSS_NCLASS_HELP = ("Class count that the class-averaged unlabeled losses divide by (MixMatch / "
+                     "RealMix L2 and OOD-mask mean, Mean Teacher / Π-model consistency): 0 = the "
+                     "dataset's; 10 on the 6-class mismatch sets = the released loss scale "
+                     "(10-way head).")
+
+
+def check_loss_nclass(loss_nclass, nclass=None) -> int:
+    """--loss_nclass: 0 (the dataset's class count) or a whole number >= nclass (UserError)."""
+    if loss_nclass != int(loss_nclass) or loss_nclass < 0 or (
+            loss_nclass and nclass is not None and loss_nclass < nclass):
+        raise UserError(f"--loss_nclass={loss_nclass}: use 0 (the dataset's {nclass or 'C'} "
+                        f"classes) or a whole number of classes >= that (10 = the released "
+                        f"scale on the 6-class mismatch sets)")
+    return int(loss_nclass)
+
+
+def define_loss_nclass_flag(flag_values) -> None:
+    """--loss_nclass (idempotent), for the algorithms with a class-averaged unlabeled loss."""
+    from absl import flags
+    if "loss_nclass" not in flag_values:
+        flags.DEFINE_integer("loss_nclass", 0, LOSS_NCLASS_HELP, flag_values=flag_values)
 
 
 def check_settings(precision, ema, bn_momentum, lr, wd):

@@ -22,8 +22,9 @@ from absl import flags
 from libml import baseline_losses
 from libml.config import KIMG, positive, whole_kimg
 from libml.errors import UserError
-from libml.ssl import SSLModel
-from realmix_tf.supervised import labeled_cross_entropy
+from libml.ssl import SSLModel, check_loss_nclass, define_loss_nclass_flag
+from realmix_tf.supervised import (check_smoothing, define_smoothing_flag, labeled_cross_entropy,
+                                   smoothing_hparams)
 
 
 def check_mean_teacher(consistency_weight, warmup_pos, train_kimg):
@@ -40,14 +41,21 @@ def check_mean_teacher(consistency_weight, warmup_pos, train_kimg):
 class MeanTeacher(SSLModel):
     """Mean Teacher on a Wide ResNet. consistency_weight: weight of the consistency loss
     (the released default 50); warmup_pos: fraction of the run over which it ramps up linearly
-    (0.4); train_kimg: run length in kimg, the ramp's unit. Other arguments as SSLModel."""
+    (0.4); train_kimg: run length in kimg, the ramp's unit; smoothing: label smoothing of the
+    labeled targets (libml accepts --smoothing but never applies it: 0 is the released
+    behaviour); loss_nclass: the class count the consistency loss divides by (0 = nclass).
+    Other arguments as SSLModel."""
+
+    CONSISTENCY_TAG = "losses/mt"
 
     def __init__(self, nclass, input_shape,
                  consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
-                 warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, name="mean_teacher",
-                 **kwargs):
+                 warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, smoothing=0.0,
+                 loss_nclass=0, name="mean_teacher", **kwargs):
         check_mean_teacher(consistency_weight, warmup_pos, train_kimg)
+        loss_nclass = check_loss_nclass(loss_nclass, nclass)
         super().__init__(nclass, input_shape, name=name, **kwargs)
+        self.smoothing, self.loss_nclass = check_smoothing(smoothing), loss_nclass
         self.consistency_weight = float(consistency_weight)
         self.warmup_pos = float(warmup_pos)
         self.train_kimg = whole_kimg(train_kimg)
@@ -56,8 +64,11 @@ class MeanTeacher(SSLModel):
 
     @classmethod
     def check_hparams(cls, consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
-                      warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, **others):
+                      warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, smoothing=0.0,
+                      loss_nclass=0, **others):
         check_mean_teacher(consistency_weight, warmup_pos, train_kimg)
+        check_smoothing(smoothing)
+        check_loss_nclass(loss_nclass)
         super().check_hparams(**others)
 
     @classmethod
@@ -66,7 +77,13 @@ class MeanTeacher(SSLModel):
 
     def hparams(self) -> dict:
         return dict(super().hparams(), consistency_weight=self.consistency_weight,
-                    warmup_pos=self.warmup_pos, train_kimg=self.train_kimg)
+                    warmup_pos=self.warmup_pos, train_kimg=self.train_kimg,
+                    **smoothing_hparams(self.smoothing),
+                    **({"loss_nclass": self.loss_nclass} if self.loss_nclass else {}))
+
+    def teacher_net(self):
+        """The network whose predictions on view 0 are the targets: the EMA weights."""
+        return self.ema_net
 
     def consistency_ramp(self, step):
         """consistency_weight * linear warm-up at `step` images (float32 scalar)."""
@@ -90,40 +107,51 @@ class MeanTeacher(SSLModel):
 
     def _losses_and_gradients_eager(self, x, labels, u, step):
         teacher_view, student_view = u[:, 0], u[:, 1]
-        teacher_logits = self.ema_net(teacher_view, training=True, update_bn_stats=False)
+        teacher_logits = self.teacher_net()(teacher_view, training=True, update_bn_stats=False)
         with tf.GradientTape() as tape:
             logits = self.net(tf.concat([x, student_view], axis=0), training=True,
                               update_bn_stats=True, bn_groups=2)   # moving stats: labeled half
             logits_x, student_logits = tf.split(logits, 2)
-            loss_xe = labeled_cross_entropy(logits_x, labels, self.nclass)
+            loss_xe = labeled_cross_entropy(logits_x, labels, self.nclass, self.smoothing)
             loss_mt = baseline_losses.mean_teacher_consistency(student_logits, teacher_logits)
+            if self.loss_nclass:
+                loss_mt = loss_mt * (self.nclass / self.loss_nclass)
             weight = self.consistency_ramp(step)
             loss = loss_xe + weight * loss_mt
             scaled_loss = self.scale_loss(loss)
         grads = self.gradients(tape, scaled_loss)
-        return grads, {"losses/xe": loss_xe, "losses/mt": loss_mt, "losses/overall": loss,
+        return grads, {"losses/xe": loss_xe, self.CONSISTENCY_TAG: loss_mt, "losses/overall": loss,
                        "monitors/consistency_weight": weight}
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line: the shared main is realmix_tf.registry.
 
-def define_flags(flag_values=flags.FLAGS) -> None:
-    """Mean Teacher's flags (defaults: M:mean_teacher.py)."""
+def define_warmup_pos_flag(flag_values=flags.FLAGS) -> None:
+    """--warmup_pos (idempotent), shared with realmix_tf.vat."""
+    if "warmup_pos" not in flag_values:
+        flags.DEFINE_float("warmup_pos", baseline_losses.WARMUP_POS,
+                           "Fraction of --train_kimg over which the unlabeled-loss weight ramps "
+                           "up linearly from 0.", flag_values=flag_values)
+
+
+def define_flags(flag_values=flags.FLAGS,
+                 consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT) -> None:
+    """Mean Teacher's flags (defaults: M:mean_teacher.py; the Π-model passes its weight)."""
     if "consistency_weight" in flag_values:
         return
-    fv = dict(flag_values=flag_values)
-    flags.DEFINE_float("consistency_weight", baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
+    flags.DEFINE_float("consistency_weight", consistency_weight,
                        "Weight of the teacher-student consistency loss (ramped over --warmup_pos).",
-                       **fv)
-    flags.DEFINE_float("warmup_pos", baseline_losses.WARMUP_POS,
-                       "Fraction of --train_kimg over which the consistency weight ramps up "
-                       "linearly from 0.", **fv)
+                       flag_values=flag_values)
+    define_warmup_pos_flag(flag_values)
+    define_smoothing_flag(flag_values)
+    define_loss_nclass_flag(flag_values)
 
 
 def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
     return dict(consistency_weight=flag_values.consistency_weight,
-                warmup_pos=flag_values.warmup_pos)
+                warmup_pos=flag_values.warmup_pos, smoothing=flag_values.smoothing,
+                loss_nclass=flag_values.loss_nclass)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from absl import flags
 from libml import layers
 from libml.config import KIMG, whole_kimg
 from libml.errors import UserError
-from libml.ssl import SSLModel
+from libml.ssl import SSLModel, check_loss_nclass, define_loss_nclass_flag
 
 NU = 2    # views per unlabeled image: the input pipeline always gives 2
 
@@ -48,14 +48,18 @@ def check_mixmatch(beta, w_match, warmup_kimg, temperature):
 class MixMatch(SSLModel):
     """MixMatch on a Wide ResNet. beta: MixUp Beta(beta, beta) parameter (the paper's alpha);
     w_match: lambda_U, ramped linearly over warmup_kimg; temperature: sharpening T;
-    batched_passes: run the chunks of a pass as one call (same arithmetic). The seed also
+    batched_passes: run the chunks of a pass as one call (same arithmetic); loss_nclass: the
+    class count the unlabeled L2 divides by (0 = nclass; 10 on a 6-way mismatch head = the
+    released scale, docs/fidelity.md). The seed also
     draws the per-step lambda and permutation (stateless functions of (seed, step)). Other
     arguments as SSLModel."""
 
     def __init__(self, nclass, input_shape, beta=0.75, w_match=75.0, warmup_kimg=1024,
-                 temperature=0.5, batched_passes=True, name="mixmatch", **kwargs):
+                 temperature=0.5, batched_passes=True, loss_nclass=0, name="mixmatch", **kwargs):
         check_mixmatch(beta, w_match, warmup_kimg, temperature)
+        loss_nclass = check_loss_nclass(loss_nclass, nclass)
         super().__init__(nclass, input_shape, name=name, **kwargs)
+        self.loss_nclass = loss_nclass
         self.beta, self.w_match, self.temperature = float(beta), float(w_match), float(temperature)
         self.warmup_kimg = whole_kimg(warmup_kimg)
         self.batched_passes = bool(batched_passes)
@@ -67,13 +71,16 @@ class MixMatch(SSLModel):
                                                      jit_compile=True)
 
     @classmethod
-    def check_hparams(cls, beta=0.75, w_match=75.0, warmup_kimg=1024, temperature=0.5, **others):
+    def check_hparams(cls, beta=0.75, w_match=75.0, warmup_kimg=1024, temperature=0.5,
+                      loss_nclass=0, **others):
         check_mixmatch(beta, w_match, warmup_kimg, temperature)
+        check_loss_nclass(loss_nclass)
         super().check_hparams(**others)
 
     def hparams(self) -> dict:
         return dict(super().hparams(), beta=self.beta, w_match=self.w_match,
-                    warmup_kimg=self.warmup_kimg, nu=NU, temperature=self.temperature)
+                    warmup_kimg=self.warmup_kimg, nu=NU, temperature=self.temperature,
+                    **({"loss_nclass": self.loss_nclass} if self.loss_nclass else {}))
 
     # ----------------------------------------------------------------------------------------
     def train_step(self, data):
@@ -164,8 +171,11 @@ class MixMatch(SSLModel):
         return tf.reduce_mean(layers.soft_cross_entropy(targets_x, logits_x)), {}
 
     def unlabeled_loss(self, logits_u, targets_u):
-        """Mean L2 between the mixed guesses and the predictions."""
-        return tf.reduce_mean(layers.l2_consistency(targets_u, logits_u)), {}
+        """Mean L2 between the mixed guesses and the predictions (over loss_nclass classes)."""
+        loss = tf.reduce_mean(layers.l2_consistency(targets_u, logits_u))
+        if self.loss_nclass:
+            loss = loss * (self.nclass / self.loss_nclass)
+        return loss, {}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,11 +191,12 @@ def define_flags(flag_values=flags.FLAGS) -> None:
                        "--warmup_kimg).", **fv)
     flags.DEFINE_float("warmup_kimg", 1024, "Linear ramp-up of w_match, in kimg (fractions "
                        "allowed).", **fv)
+    define_loss_nclass_flag(flag_values)
 
 
 def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
     return dict(beta=flag_values.beta, w_match=flag_values.w_match,
-                warmup_kimg=flag_values.warmup_kimg)
+                warmup_kimg=flag_values.warmup_kimg, loss_nclass=flag_values.loss_nclass)
 
 
 if __name__ == "__main__":

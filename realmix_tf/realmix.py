@@ -95,7 +95,7 @@ class RealMix(MixMatch):
                           "monitors/mask_threshold": tf.constant(0.0)}
         sq_err = layers.l2_consistency(targets_u, logits_u)
         keep, threshold = layers.ood_mask(tf.nn.softmax(logits_u), gamma, return_threshold=True)
-        return layers.masked_l2_mean(sq_err, keep, self.nclass), {
+        return layers.masked_l2_mean(sq_err, keep, self.loss_nclass or self.nclass), {
             "monitors/mask_ratio": tf.reduce_mean(keep), "monitors/mask_threshold": threshold}
 
 

@@ -49,6 +49,8 @@ REGISTRY: Dict[str, Algorithm] = {
     "realmix": Algorithm("realmix_tf.realmix", "RealMix"),
     "mixmatch": Algorithm("realmix_tf.mixmatch", "MixMatch"),
     "mean_teacher": Algorithm("realmix_tf.mean_teacher", "MeanTeacher"),
+    "pi_model": Algorithm("realmix_tf.pi_model", "PiModel"),
+    "vat": Algorithm("realmix_tf.vat", "VAT"),
     "supervised": Algorithm("realmix_tf.supervised", "Supervised"),
     "fully_supervised": Algorithm("realmix_tf.fully_supervised", "FullySupervised"),
 }

@@ -243,7 +243,7 @@ def test_baseline_command_lines_refuse_other_algorithms_flags_and_check_their_ow
     flag_values = registry.define_flags("mixmatch")
     cli.parse(flag_values, ["mixmatch", "--beta=0.5", "--w_match=100"])
     assert registry.configure("mixmatch", flag_values).algorithm == \
-        dict(beta=0.5, w_match=100.0, warmup_kimg=1024)
+        dict(beta=0.5, w_match=100.0, warmup_kimg=1024, loss_nclass=0)
     flag_values = registry.define_flags("mean_teacher")
     cli.parse(flag_values, ["mean_teacher", "--warmup_pos=2"])
     with pytest.raises(UserError, match="--warmup_pos=2.0 is out of range"):
