@@ -36,7 +36,7 @@ from libml.names import DatasetName
 CACHE_MAX_DECODED_BYTES = 1 << 30      # auto-cache a set when its decoded size is under 1 GiB
 PNG_EXPANSION_ESTIMATE = 4             # decoded bytes per PNG byte assumed for that estimate
 STREAM_SHUFFLE_BUFFER = 8192           # records; as the released code (R:libml/data.py:66-88)
-INTERLEAVE_CYCLE = 16                  # shard files read at once when streaming several files
+SHARD_READ_BUFFER = 16 << 20           # bytes of read-ahead shared by the open shard files
 UNROLL_MAX_BATCH = 256             # streamed batches up to this size decode in an unrolled graph
 SHIFT = 4                              # translation range in pixels (spec §4)
 
@@ -254,13 +254,17 @@ class SSLData:
                     files, tf.random.experimental.stateless_fold_in(shuffle_seed, e))
                 return tf.data.Dataset.from_tensor_slices(order)
 
-            # Local shards are read by one sequential interleave: the reads are cheap, and a
-            # parallel interleave costs more CPU per record than it saves (docs/benchmarks.md).
+            # Every shard is open at once and read in turn, one record each (Extend: one copy
+            # per shard, so every copy is equally likely from the first batch). Local shards
+            # are read by one sequential interleave: the reads are cheap, and a parallel
+            # interleave costs more CPU per record than it saves (docs/benchmarks.md).
             # Remote shards (gs://...) are read in parallel to hide their latency.
             remote = any("://" in path for path in source.files)
+            read_buffer = max(64 << 10, min(256 << 10, SHARD_READ_BUFFER // len(source.files)))
             ds = tf.data.Dataset.counter().flat_map(epoch).interleave(
-                tf.data.TFRecordDataset, cycle_length=min(len(source.files), INTERLEAVE_CYCLE),
-                block_length=1, num_parallel_calls=self._parallel if remote else None,
+                lambda path: tf.data.TFRecordDataset(path, buffer_size=read_buffer),
+                cycle_length=len(source.files), block_length=1,
+                num_parallel_calls=self._parallel if remote else None,
                 deterministic=True if remote else None)
         buffer = self._shuffle_buffer or STREAM_SHUFFLE_BUFFER
         return ds.shuffle(buffer, seed=_python_seed(self.seed, stream))
