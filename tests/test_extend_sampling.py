@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml.data import load_ssl, test_options
-from tests.fixtures_data import make_ssl_dataset, toy_images, write_set
+from libml.data import load_ssl
+from tests.fixtures_data import make_ssl_dataset, test_options, toy_images, write_set
 
 COPIES, PER_COPY, BATCH = 50, 120, 64
 SHUFFLE = 256        # a small buffer, so that 16 open shards (the old cycle) would show
