@@ -5,7 +5,8 @@
     python -m runs.miniature --quick --experiments=sizes --methods=Supervised,RealMix  # smoke test
 
 Three scaled-down experiments (paper tables in brackets):
-  sizes     supervised vs MixMatch vs RealMix at two labeled-set sizes (Table 2 / Fig. 3);
+  sizes     supervised vs Π-model vs VAT vs MixMatch vs RealMix at two labeled-set sizes
+            (Table 2 / Fig. 3);
   mismatch  labeled digits 0-5, 4 unlabeled classes with 0/25/50/75/100 % taken from digits 6-9,
             supervised vs Mean Teacher vs MixMatch vs RealMix (gamma 0/0.2/0.4/0.6/0.85)
             (Table 1 / Fig. 2);
@@ -13,6 +14,8 @@ Three scaled-down experiments (paper tables in brackets):
   gamma_auto (only when asked for) RealMix with --gamma=auto vs the hand-chosen gamma vs no
             mask at every mismatch level, and the estimated OOD share vs the truth
             (docs/usage_gamma_auto.md).
+Hyper-parameters are the paper commands' CIFAR-10 ones (runs/experiments.py), the mismatch sets
+at the released loss scale (--loss_nclass=10); VAT runs in float32 (it refuses mixed precision).
 
 The script prepares its own data under {work_dir}/ML_DATA (create_datasets mnist5k,
 create_split, create_mismatch --source=mnist5k, extend_unlabeled), trains every run in this
@@ -39,14 +42,16 @@ from absl import flags
 from libml import cli
 from libml.errors import UserError
 from libml.io import write_json
-from runs.experiments import CIFAR, MISMATCH_GAMMA, paper_error
+from runs.experiments import (CIFAR, MISMATCH_GAMMA, MT_CIFAR, PI_CIFAR, RELEASED_LOSS_SCALE,
+                              VAT_FLAGS, paper_error)
 
 # TensorFlow is imported only once a run starts: bad flags fail fast and quietly.
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("experiments", ["sizes", "mismatch", "ablation"], "Experiments to run: sizes, "
                   "mismatch, ablation, gamma_auto (not run by default).", flag_values=FLAGS)
-flags.DEFINE_list("methods", ["Supervised", "MeanTeacher", "MixMatch", "RealMix"], "Methods to "
+flags.DEFINE_list("methods", ["Supervised", "PiModel", "VAT", "MeanTeacher", "MixMatch", "RealMix"],
+                  "Methods to "
                   "run (the ablation is RealMix only).", flag_values=FLAGS)
 flags.DEFINE_list("seeds", ["1", "2"], "Seeds: each seed is both the split seed (dataset "
                   "mnist5k.{seed}@N-V) and the training seed.", flag_values=FLAGS)
@@ -87,7 +92,7 @@ flags.DEFINE_bool("quick", False, "Tiny settings for a smoke test: the first see
 EXPERIMENTS = ("sizes", "mismatch", "ablation", "gamma_auto")
 DEFAULT_EXPERIMENTS = EXPERIMENTS[:3]
 AUTO_ROWS = (("auto", "RealMix (γ = auto)"), ("hand", "RealMix (γ per level)"), (0.0, "RealMix (γ = 0)"))
-METHODS = ("Supervised", "MeanTeacher", "MixMatch", "RealMix")   # realmix_tf.registry names
+METHODS = ("Supervised", "PiModel", "VAT", "MeanTeacher", "MixMatch", "RealMix")   # registry names
 LEVELS = tuple(MISMATCH_GAMMA)
 ABLATION_GAMMAS = ((0.6, "RealMix (γ = 0.6)"), (0.3, "RealMix (γ = 0.3)"), (0.0, "RealMix w/o OOD mask"))
 ABLATION_LEVEL = 75
@@ -100,7 +105,8 @@ def _paper(table: int, method: str, settings) -> str:
 SIZES, PCTS = ("250 labels", "4000 labels"), tuple(f"{level}%" for level in LEVELS)
 PAPER = {   # CIFAR-10 error % of the paper (runs/experiments.py), for the pattern (not the values)
     "sizes": f"Table 2 (250 / 4000 labels): MixMatch {_paper(2, 'MixMatch [2]', SIZES)}, RealMix "
-             f"{_paper(2, 'RealMix', SIZES)}; Mean Teacher {_paper(2, 'Mean Teacher [14]', SIZES)}",
+             f"{_paper(2, 'RealMix', SIZES)}; Π-model {_paper(2, 'Π-Model [8]', SIZES)}, VAT "
+             f"{_paper(2, 'VAT [9]', SIZES)}, Mean Teacher {_paper(2, 'Mean Teacher [14]', SIZES)}",
     "mismatch": f"Table 1 (0/25/50/75/100 %): supervised {_paper(1, 'Supervised (labeled only)', ['all levels'])}; "
                 f"Mean Teacher {_paper(1, 'MT [14]', PCTS)}; MixMatch {_paper(1, 'MM [2]', PCTS)}; "
                 f"RealMix {_paper(1, 'RealMix', PCTS)}",
@@ -185,18 +191,27 @@ def mismatch_name(level: int, seed: int, s: Settings) -> str:
 
 
 def method_hparams(method: str, s: Settings, **overrides) -> Tuple[Tuple[str, object], ...]:
-    """The paper's CIFAR-10 hyper-parameters, with the ramp-ups scaled to the run length."""
+    """The paper commands' CIFAR-10 hyper-parameters (runs/experiments.py), with the ramp-ups
+    scaled to the run length. Values may also be trainer flags (wd, mixed_precision)."""
     warmup = s.warmup_fraction * s.train_kimg
     from libml import baseline_losses
     paper = {name: float(value) for name, value in CIFAR}      # beta, w_match
+    ramp = dict(warmup_pos=baseline_losses.WARMUP_POS)
     base = {"Supervised": {},
-            "MeanTeacher": dict(consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
-                                warmup_pos=baseline_losses.WARMUP_POS),
+            "PiModel": dict(_values(PI_CIFAR), **ramp),
+            "VAT": dict(_values(VAT_FLAGS), mixed_precision="none", **ramp),
+            "MeanTeacher": dict(_values(MT_CIFAR), consistency_weight=
+                                baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT, **ramp),
             "MixMatch": dict(paper, warmup_kimg=warmup),
             "RealMix": dict(paper, warmup_kimg=warmup, tsa="none", tsa_source="labels",
                             gamma=0.0)}[method]
     base.update(overrides)
     return tuple(sorted(base.items()))
+
+
+def _values(flag_pairs) -> dict:
+    """(("wd", "0.2"), ("loss_nclass", "10")) -> {"wd": 0.2, "loss_nclass": 10}."""
+    return {name: int(value) if value.isdigit() else float(value) for name, value in flag_pairs}
 
 
 def make_run(method: str, dataset: str, seed: int, s: Settings, **overrides) -> Run:
@@ -208,7 +223,7 @@ def build_cells(s: Settings) -> List[Cell]:
     cells: List[Cell] = []
     for seed in s.seeds:
         if "sizes" in s.experiments:
-            for method in ("Supervised", "MixMatch", "RealMix"):
+            for method in ("Supervised", "PiModel", "VAT", "MixMatch", "RealMix"):
                 if method not in s.methods:
                     continue
                 for n in s.sizes:
@@ -226,7 +241,8 @@ def build_cells(s: Settings) -> List[Cell]:
                         note = "one run per seed (labeled set identical at every level)"
                     else:
                         extra = dict(gamma=MISMATCH_GAMMA[level]) if method == "RealMix" else {}
-                        run = make_run(method, mismatch_name(level, seed, s), seed, s, **extra)
+                        run = make_run(method, mismatch_name(level, seed, s), seed, s,
+                                       **_values(RELEASED_LOSS_SCALE), **extra)
                         note = ""
                     label = "RealMix (γ per level)" if method == "RealMix" else method
                     cells.append(Cell("mismatch", label, f"{level}%", seed, run, note))
@@ -235,7 +251,7 @@ def build_cells(s: Settings) -> List[Cell]:
             for gamma, label in ABLATION_GAMMAS:
                 cells.append(Cell("ablation", label, column, seed,
                                   make_run("RealMix", mismatch_name(ABLATION_LEVEL, seed, s), seed, s,
-                                           gamma=gamma)))
+                                           gamma=gamma, **_values(RELEASED_LOSS_SCALE))))
             if "Supervised" in s.methods:   # the reference the paper quotes beside Table 6
                 cells.append(Cell("ablation", "Supervised", column, seed,
                                   make_run("Supervised", mismatch_name(0, seed, s), seed, s),
@@ -246,7 +262,8 @@ def build_cells(s: Settings) -> List[Cell]:
                 for level in LEVELS:
                     g = MISMATCH_GAMMA[level] if gamma == "hand" else gamma
                     cells.append(Cell("gamma_auto", label, f"{level}%", seed,
-                                      make_run("RealMix", mismatch_name(level, seed, s), seed, s, gamma=g)))
+                                      make_run("RealMix", mismatch_name(level, seed, s), seed, s,
+                                               gamma=g, **_values(RELEASED_LOSS_SCALE))))
     return cells
 
 
@@ -319,7 +336,8 @@ def train_flags(run: Run, s: Settings, root: str, train_dir: str) -> dict:
                   train_kimg=s.train_kimg, report_kimg=s.report_kimg, save_kimg=s.train_kimg / 2,
                   keep_ckpt=1, filters=s.filters, repeat=s.repeat, seed=run.seed,
                   mixed_precision=s.mixed_precision, short_run_scaling=True, export=False,
-                  progress=False, data_autotune=s.data_autotune, **dict(run.hparams))
+                  progress=False, data_autotune=s.data_autotune)
+    values.update(dict(run.hparams))
     if run.extend:
         values.update(extend=run.extend, extend_aug=s.extend_aug)
     return values

@@ -49,7 +49,7 @@ flags.DEFINE_string("data_dir", "", "Data folder passed to every command (defaul
 flags.DEFINE_string("train_dir", "./experiments", "Root folder of the runs.", flag_values=FLAGS)
 
 # Flags the trainer leaves out of args.json at their default.
-OMITTED_AT_DEFAULT = {"extend": "0"}
+OMITTED_AT_DEFAULT = {"extend": "0", "smoothing": "0", "loss_nclass": "0"}
 
 
 # ---------------------------------------------------------------------------------------------

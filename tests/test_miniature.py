@@ -12,10 +12,19 @@ def test_default_grid_counts_and_sharing():
     s = miniature.Settings()
     cells = miniature.build_cells(s)
     per_experiment = {e: sum(c.experiment == e for c in cells) for e in miniature.DEFAULT_EXPERIMENTS}
-    # 3 methods x 2 sizes, 4 methods x 5 levels, 3 gammas + supervised; times 2 seeds
-    assert per_experiment == {"sizes": 12, "mismatch": 40, "ablation": 8}
+    # 5 methods x 2 sizes, 4 methods x 5 levels, 3 gammas + supervised; times 2 seeds
+    assert per_experiment == {"sizes": 20, "mismatch": 40, "ablation": 8}
     # Supervised: one run per seed for the 5 levels; gamma 0.6 at 75 % shared with the ablation.
-    assert len(miniature.unique_runs(cells)) == 12 + (3 * 5 + 1) * 2 + 2 * 2
+    assert len(miniature.unique_runs(cells)) == 20 + (3 * 5 + 1) * 2 + 2 * 2
+    # The paper commands' CIFAR-10 settings; the mismatch sets at the released loss scale.
+    hp = {(c.experiment, c.row): dict(c.run.hparams) for c in cells}
+    assert hp[("sizes", "PiModel")]["consistency_weight"] == 20
+    assert hp[("sizes", "VAT")]["mixed_precision"] == "none"
+    assert hp[("mismatch", "MeanTeacher")]["wd"] == 0.2
+    assert all(dict(c.run.hparams)["loss_nclass"] == 10 for c in cells
+               if c.experiment in ("mismatch", "ablation") and c.row != "Supervised")
+    vat = next(c.run for c in cells if c.row == "VAT")
+    assert miniature.train_flags(vat, s, "/data", "/runs")["mixed_precision"] == "none"
     sup = {c.run for c in cells if c.experiment == "mismatch" and c.row == "Supervised" and c.seed == 1}
     assert len(sup) == 1
     realmix = {c.column: dict(c.run.hparams)["gamma"] for c in cells
