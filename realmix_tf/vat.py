@@ -15,7 +15,8 @@ Defaults as M:vat.py: vat 0.3, vat_eps 6, entmin_weight 0.06 (not ramped), warmu
 xi 1e-6; the MixMatch tables ran it with these and --wd=0.02 on CIFAR-10 and SVHN.
 
 The random start d is a stateless draw of (seed, step, replica). ξ = 1e-6 is below the
-resolution of bfloat16/float16 inputs, so VAT trains in float32 only (--mixed_precision=none).
+resolution of bfloat16/float16 inputs, so VAT trains in float32 only: --mixed_precision=auto
+(the default) gives float32 for VAT, an explicit bf16 / fp16 is refused.
 
 Command line:
     python -m realmix_tf.vat --dataset=cifar10.3@250-5000
@@ -78,7 +79,12 @@ class VAT(SSLModel):
 
     @classmethod
     def from_config(cls, info, config, **kwargs):
-        return super().from_config(info, config, train_kimg=config.train_kimg, **kwargs)
+        """--mixed_precision=auto gives float32 (the fastest precision VAT supports); an explicit
+        bf16 / fp16 is refused by the constructor."""
+        settings = dict(config.model_kwargs(), train_kimg=config.train_kimg, **kwargs)
+        if config.mixed_precision == "auto":
+            settings["precision"] = "float32"
+        return cls(info.nclass, info.shape, **settings)
 
     def hparams(self) -> dict:
         return dict(super().hparams(), vat=self.vat, vat_eps=self.vat_eps, vat_xi=self.vat_xi,
@@ -150,7 +156,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
     flags.DEFINE_float("vat_eps", vat_ops.VAT_EPSILON, "L2 norm of the adversarial perturbation "
                        "of each image.", **fv)
     flags.DEFINE_float("vat_xi", vat_ops.VAT_XI, "Finite-difference step of the power iteration "
-                       "(needs --mixed_precision=none).", **fv)
+                       "(VAT runs in float32: --mixed_precision auto or none).", **fv)
     flags.DEFINE_float("entmin_weight", vat_ops.ENTMIN_WEIGHT, "Weight of the entropy of the "
                        "unlabeled predictions (not ramped).", **fv)
     mean_teacher.define_warmup_pos_flag(flag_values)

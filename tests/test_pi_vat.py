@@ -259,3 +259,17 @@ def test_smoke_run(toy, tmp_path, name, prefix):
         with pytest.raises(UserError, match="mixed_precision=none"):
             registry.launch(name, dict(flags_, mixed_precision="bf16", train_dir=str(tmp_path / "bf16")),
                             data_options=test_options())
+
+
+def test_vat_auto_precision_is_float32_even_where_auto_means_bf16(monkeypatch):
+    import types
+
+    from libml import platform
+    from libml.config import TrainConfig
+    monkeypatch.setattr(platform, "auto_precision", lambda: ("mixed_bfloat16", "AMX (test)"))
+    info = types.SimpleNamespace(nclass=NCLASS, shape=(SIZE, SIZE, 3))
+    config = TrainConfig(mixed_precision="auto", filters=8, repeat=1)
+    assert config.precision() == "mixed_bfloat16"
+    assert VAT.from_config(info, config).precision == "float32"
+    with pytest.raises(UserError, match="mixed_precision=none"):
+        VAT.from_config(info, TrainConfig(mixed_precision="bf16", filters=8, repeat=1))
