@@ -1,0 +1,356 @@
+"""Faults a long run meets on a shared machine, replayed (issue 14): a second launch on the
+same run folder, a killed run's leftovers, a hand-edited checkpoint index, full and read-only
+disks (a real 2 MB tmpfs, mounted for the test where the test may mount one), non-finite
+numbers, changed flags on resume, and damaged records.
+
+The tmpfs tests need root (mount(8)); elsewhere they are skipped with the reason.
+"""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from libml import badrecord, checkpoint_files, finite, runargs, runlock, storage
+from libml.errors import UserError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# A small disk of our own
+
+class SmallDisk:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def fill(self, leave_bytes: int) -> None:
+        """Writes a filler file so that about `leave_bytes` stay free."""
+        free = storage.free_bytes(self.path)
+        with open(os.path.join(self.path, "filler"), "wb") as f:
+            f.write(b"\0" * max(0, free - leave_bytes))
+
+    def read_only(self) -> None:
+        subprocess.run(["mount", "-o", "remount,ro", self.path], check=True, capture_output=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs mounted at tmp_path/disk for this test; skipped where it cannot be."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("mounting a test tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield SmallDisk(mount_point)
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+# ---------------------------------------------------------------------------------------------
+# Two launches on one run folder
+
+def test_second_lock_names_the_holder_and_release_frees_it(tmp_path):
+    first = runlock.RunLock(str(tmp_path / "run")).acquire()
+    with pytest.raises(UserError) as e:
+        runlock.RunLock(str(tmp_path / "run")).acquire()
+    message = str(e.value)
+    assert f"pid {os.getpid()} on " in message and "is in use by" in message
+    assert "--train_dir" in message and "\n" not in message
+    first.release()
+    assert not os.path.exists(first.path)
+    with runlock.RunLock(str(tmp_path / "run")) as again:
+        assert again.held and again.taken_over is None
+        assert json.load(open(again.path))["pid"] == os.getpid()
+
+
+HOLD = """
+import sys, time
+from libml.runlock import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_lock_of_a_killed_process_is_stale_and_taken_over(tmp_path):
+    folder = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, folder], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"in use by pid {proc.pid} "):
+            runlock.RunLock(folder).acquire()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert os.path.exists(os.path.join(folder, runlock.LOCK_NAME))    # left behind by the kill
+    lock = runlock.RunLock(folder).acquire()
+    assert lock.taken_over["pid"] == proc.pid
+    lock.release()
+
+
+def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "tf" / "model.ckpt-64_temp").mkdir(parents=True)
+    (folder / "tf" / "model.ckpt-64_temp" / "part-00000-of-00001.data-00000-of-00001").write_text("x")
+    gone = dead_pid()
+    dead = folder / "stats" / f"accuracy.json.tmp-{gone}"
+    dead.parent.mkdir()
+    dead.write_text("{")
+    own = folder / "stats" / f"history.json.tmp-{os.getpid()}"
+    own.write_text("{")
+    tf_index = folder / "tf" / ("checkpoint.tmp" + "0123456789abcdef" * 2)
+    tf_index.write_text("x")
+    keep = folder / "tf" / "model.ckpt-32.index"
+    keep.write_text("x")
+
+    # Unlocked (a data folder): the dead pid's file goes only once old enough.
+    assert runlock.clean_stale_temps(str(folder)) == []
+    removed = runlock.clean_stale_temps(str(folder), now=time.time() + runlock.UNLOCKED_TEMP_AGE + 1)
+    assert removed == [str(dead)]
+    dead.write_text("{")
+    # Locked (a run folder we hold): TensorFlow's temporaries go too; ours and checkpoints stay.
+    removed = runlock.clean_stale_temps(str(folder), locked=True)
+    assert sorted(removed) == sorted([str(dead), str(tf_index), str(folder / "tf" / "model.ckpt-64_temp")])
+    assert own.exists() and keep.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints found from the files
+
+def tiny_checkpoint(value=1.0):
+    return tf.train.Checkpoint(v=tf.Variable(tf.fill([4], value)))
+
+
+def test_checkpoints_found_from_files_despite_an_index_without_timestamps(tmp_path):
+    folder = str(tmp_path / "tf")
+    ckpt = tiny_checkpoint()
+    for step in (32, 64, 96):
+        checkpoint_files.save_checkpoint(ckpt, folder, step, keep=10)
+    prefixes = [os.path.join(folder, f"model.ckpt-{s}") for s in (32, 64, 96)]
+    assert checkpoint_files.list_checkpoints(folder) == prefixes
+    assert tf.train.latest_checkpoint(folder) == prefixes[-1]
+    # The index we write carries timestamps: TensorFlow's manager sees every checkpoint.
+    manager = tf.train.CheckpointManager(ckpt, folder, max_to_keep=10, checkpoint_name="model.ckpt")
+    assert manager.checkpoints == prefixes
+
+    # Hand-edited to roll back, without timestamps: TensorFlow's manager forgets them all ...
+    with open(os.path.join(folder, "checkpoint"), "w") as f:
+        f.write('model_checkpoint_path: "model.ckpt-32"\nall_model_checkpoint_paths: "model.ckpt-32"\n')
+    assert tf.train.CheckpointManager(ckpt, folder, max_to_keep=10).checkpoints == []
+    # ... the files still tell, and the disagreement is named.
+    assert checkpoint_files.list_checkpoints(folder) == prefixes
+    note = checkpoint_files.index_disagreement(folder)
+    assert "names model.ckpt-32 but model.ckpt-96 is newer" in note
+    # Never written over: saving step 64 again is refused, its files untouched.
+    before = {p: os.path.getmtime(p) for p in checkpoint_files.checkpoint_files(prefixes[1])}
+    with pytest.raises(UserError, match="model.ckpt-64 already exists: refusing to overwrite"):
+        checkpoint_files.save_checkpoint(tiny_checkpoint(2.0), folder, 64, keep=10)
+    assert {p: os.path.getmtime(p) for p in checkpoint_files.checkpoint_files(prefixes[1])} == before
+
+
+def test_keep_deletes_the_oldest_and_incomplete_ones_are_not_checkpoints(tmp_path):
+    folder = str(tmp_path / "tf")
+    for step in (8, 16, 24):
+        checkpoint_files.save_checkpoint(tiny_checkpoint(step), folder, step, keep=2)
+    assert [checkpoint_files.checkpoint_step(p) for p in checkpoint_files.list_checkpoints(folder)] == [16, 24]
+    assert not checkpoint_files.checkpoint_files(os.path.join(folder, "model.ckpt-8"))
+    # A writer killed after renaming its shard, before writing the index: not a checkpoint.
+    shard = os.path.join(folder, "model.ckpt-32.data-00000-of-00001")
+    open(shard, "wb").write(b"partial")
+    assert checkpoint_files.latest_checkpoint(folder).endswith("model.ckpt-24")
+    assert checkpoint_files.remove_incomplete(folder) == [shard]
+    # Set aside: renamed, still a readable checkpoint, no longer one of the run.
+    aside = checkpoint_files.set_aside(os.path.join(folder, "model.ckpt-24"), "nonfinite")
+    assert aside.endswith("model.ckpt-24.nonfinite")
+    assert checkpoint_files.latest_checkpoint(folder).endswith("model.ckpt-16")
+    value = tf.train.load_checkpoint(aside).get_tensor("v/.ATTRIBUTES/VARIABLE_VALUE")
+    np.testing.assert_array_equal(value, np.full([4], 24.0, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Full and read-only disks
+
+def test_checkpoint_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
+    folder = os.path.join(small_disk.path, "tf")
+    big = tf.train.Checkpoint(v=tf.Variable(tf.zeros([200_000])))     # 800 KB
+    checkpoint_files.save_checkpoint(big, folder, 8, keep=5)
+    small_disk.fill(leave_bytes=300_000)
+    with pytest.raises(UserError) as e:
+        checkpoint_files.save_checkpoint(big, folder, 16, keep=5, need_bytes=800_000,
+                                         resume_note="it resumes from model.ckpt-8")
+    message = str(e.value)
+    assert message.startswith(f"no space left on the disk of {folder}/model.ckpt-16 for "
+                              f"checkpoint model.ckpt-16 (needs about 781.2 KB, ")
+    assert "resumes from model.ckpt-8" in message and "\n" not in message
+    assert sorted(os.listdir(folder)) == ["checkpoint", "model.ckpt-8.data-00000-of-00001",
+                                          "model.ckpt-8.index"]
+
+
+def test_read_only_disk_is_one_line(small_disk):
+    folder = os.path.join(small_disk.path, "tf")
+    os.makedirs(folder)
+    small_disk.read_only()
+    with pytest.raises(UserError, match=r"cannot write checkpoint model.ckpt-8 to .*model.ckpt-8 "
+                                        r"\(read-only file system\)"):
+        checkpoint_files.save_checkpoint(tiny_checkpoint(), folder, 8, keep=5)
+    with pytest.raises(UserError, match=r"cannot write the output to .*new/file \(.* is read-only\)"):
+        storage.check_writable(os.path.join(small_disk.path, "new", "file"))
+    with pytest.raises(UserError, match="is in use by|read-only"):
+        runlock.RunLock(os.path.join(small_disk.path, "run")).acquire()
+
+
+def test_space_check_before_writing(tmp_path):
+    storage.check_writable(str(tmp_path / "a" / "b"), need_bytes=1)
+    with pytest.raises(UserError, match=r"no space left on the disk of .* \(needs about .* free\)"):
+        storage.check_writable(str(tmp_path / "a"), need_bytes=1 << 60)
+
+
+def test_fault_kinds():
+    assert storage.fault_kind(OSError(errno.ENOSPC, "No space left on device")) == "full"
+    assert storage.fault_kind(OSError(errno.EROFS, "Read-only file system")) == "read-only"
+    assert storage.fault_kind(OSError(errno.ENOENT, "No such file")) is None
+    assert storage.fault_kind(tf.errors.ResourceExhaustedError(None, None, "x; No space left on device")) == "full"
+    assert storage.fault_kind(tf.errors.ResourceExhaustedError(None, None, "out of memory")) is None
+    assert storage.fault_kind(ValueError("No space left on device")) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite numbers
+
+def test_nonfinite_variables_and_first_nonfinite_step():
+    variables = {"a": tf.Variable([1.0, 2.0]), "b": tf.Variable([1.0, np.nan]),
+                 "c": tf.Variable(np.inf), "step": tf.Variable(3, dtype=tf.int64)}
+    assert finite.nonfinite_variables(variables) == ["b", "c"]
+    first = finite.FirstNonFinite()
+
+    @tf.function
+    def step(loss, count):
+        first.update(finite.all_finite([loss]), count)
+
+    step(tf.constant(1.0), tf.constant(8, tf.int64))
+    assert first.value() is None
+    step(tf.constant(np.nan, tf.float32), tf.constant(16, tf.int64))
+    step(tf.constant(np.inf, tf.float32), tf.constant(24, tf.int64))
+    step(tf.constant(1.0), tf.constant(32, tf.int64))
+    assert first.value() == 16
+
+
+def test_checkpoint_is_finite(tmp_path):
+    good = tiny_checkpoint(1.0).write(str(tmp_path / "good"))
+    bad = tiny_checkpoint(np.nan).write(str(tmp_path / "bad"))
+    assert finite.checkpoint_is_finite(good) and not finite.checkpoint_is_finite(bad)
+
+
+def test_divergence_message_names_step_and_last_good():
+    e = finite.DivergenceError("loss is not finite", 96, "run/tf/model.ckpt-64")
+    assert str(e).startswith("loss is not finite at step 96 (0.09375 kimg): the run stopped, "
+                             "its last finite checkpoint is run/tf/model.ckpt-64")
+    assert isinstance(e, UserError)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(UserError, match=r"--lr=.* is not a finite number"):
+            finite.check_flag("lr", value)
+    finite.check_flag("lr", 0.002)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume with changed flags
+
+RECORDED = dict(algorithm="RealMix", dataset="cifar10.3@250-5000", filters=32, lr=0.002,
+                mixed_precision="none", train_kimg=64, report_kimg=1, save_kimg=1, keep_ckpt=5,
+                load_checkpoint="", image_shape=[32, 32, 3])
+
+
+def test_resume_with_a_fixed_flag_changed_names_it_and_never_says_delete():
+    current = dict(RECORDED, mixed_precision="fp16", report_kimg=2)
+    with pytest.raises(UserError) as e:
+        runargs.resume_args(RECORDED, current, "runs/x")
+    message = str(e.value)
+    assert "--mixed_precision=fp16 (recorded none)" in message
+    assert "report_kimg" not in message and "delete" not in message
+    assert "re-run with the recorded values" in message and "another --train_dir" in message
+
+
+def test_resume_with_permitted_changes_records_them():
+    current = dict(RECORDED, report_kimg=0.5, train_kimg=128, load_checkpoint="other/run",
+                   eval_batch=256)
+    merged, notes = runargs.resume_args(dict(RECORDED, extra_old_key=1), current, "runs/x")
+    assert merged["report_kimg"] == 0.5 and merged["train_kimg"] == 128
+    assert merged["load_checkpoint"] == "" and merged["eval_batch"] == 256
+    assert merged["extra_old_key"] == 1
+    assert notes[0] == ("resuming runs/x with changed settings: --report_kimg=0.5 (recorded 1), "
+                        "--train_kimg=128 (recorded 64)")
+    assert "--load_checkpoint is used only when a run starts" in notes[1]
+    # Equal values (JSON number types, tuples) are not differences.
+    assert runargs.differences(RECORDED, dict(RECORDED, train_kimg=64.0, image_shape=(32, 32, 3))) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged records
+
+def write_records(path, pngs):
+    from libml.records import serialize_example
+    with tf.io.TFRecordWriter(path) as w:
+        for i, png in enumerate(pngs):
+            w.write(serialize_example(png, i % 3))
+
+
+def test_tf_cause_trims_tensorflow_internals():
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        tf.io.decode_image(b"not an image")
+    assert badrecord.tf_cause(e.value).startswith("Unknown image file format. One of JPEG")
+    ds = tf.data.Dataset.from_tensor_slices([b"xx"]).map(tf.io.decode_png)
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        list(ds)
+    assert badrecord.tf_cause(e.value).startswith("Unknown image file format")
+
+    @tf.function
+    def decode(x):
+        return tf.io.decode_image(x, channels=3, expand_animations=False)
+
+    with pytest.raises(tf.errors.InvalidArgumentError) as e:
+        decode(tf.constant(b"\x89PNG\r\n\x1a\nbroken"))
+    assert badrecord.tf_cause(e.value) == "Invalid PNG. Failed to initialize decoder."
+
+
+def test_locate_names_file_and_record(tmp_path):
+    good = [tf.io.encode_png(tf.fill([4, 4, 3], tf.constant(i, tf.uint8))).numpy() for i in range(7)]
+    clean, bad = str(tmp_path / "clean.tfrecord"), str(tmp_path / "bad.tfrecord")
+    write_records(clean, good)
+    write_records(bad, good[:5] + [b"\x89PNG\r\n\x1a\nbroken"] + good[5:])
+    assert badrecord.locate([clean], (4, 4, 3)) is None
+    found = badrecord.locate([clean, bad], (4, 4, 3), batch=2)
+    assert found == badrecord.BadRecord(bad, 5, found.cause)
+    assert found.cause.startswith("Invalid PNG") or found.cause.startswith("Unknown image")
+    # Another image size than the dataset's is damaged too.
+    odd = str(tmp_path / "odd.tfrecord")
+    write_records(odd, good[:2] + [tf.io.encode_png(tf.zeros([5, 4, 3], tf.uint8)).numpy()])
+    found = badrecord.locate([odd], (4, 4, 3))
+    assert (found.index, "shape differs" in found.cause) == (2, True)
+    # A checksum failure: the record index where reading stops.
+    data = bytearray(open(clean, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(clean, "wb").write(bytes(data))
+    found = badrecord.locate([clean], (4, 4, 3))
+    assert found.path == clean and 0 <= found.index < 7 and "corrupted record" in found.cause
+    line = badrecord.message(found, "python -m data_prep.x", after="the run resumes")
+    assert line.startswith(f"corrupt TFRecord {clean} (record {found.index}: ")
+    assert line.endswith("re-create it with `python -m data_prep.x`; the run resumes")
