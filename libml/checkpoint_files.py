@@ -92,7 +92,7 @@ def index_latest(folder: str) -> Optional[str]:
 def write_index(folder: str, prefixes: List[str]) -> None:
     """Rewrites `{folder}/checkpoint` (TensorFlow's CheckpointState text format, relative names,
     each checkpoint's `.index` modification time as its timestamp) atomically."""
-    from libml.records import atomic_path
+    from libml.io import atomic_path
     if not prefixes:
         return
     names = [os.path.basename(p) for p in prefixes]

@@ -354,3 +354,66 @@ def test_locate_names_file_and_record(tmp_path):
     line = badrecord.message(found, "python -m data_prep.x", after="the run resumes")
     assert line.startswith(f"corrupt TFRecord {clean} (record {found.index}: ")
     assert line.endswith("re-create it with `python -m data_prep.x`; the run resumes")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder as the trainer uses it
+
+def test_run_folder_restores_the_newest_finite_checkpoint_and_sets_others_aside(tmp_path, capsys):
+    from libml.runfolder import RunFolder
+    run_dir = str(tmp_path / "run")
+    tf_dir = os.path.join(run_dir, "tf")
+    for step, value in ((32, 1.0), (64, 2.0), (96, np.nan)):     # 96: written by an old version
+        checkpoint_files.save_checkpoint(tiny_checkpoint(value), tf_dir, step, keep=10)
+    folder = RunFolder(run_dir, keep=10).open(dict(lr=0.002))
+    target = tiny_checkpoint(0.0)
+    assert folder.restore(lambda p: target.read(p).assert_consumed()) == os.path.join(tf_dir, "model.ckpt-64")
+    np.testing.assert_array_equal(target.v.numpy(), np.full([4], 2.0, np.float32))
+    assert "model.ckpt-96 holds non-finite weights: renamed to model.ckpt-96.nonfinite" in capsys.readouterr().err
+    # The next save of step 96 is a new checkpoint, not an overwrite.
+    folder.save(target, 96, {"v": target.v})
+    assert [checkpoint_files.checkpoint_step(p) for p in checkpoint_files.list_checkpoints(tf_dir)] == [32, 64, 96]
+    # A non-finite weight is never saved: the run stops, naming the last good checkpoint.
+    target.v.assign([1.0, np.inf, 0.0, 0.0])
+    with pytest.raises(finite.DivergenceError, match=r"weights are not finite \(v\) at step 128 .*"
+                                                     r"last finite checkpoint is .*model.ckpt-96"):
+        folder.save(target, 128, {"v": target.v})
+    assert checkpoint_files.latest_checkpoint(tf_dir).endswith("model.ckpt-96")
+    with pytest.raises(finite.DivergenceError, match="the loss is not finite at step 104"):
+        folder.check_loss(104)
+    folder.check_loss(None)
+    folder.close()
+    assert not os.path.exists(os.path.join(run_dir, runlock.LOCK_NAME))
+
+
+def test_run_folder_without_a_resumable_checkpoint_never_advises_deleting(tmp_path):
+    from libml.runfolder import RunFolder
+    run_dir = str(tmp_path / "run")
+    checkpoint_files.save_checkpoint(tiny_checkpoint(), os.path.join(run_dir, "tf"), 8, keep=2)
+    folder = RunFolder(run_dir, keep=2).open({})
+    other = tf.train.Checkpoint(w=tf.Variable(tf.zeros([3])))
+    with pytest.raises(UserError) as e:
+        folder.restore(lambda p: other.read(p).expect_partial().assert_consumed(), read_errors=(AssertionError,))
+    assert "no checkpoint of" in str(e.value) and "model.ckpt-8 " in str(e.value)
+    assert "delete" not in str(e.value) and "another --train_dir" in str(e.value)
+    assert checkpoint_files.latest_checkpoint(folder.tf_dir)     # nothing renamed
+    folder.close()
+
+
+def test_failed_start_up_leaves_no_folder_and_args_record_the_permitted_changes(tmp_path):
+    from libml.runfolder import RunFolder
+    run_dir = str(tmp_path / "data" / "RealMix_x")
+    folder = RunFolder(run_dir, keep=2).open(dict(RECORDED))
+    folder.close(failed=True)                      # e.g. --load_checkpoint did not fit
+    assert not os.path.exists(run_dir) and not os.path.exists(os.path.dirname(run_dir))
+
+    folder = RunFolder(run_dir, keep=2).open(dict(RECORDED))
+    folder.record_args()
+    folder.close()
+    with pytest.raises(UserError, match=r"--mixed_precision=bf16 \(recorded none\)"):
+        RunFolder(run_dir, keep=2).open(dict(RECORDED, mixed_precision="bf16"))
+    assert not os.path.exists(os.path.join(run_dir, runlock.LOCK_NAME))    # released on failure
+    folder = RunFolder(run_dir, keep=2).open(dict(RECORDED, report_kimg=4))
+    folder.record_args()
+    folder.close(failed=True)                      # an existing folder is never removed
+    assert json.load(open(folder.args_path))["report_kimg"] == 4
