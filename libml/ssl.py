@@ -25,12 +25,13 @@ from libml.errors import UserError
 from libml.models import WideResNet, scales_for_size
 
 
-def run_cross_replica(fn):
-    """Runs fn(strategy) once in cross-replica context, from replica or cross-replica code."""
+def run_cross_replica(fn, *args):
+    """Runs fn(strategy, *args) once in cross-replica context, from replica or cross-replica
+    code (per-replica tensors in `args` arrive as PerReplica values)."""
     context = tf.distribute.get_replica_context()
     if context is None:
-        return fn(tf.distribute.get_strategy())
-    return context.merge_call(fn)
+        return fn(tf.distribute.get_strategy(), *args)
+    return context.merge_call(fn, args=args)
 
 
 def tf_variable(v):
@@ -145,21 +146,29 @@ class SSLModel(keras.Model):
         return tape.gradient(scaled_loss, self.net.trainable_variables)
 
     def apply_update(self, grads):
-        """Adam step, then kernel-only decoupled weight decay, then the EMA update."""
-        self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
-        decay = 1.0 - self.wd * self.lr
-        ema_rate = 1.0 - self.ema_decay
+        """Adam step, then kernel-only decoupled weight decay, then the EMA update. A step that
+        the float16 loss scaler skips (non-finite gradients) skips all three."""
+        decay, ema_rate = 1.0 - self.wd * self.lr, 1.0 - self.ema_decay
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            # The inner optimizer counts only the steps it applied.
+            counter = tf_variable(self.optimizer.inner_optimizer.iterations)
+            before = counter.read_value()
+            self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
+            applied = tf.cast(counter.read_value() > before, tf.float32)
+            decay, ema_rate = 1.0 - applied * (self.wd * self.lr), applied * ema_rate
+        else:
+            self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
 
-        def update(strategy):
+        def update(strategy, decay, ema_rate):
             for kernel in self._decayed:
-                strategy.extended.update(tf_variable(kernel), lambda k: k.assign(k * decay),
-                                         group=False)
+                strategy.extended.update(tf_variable(kernel), lambda k, d: k.assign(k * d),
+                                         args=(decay,), group=False)
             for shadow, var in self._ema_pairs:
                 strategy.extended.update(tf_variable(shadow),
-                                         lambda s, v: s.assign_sub(ema_rate * (s - v)),
-                                         args=(tf_variable(var),), group=False)
+                                         lambda s, v, r: s.assign_sub(r * (s - v)),
+                                         args=(tf_variable(var), ema_rate), group=False)
 
-        run_cross_replica(update)
+        run_cross_replica(update, decay, ema_rate)
         # BN moving statistics are per-replica (sync on read): each replica copies its own.
         for copy, live in self._bn_pairs:
             copy.assign(live)

@@ -417,3 +417,50 @@ def test_failed_start_up_leaves_no_folder_and_args_record_the_permitted_changes(
     folder.record_args()
     folder.close(failed=True)                      # an existing folder is never removed
     assert json.load(open(folder.args_path))["report_kimg"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 loss scaling: a skipped step is skipped entirely
+
+FP16_SKIP = """
+import numpy as np, tensorflow as tf
+from libml.ssl import SSLModel
+
+def check(strategy):
+    with strategy.scope():
+        model = SSLModel(3, (8, 8, 3), filters=4, repeat=1, lr=0.01, wd=0.5, ema=0.5,
+                         precision="mixed_float16")
+    variables = model.net.trainable_variables + model.ema_net.trainable_variables
+
+    def step(value):
+        model.apply_update([tf.fill(v.shape, value) for v in model.net.trainable_variables])
+
+    run = tf.function(lambda value: strategy.run(step, args=(value,)))
+    before = [v.numpy() for v in variables]
+    scale = float(model.optimizer.dynamic_scale.numpy())
+    run(tf.constant(np.inf))                 # overflowed gradients: the scaler skips the step
+    skipped = all(np.array_equal(a, v.numpy()) for a, v in zip(before, variables))
+    halved = float(model.optimizer.dynamic_scale.numpy()) == scale / 2
+    run(tf.constant(1.0))                    # a finite step changes kernels and shadows
+    changed = sum(not np.array_equal(a, v.numpy()) for a, v in zip(before, variables))
+    return skipped, halved, changed == len(variables)
+"""
+
+
+def test_fp16_skipped_step_skips_weight_decay_and_ema_too():
+    namespace = {}
+    exec(FP16_SKIP, namespace)
+    assert namespace["check"](tf.distribute.get_strategy()) == (True, True, True)
+
+
+def test_fp16_skipped_step_on_two_replicas():
+    script = FP16_SKIP + """
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+print("RESULT", check(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                            timeout=300)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    assert lines == ["RESULT (True, True, True)"], result.stderr[-2000:]
