@@ -6,8 +6,10 @@ numbers, changed flags on resume, and damaged records.
 The tmpfs tests need root (mount(8)); elsewhere they are skipped with the reason.
 """
 import errno
+import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -464,3 +466,73 @@ print("RESULT", check(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])))
                             timeout=300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
     assert lines == ["RESULT (True, True, True)"], result.stderr[-2000:]
+
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end, through the command line
+
+TINY = ["--batch=8", "--filters=8", "--repeat=1", "--eval_batch=64", "--noexport", "--noprogress",
+        "--short_run_scaling"]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from tests.fixtures_data import make_ssl_dataset
+    return make_ssl_dataset(tmp_path_factory.mktemp("faults_data"), nlabeled=16, nunlabeled=48,
+                            nvalid=8, ntest=16, size=8)
+
+
+def launch(toy, train_dir, *args, module="realmix_tf.realmix", wait=True, timeout=300):
+    argv = [sys.executable, "-m", module, f"--dataset={toy.name}", f"--data_dir={toy.root}",
+            f"--train_dir={train_dir}", *TINY, *args]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    if not wait:
+        return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(result) -> str:
+    """The command failed with exit code 2 and one `error:` line, no traceback."""
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_two_launches_second_exits_2_naming_the_holder_and_a_killed_holder_is_taken_over(toy, tmp_path):
+    length = ["--train_kimg=64", "--report_kimg=0.0625", "--save_kimg=0.0625"]   # killed below
+    first = launch(toy, tmp_path, *length, wait=False)
+    try:
+        deadline = time.time() + 240
+        while not glob.glob(str(tmp_path / "*" / "*" / "tf" / "model.ckpt-*.index")):
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
+            time.sleep(0.2)
+        line = one_error_line(launch(toy, tmp_path, *length))
+        assert re.match(rf"error: .*RealMix_\S+ is in use by pid {first.pid} on \S+ since \S+ "
+                        rf"\(.*realmix.*\): wait for it to finish, or stop it, or pass another "
+                        rf"--train_dir$", line), line
+    finally:
+        first.kill()
+        first.wait()
+    # The killed holder's lock is stale: taken over; the shorter --train_kimg is a permitted change.
+    third = launch(toy, tmp_path, "--train_kimg=0.0625", "--report_kimg=0.0625", "--save_kimg=0.0625")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert f"took over the lock of pid {first.pid} " in third.stderr
+    assert "changed settings: --train_kimg=0.0625 (recorded 64)" in third.stderr
+    assert not glob.glob(str(tmp_path / "*" / "*" / "run.lock"))
+
+
+def test_divergence_stops_in_one_line_without_writing_a_checkpoint(toy, tmp_path):
+    result = launch(toy, tmp_path, "--lr=1e30", "--train_kimg=0.0625", "--report_kimg=0.03125",
+                    "--save_kimg=0.03125")
+    line = one_error_line(result)
+    assert re.match(r"error: (the loss is|weights are) not finite.* at step \d+ \([\d.]+ kimg\): "
+                    r"the run stopped, no checkpoint was saved before it: ", line), line
+    assert not glob.glob(str(tmp_path / "*" / "*" / "tf" / "model.ckpt-*"))
+
+
+def test_nonfinite_flag_on_the_command_line(toy, tmp_path):
+    line = one_error_line(launch(toy, tmp_path, "--lr=inf"))
+    assert line == "error: --lr=inf is not a finite number: pass a finite value"
