@@ -135,18 +135,12 @@ class SSLData:
     def eval_labeled(self, batch: int) -> tf.data.Dataset:
         return self._eval("labeled", batch)
 
-    def find_corrupt_training_file(self) -> Optional[str]:
-        """The first training file (labeled, unlabeled or Extend shard) whose records fail their
-        checksum, or None. Reads every file: call it only after a read error."""
-        for which in ("labeled", "unlabeled"):
-            source = self._sources.get(which)
-            for path in (source.files if source else ()):
-                try:
-                    for _ in records.iterate_serialized(path):
-                        pass
-                except UserError:
-                    return path
-        return None
+    def find_bad_record(self) -> Optional[records.BadRecord]:
+        """The first damaged record of the run's files (labeled, unlabeled or Extend shards,
+        validation, test), with its file and index, or None. Reads every file: call it only
+        after a read error."""
+        files = [path for source in self._sources.values() for path in source.files]
+        return records.find_bad_record(list(dict.fromkeys(files)), self.info.shape)
 
     def unlabeled_window(self, size: int, offset: int) -> tf.data.Dataset:
         """One batch {'image': f32[n,H,W,C], 'label': i64[n]} of the training unlabeled images
@@ -294,7 +288,10 @@ def _decode_all(source: _Source, info: DatasetInfo):
             images.append(example["image"])
             labels.append(example["label"])
     except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
-        raise records.corrupt_error(source.files[0], e, source.how_to_create) from None
+        bad = records.find_bad_record(source.files, info.shape)
+        if bad is None:
+            raise records.corrupt_error(source.files[0], e, source.how_to_create) from None
+        raise bad.error(source.how_to_create) from None
     return np.concatenate(images), np.concatenate(labels)
 
 

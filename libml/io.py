@@ -3,9 +3,11 @@
 Every writer of the project goes through ``atomic_path``: the data is written to a temporary
 name beside the target and renamed only when complete; an existing target is refused unless
 the caller passes ``overwrite`` (the user's --overwrite, or files the program owns such as
-accuracy.json and the Extend manifest).
+accuracy.json and the Extend manifest); a full or read-only disk is one line
+(libml.storage), and the temporary file is removed.
 """
 import contextlib
+import glob
 import json
 import os
 from typing import Iterable, Optional
@@ -27,14 +29,18 @@ def require_free(paths: Iterable[str], overwrite: bool) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str, overwrite: bool = False):
-    """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds."""
+def atomic_path(path: str, overwrite: bool = False, need_bytes=0):
+    """Yields a temporary path beside `path`; renames it to `path` only if the block succeeds.
+    A full or read-only disk met meanwhile is a one-line UserError naming `path` (and
+    `need_bytes`, an int or a function called at the failure, when known)."""
+    from libml.storage import disk_errors
     check_overwrite(path, overwrite)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with disk_errors(path, need_bytes, what=os.path.basename(path), cleanup=[glob.escape(tmp)]):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            yield tmp
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -5,6 +5,7 @@ bytes) and ``label`` (one int64). Writers never touch an existing file unless as
 write to a temporary name that is renamed only when the file is complete (libml.io). A read
 error names the damaged file and, where known, the command that re-creates it.
 """
+import dataclasses
 from typing import Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -82,13 +83,19 @@ def write_images(path: str, images: np.ndarray, labels, overwrite: bool = False,
 
 def write_serialized(path: str, records: Iterable[bytes], overwrite: bool = False,
                      progress: Optional[str] = None, total: Optional[int] = None) -> int:
-    """Writes already-serialized records (e.g. copied from another file) atomically."""
-    count = 0
-    with io.atomic_path(path, overwrite) as tmp:
+    """Writes already-serialized records (e.g. copied from another file) atomically. On a full
+    disk the space needed is extrapolated from what was written (when `total` is known)."""
+    count = written = 0
+
+    def need() -> int:
+        return written * total // count if total and count else written
+
+    with io.atomic_path(path, overwrite, need_bytes=need) as tmp:
         with tf.io.TFRecordWriter(tmp) as writer:
             for record in io.progress(records, progress, total):
                 writer.write(record)
                 count += 1
+                written += len(record) + 16      # TFRecord framing: length, 2 CRCs
     return count
 
 
@@ -102,10 +109,70 @@ def require_file(path: str, how_to_create: str) -> str:
     return path
 
 
-def corrupt_error(path: str, error: Exception, how_to_create: str = "") -> UserError:
-    """The one-line error of a damaged record file."""
+def corrupt_error(path: str, error: Union[Exception, str], how_to_create: str = "",
+                  index: Optional[int] = None) -> UserError:
+    """The one-line error of a damaged record file (with the record's index when known)."""
     how = f" with `{how_to_create}`" if how_to_create else ""
-    return UserError(f"corrupt TFRecord {path} ({first_line(error)}): delete it and re-create it{how}")
+    cause = error if isinstance(error, str) else first_line(error)
+    where = f"record {index}: " if index is not None else ""
+    return UserError(f"corrupt TFRecord {path} ({where}{cause}): delete it and re-create it{how}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BadRecord:
+    path: str
+    index: int          # 0-based position of the record in its file
+    cause: str
+
+    def error(self, how_to_create: str = "", after: str = "") -> UserError:
+        e = corrupt_error(self.path, self.cause, how_to_create, self.index)
+        return UserError(f"{e}; {after}") if after else e
+
+
+def _record_checker(shape: Optional[Sequence[int]]):
+    """A graph function that fails on a record that does not parse, or whose image does not
+    decode to `shape` (HxWxC; None: any image)."""
+    channels = int(shape[-1]) if shape else 0
+
+    def check(serialized):
+        image = decode_image(parse_example(serialized)["image"], channels)
+        if shape:
+            tf.debugging.assert_equal(tf.shape(image), tf.constant(list(shape), tf.int32),
+                                      message=f"image shape differs from the dataset's {list(shape)}")
+        return tf.constant(0, tf.int8)
+
+    return check
+
+
+def find_bad_record(paths: Paths, shape: Optional[Sequence[int]] = None,
+                    batch: int = 1024) -> Optional[BadRecord]:
+    """The first record of the files (in order) that fails its checksum, does not parse or does
+    not decode to an image of `shape`; None if all read back. Reads in batches, then record by
+    record inside the failing batch: call it after a read error, to name the culprit."""
+    check = _record_checker(shape)
+    for path in [paths] if isinstance(paths, str) else paths:
+        done = 0
+        ds = tf.data.TFRecordDataset(path).map(check, num_parallel_calls=tf.data.AUTOTUNE,
+                                                deterministic=True).batch(batch)
+        try:
+            for flags in ds:
+                done += int(flags.shape[0])
+        except _READ_ERRORS as e:
+            return _first_bad(path, done, batch, check) or BadRecord(path, done, first_line(e))
+    return None
+
+
+def _first_bad(path: str, start: int, count: int, check) -> Optional[BadRecord]:
+    check_one = tf.function(check, autograph=False)
+    iterator = iter(tf.data.TFRecordDataset(path).skip(start).take(count))
+    for index in range(start, start + count):
+        try:
+            check_one(next(iterator))
+        except StopIteration:
+            return None
+        except _READ_ERRORS as e:
+            return BadRecord(path, index, first_line(e))
+    return None
 
 
 def iterate_serialized(paths: Paths, progress: Optional[str] = None,

@@ -15,7 +15,7 @@ import contextlib
 import errno
 import os
 import shutil
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional, Union
 
 from libml.errors import UserError
 
@@ -120,15 +120,16 @@ def remove_quietly(patterns: Iterable[str]) -> None:
 
 
 @contextlib.contextmanager
-def disk_errors(path: str, need_bytes: int = 0, what: str = "the output",
-                fix: str = DEFAULT_FIX, cleanup: Iterable[str] = ()):
+def disk_errors(path: str, need_bytes: Union[int, Callable[[], int]] = 0,
+                what: str = "the output", fix: str = DEFAULT_FIX, cleanup: Iterable[str] = ()):
     """Turns a full or read-only disk met in the block into a one-line UserError (after
-    removing `cleanup`); other errors pass through unchanged."""
+    removing `cleanup`); other errors pass through unchanged. `need_bytes` may be a function,
+    called at the failure (e.g. to extrapolate from what was written)."""
     try:
         yield
     except Exception as e:      # noqa: BLE001 (TensorFlow's OpError is not an OSError)
-        message = fault_message(e, path, need_bytes, what, fix)
-        if message is None:
+        if fault_kind(e) is None:
             raise
-        remove_quietly(cleanup)
-        raise UserError(message) from None
+        remove_quietly(cleanup)         # first, so that the space it held counts as free
+        need = need_bytes() if callable(need_bytes) else need_bytes
+        raise UserError(fault_message(e, path, need, what, fix)) from None

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import badrecord, checkpoint_files, finite, runargs, runlock, storage
-from libml.errors import UserError
+from libml import checkpoint_files, finite, records, runargs, runlock, storage
+from libml.errors import UserError, first_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -315,14 +315,14 @@ def write_records(path, pngs):
             w.write(serialize_example(png, i % 3))
 
 
-def test_tf_cause_trims_tensorflow_internals():
+def test_first_line_trims_tensorflow_internals():
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
         tf.io.decode_image(b"not an image")
-    assert badrecord.tf_cause(e.value).startswith("Unknown image file format. One of JPEG")
+    assert first_line(e.value).startswith("Unknown image file format. One of JPEG")
     ds = tf.data.Dataset.from_tensor_slices([b"xx"]).map(tf.io.decode_png)
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
         list(ds)
-    assert badrecord.tf_cause(e.value).startswith("Unknown image file format")
+    assert first_line(e.value).startswith("Unknown image file format")
 
     @tf.function
     def decode(x):
@@ -330,30 +330,30 @@ def test_tf_cause_trims_tensorflow_internals():
 
     with pytest.raises(tf.errors.InvalidArgumentError) as e:
         decode(tf.constant(b"\x89PNG\r\n\x1a\nbroken"))
-    assert badrecord.tf_cause(e.value) == "Invalid PNG. Failed to initialize decoder."
+    assert first_line(e.value) == "Invalid PNG. Failed to initialize decoder."
 
 
-def test_locate_names_file_and_record(tmp_path):
+def test_find_bad_record_names_file_and_record(tmp_path):
     good = [tf.io.encode_png(tf.fill([4, 4, 3], tf.constant(i, tf.uint8))).numpy() for i in range(7)]
     clean, bad = str(tmp_path / "clean.tfrecord"), str(tmp_path / "bad.tfrecord")
     write_records(clean, good)
     write_records(bad, good[:5] + [b"\x89PNG\r\n\x1a\nbroken"] + good[5:])
-    assert badrecord.locate([clean], (4, 4, 3)) is None
-    found = badrecord.locate([clean, bad], (4, 4, 3), batch=2)
-    assert found == badrecord.BadRecord(bad, 5, found.cause)
+    assert records.find_bad_record([clean], (4, 4, 3)) is None
+    found = records.find_bad_record([clean, bad], (4, 4, 3), batch=2)
+    assert found == records.BadRecord(bad, 5, found.cause)
     assert found.cause.startswith("Invalid PNG") or found.cause.startswith("Unknown image")
     # Another image size than the dataset's is damaged too.
     odd = str(tmp_path / "odd.tfrecord")
     write_records(odd, good[:2] + [tf.io.encode_png(tf.zeros([5, 4, 3], tf.uint8)).numpy()])
-    found = badrecord.locate([odd], (4, 4, 3))
+    found = records.find_bad_record([odd], (4, 4, 3))
     assert (found.index, "shape differs" in found.cause) == (2, True)
     # A checksum failure: the record index where reading stops.
     data = bytearray(open(clean, "rb").read())
     data[len(data) // 2] ^= 0xFF
     open(clean, "wb").write(bytes(data))
-    found = badrecord.locate([clean], (4, 4, 3))
+    found = records.find_bad_record([clean], (4, 4, 3))
     assert found.path == clean and 0 <= found.index < 7 and "corrupted record" in found.cause
-    line = badrecord.message(found, "python -m data_prep.x", after="the run resumes")
+    line = str(found.error("python -m data_prep.x", after="the run resumes"))
     assert line.startswith(f"corrupt TFRecord {clean} (record {found.index}: ")
     assert line.endswith("re-create it with `python -m data_prep.x`; the run resumes")
 
@@ -536,3 +536,45 @@ def test_divergence_stops_in_one_line_without_writing_a_checkpoint(toy, tmp_path
 def test_nonfinite_flag_on_the_command_line(toy, tmp_path):
     line = one_error_line(launch(toy, tmp_path, "--lr=inf"))
     assert line == "error: --lr=inf is not a finite number: pass a finite value"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data preparation on a full or read-only disk; a damaged image in a cached set
+
+def create_cifar10(archive_dir, data_dir, monkeypatch):
+    from data_prep import archives, create_datasets
+    monkeypatch.setattr(archives, "_online", lambda *a, **k: False)
+    return create_datasets.main(["create_datasets", "cifar10", f"--archive_dir={archive_dir}",
+                                 f"--data_dir={data_dir}"])
+
+
+def test_create_datasets_on_a_full_and_a_read_only_disk(small_disk, tmp_path, monkeypatch):
+    from tests.fixtures_archives import write_cifar_archive
+    archive_dir = tmp_path / "archives"
+    write_cifar_archive(str(archive_dir), "cifar10", per_batch=40, n_test=40)   # ~600 KB of PNG
+    data_dir = os.path.join(small_disk.path, "data")
+    small_disk.fill(leave_bytes=100_000)
+    with pytest.raises(UserError) as e:
+        create_cifar10(archive_dir, data_dir, monkeypatch)
+    target = os.path.join(data_dir, "cifar10-train.tfrecord")
+    assert re.match(rf"no space left on the disk of {re.escape(target)} for cifar10-train.tfrecord "
+                    rf"\(needs about [\d.]+ KB, [\d.]+ KB free\): ", str(e.value)), str(e.value)
+    assert os.listdir(data_dir) == []                           # no half file, no temporary
+    os.remove(os.path.join(small_disk.path, "filler"))
+    small_disk.read_only()
+    with pytest.raises(UserError, match=r"cannot write .* \(read-only file system\)"):
+        create_cifar10(archive_dir, os.path.join(small_disk.path, "other"), monkeypatch)
+
+
+def test_damaged_image_in_a_cached_set_names_file_and_record(tmp_path):
+    from libml.data import load_ssl
+    from tests.fixtures_data import make_ssl_dataset, test_options
+    toy = make_ssl_dataset(tmp_path, nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
+    serialized = list(records.iterate_serialized(toy.label_path))
+    serialized[11] = records.serialize_example(b"\x89PNG\r\n\x1a\nbroken", 0)
+    records.write_serialized(toy.label_path, serialized, overwrite=True)
+    data = load_ssl(toy.name, toy.root, options=test_options(), cache=True)
+    with pytest.raises(UserError) as e:
+        next(iter(data.train_labeled(8)))
+    assert str(e.value).startswith(f"corrupt TFRecord {toy.label_path} (record 11: Invalid PNG")
+    assert "re-create it with `" in str(e.value) and "{{" not in str(e.value)
