@@ -49,6 +49,9 @@ def choose_labeled(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     known = labels[labels >= 0]
     if size < 1:
         raise UserError(f"--size={size}: ask for at least 1 labeled image")
+    if not len(known):
+        raise UserError("the input has no labeled images (every label is -1): pass a record file "
+                        "with labels, e.g. {name}-train.tfrecord")
     if size > len(known):
         raise UserError(f"{size} labels requested but the input has only {len(known)} labeled images: "
                         f"use --size={len(known)} or less")

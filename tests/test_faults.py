@@ -578,3 +578,10 @@ def test_damaged_image_in_a_cached_set_names_file_and_record(tmp_path):
         next(iter(data.train_labeled(8)))
     assert str(e.value).startswith(f"corrupt TFRecord {toy.label_path} (record 11: Invalid PNG")
     assert "re-create it with `" in str(e.value) and "{{" not in str(e.value)
+
+
+def test_create_split_of_a_file_without_labels_says_so():
+    from data_prep import create_split
+    with pytest.raises(UserError) as e:
+        create_split.choose_labeled(np.full([20], -1), 4, seed=1)
+    assert str(e.value).startswith("the input has no labeled images") and "--size" not in str(e.value)
