@@ -201,6 +201,8 @@ def main(argv=None):
     if FLAGS.size < 8:
         raise UserError(f"--size={FLAGS.size}: use an image size of at least 8 pixels")
     root = names.data_dir(FLAGS.data_dir)
+    if os.path.isdir(root):
+        io.remove_stale_temps(root, recursive=False)     # files of a killed earlier run
     for dataset in wanted:
         create(dataset, root, FLAGS.overwrite, FLAGS.archive_dir, FLAGS.download, FLAGS.tfds_data_dir,
                name=FLAGS.name, labeled_dir=FLAGS.labeled_dir, unlabeled_dir=FLAGS.unlabeled_dir,

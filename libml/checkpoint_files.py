@@ -11,6 +11,7 @@ from the files, so TensorFlow's own tools (tf.train.latest_checkpoint) agree.
 import glob
 import os
 import re
+import shutil
 import time
 from typing import Dict, List, Optional
 
@@ -19,6 +20,8 @@ from libml.errors import UserError
 CHECKPOINT_NAME = "model.ckpt"
 INDEX_NAME = "checkpoint"
 _DATA = re.compile(r"\.data-(\d+)-of-(\d+)$")
+_TEMP_DIR = re.compile(r"^.+-\d+_temp$")                   # TensorFlow's sharded-save folder
+_TEMP_INDEX = re.compile(r"^checkpoint\.tmp[0-9a-f]{32}$")  # its atomic index write
 
 
 def checkpoint_step(prefix: str) -> int:
@@ -63,10 +66,20 @@ def latest_checkpoint(folder: str, name: str = CHECKPOINT_NAME) -> Optional[str]
 
 
 def remove_incomplete(folder: str, name: str = CHECKPOINT_NAME) -> List[str]:
-    """Deletes the shards of checkpoints that never got their `.index` (a writer killed while
-    renaming its shards into place). Call it while holding the run's lock."""
+    """Deletes what a writer killed mid-save left: TensorFlow's `{name}-N_temp/` folders and
+    `checkpoint.tmp<hex>` index temporaries, and the shards of checkpoints that never got their
+    `.index`. Call it only while holding the run's lock (no one else is saving)."""
     complete = set(list_checkpoints(folder, name))
     removed = []
+    if os.path.isdir(folder):
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            if os.path.isdir(path) and _TEMP_DIR.match(entry):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+            elif _TEMP_INDEX.match(entry):
+                os.remove(path)
+                removed.append(path)
     for path in glob.glob(os.path.join(glob.escape(folder), f"{name}-*.data-*-of-*")):
         prefix = _DATA.sub("", path)
         if prefix not in complete and not os.path.exists(prefix + ".index"):

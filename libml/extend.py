@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import tensorflow as tf
 
-from libml import augment, datasets, io, names, records
+from libml import augment, datasets, io, names, records, storage
 from libml.errors import UserError
 
 BATCH = 256                 # images augmented together; part of the determinism contract
@@ -236,10 +236,7 @@ def _estimate_bytes(plan: Plan, shards: Sequence[int]) -> int:
 
 def _check_disk(folder: str, needed: int, plan: Plan, missing: Sequence[int], reclaimable: int = 0) -> None:
     """`reclaimable`: bytes of an old extension that --overwrite deletes first."""
-    probe = folder
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe).free + reclaimable
+    free = storage.free_bytes(folder) + reclaimable
     if needed > free:
         nrec = sum(plan.shard_records(j) for j in missing)
         raise UserError(

@@ -10,7 +10,9 @@ import contextlib
 import glob
 import json
 import os
-from typing import Iterable, Optional
+import re
+import time
+from typing import Iterable, List, Optional
 
 import numpy as np
 
@@ -44,6 +46,48 @@ def atomic_path(path: str, overwrite: bool = False, need_bytes=0):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+TEMP_NAME = re.compile(r"\.tmp-(\d+)$")     # atomic_path's temporaries: {path}.tmp-{pid}
+STALE_AGE = 600.0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str, recursive: bool = True, min_age: float = STALE_AGE,
+                       now: Optional[float] = None) -> List[str]:
+    """Removes the `*.tmp-PID` files that atomic_path writers killed mid-write left under
+    `folder` (no process PID exists here) and that have not changed for `min_age` seconds;
+    returns their paths. The age guards folders shared with other hosts, whose pids mean
+    nothing here; a caller that holds the folder's run lock passes min_age=0."""
+    now = time.time() if now is None else now
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            match = TEMP_NAME.search(name)
+            path = os.path.join(root, name)
+            if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
+                continue
+            try:
+                if now - os.path.getmtime(path) >= min_age:
+                    os.remove(path)
+                    removed.append(path)
+            except FileNotFoundError:
+                pass
+        if not recursive:
+            break
+    return sorted(removed)
 
 
 def write_json(path: str, value, overwrite: bool = False) -> None:

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional
 
 from libml import checkpoint_files, finite, runargs, runlock
 from libml.errors import UserError, first_line
+from libml.io import remove_stale_temps
 
 ARGS_FILE = os.path.join("args", "args.json")
 
@@ -61,7 +62,7 @@ class RunFolder:
         if holder:
             _say(f"{self.run_dir}: took over the lock of {runlock.describe_holder(holder)}, "
                  f"which no longer runs")
-        removed = runlock.clean_stale_temps(self.run_dir, locked=True)
+        removed = remove_stale_temps(self.run_dir, min_age=0)
         removed += checkpoint_files.remove_incomplete(self.tf_dir)
         if removed:
             _say(f"{self.run_dir}: removed {len(removed)} unfinished temporary file(s) of a "

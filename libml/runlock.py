@@ -1,38 +1,25 @@
-"""One trainer per run folder, and the clean-up of what a killed one left behind.
+"""One trainer per run folder.
 
 `RunLock(folder)` holds `{folder}/run.lock` for as long as a trainer works in the folder. The
 lock is an flock(2) on that file, so the kernel releases it when the holder exits or is
 killed: a lock left by a dead process is stale by construction and the next launch takes it
 over (and says so). The file records the holder (pid, host, start time, command line), so a
-second launch names who holds the folder in its one-line error.
-
-`clean_stale_temps(folder)` removes the temporary files of writers that died before renaming
-them: `*.tmp-PID` files (libml.io's atomic writes) of processes that no longer exist, and, in a
-folder whose lock we hold, TensorFlow's unfinished checkpoint folders `model.ckpt-N_temp/` and
-index temporaries `checkpoint.tmp<hex>`.
+second launch names who holds the folder in its one-line error. What a killed holder left
+half written is removed by the next holder (libml.io.remove_stale_temps,
+libml.checkpoint_files.remove_incomplete).
 """
 import datetime
 import errno
 import fcntl
 import json
 import os
-import re
-import shutil
 import socket
 import sys
-import time
 from typing import List, Optional
 
 from libml.errors import UserError
 
 LOCK_NAME = "run.lock"
-# Writers' temporaries: libml.io's `{name}.tmp-{pid}`, TensorFlow's sharded-save folder
-# `{prefix}_temp` and its atomic index write `checkpoint.tmp{uuid hex}`.
-PID_TEMP = re.compile(r"\.tmp-(\d+)$")
-TF_TEMP_DIR = re.compile(r"^model\.ckpt-\d+_temp$")
-TF_TEMP_FILE = re.compile(r"^checkpoint\.tmp[0-9a-f]{32}$")
-# Age (seconds unchanged) after which a dead pid's temporary in an unlocked folder is stale.
-UNLOCKED_TEMP_AGE = 600.0
 
 
 def holder_record(argv: Optional[List[str]] = None) -> dict:
@@ -131,63 +118,3 @@ class RunLock:
 
     def __del__(self):
         self.release()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists on this host."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # exists, owned by someone else
-        return True
-    return True
-
-
-def clean_stale_temps(folder: str, locked: bool = False, recursive: bool = True,
-                      now: Optional[float] = None) -> List[str]:
-    """Removes the temporaries of dead writers under `folder`; returns the removed paths.
-
-    `*.tmp-PID` files go when no process PID exists here. locked=True: the caller holds the
-    folder's RunLock, so TensorFlow's checkpoint temporaries (`model.ckpt-N_temp/`,
-    `checkpoint.tmp<hex>`) are stale too. Unlocked folders may be shared with writers on other
-    hosts (pids are per host): there a `*.tmp-PID` file must also be UNLOCKED_TEMP_AGE old."""
-    if not os.path.isdir(folder):
-        return []
-    now = time.time() if now is None else now
-    removed = []
-    for root, dirs, files in os.walk(folder):
-        for name in list(dirs):
-            if locked and TF_TEMP_DIR.match(name):
-                path = os.path.join(root, name)
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
-                dirs.remove(name)
-        for name in files:
-            path = os.path.join(root, name)
-            match = PID_TEMP.search(name)
-            if match:
-                pid = int(match.group(1))
-                if pid == os.getpid() or pid_alive(pid):
-                    continue
-                if not locked and now - _mtime(path) < UNLOCKED_TEMP_AGE:
-                    continue
-            elif not (locked and TF_TEMP_FILE.match(name)):
-                continue
-            try:
-                os.remove(path)
-                removed.append(path)
-            except FileNotFoundError:
-                pass
-        if not recursive:
-            break
-    return sorted(removed)
-
-
-def _mtime(path: str) -> float:
-    try:
-        return os.path.getmtime(path)
-    except OSError:
-        return 0.0

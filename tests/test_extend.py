@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from libml import augment, extend, names, records
+from libml import augment, extend, names, records, storage
 from libml.errors import UserError
 from data_prep import extend_unlabeled
 from tests.fixtures_data import test_options
@@ -289,7 +289,7 @@ def test_errors_before_writing(ml_data, monkeypatch):
     with pytest.raises(UserError, match="takes the first 120 for validation"):
         run(ml_data, dataset="toy.1@10-120")
     Usage = namedtuple("Usage", "total used free")
-    monkeypatch.setattr(extend.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 10**5, 10**5))
+    monkeypatch.setattr(storage.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 10**5, 10**5))
     with pytest.raises(UserError, match=r"not enough free disk .*needs about 0\.\d\d GiB \(2000 records x "):
         run(ml_data, copies=20)
     assert not os.path.exists(names.extend_dir(DATASET, root, 20, "erase", 0) + "/plan.json")
@@ -304,7 +304,7 @@ def test_existing_output_needs_overwrite_and_stale_source_is_refused(ml_data, mo
     with pytest.raises(UserError, match="already exists: pass --overwrite"):
         run(ml_data, copies=2, aug="none", seed=0)
     with monkeypatch.context() as m:   # a failed disk check must not delete the old extension
-        m.setattr(extend.shutil, "disk_usage", lambda path: namedtuple("U", "total used free")(1, 1, 0))
+        m.setattr(storage.shutil, "disk_usage", lambda path: namedtuple("U", "total used free")(1, 1, 0))
         with pytest.raises(UserError, match="not enough free disk"):
             run(ml_data, copies=2, aug="none", seed=0, keep_original=True, overwrite=True)
     assert extend.extended_unlabeled_files(DATASET, str(ml_data), 2, "none", 0)

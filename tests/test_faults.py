@@ -110,6 +110,7 @@ def test_lock_of_a_killed_process_is_stale_and_taken_over(tmp_path):
 
 
 def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
+    from libml import io
     folder = tmp_path / "run"
     (folder / "tf" / "model.ckpt-64_temp").mkdir(parents=True)
     (folder / "tf" / "model.ckpt-64_temp" / "part-00000-of-00001.data-00000-of-00001").write_text("x")
@@ -123,15 +124,17 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
     tf_index.write_text("x")
     keep = folder / "tf" / "model.ckpt-32.index"
     keep.write_text("x")
+    orphan = folder / "tf" / "model.ckpt-48.data-00000-of-00001"     # killed before its .index
+    orphan.write_text("x")
 
-    # Unlocked (a data folder): the dead pid's file goes only once old enough.
-    assert runlock.clean_stale_temps(str(folder)) == []
-    removed = runlock.clean_stale_temps(str(folder), now=time.time() + runlock.UNLOCKED_TEMP_AGE + 1)
-    assert removed == [str(dead)]
+    # A folder that may be shared (data): the dead pid's file goes only once old enough.
+    assert io.remove_stale_temps(str(folder)) == []
+    assert io.remove_stale_temps(str(folder), now=time.time() + io.STALE_AGE + 1) == [str(dead)]
     dead.write_text("{")
-    # Locked (a run folder we hold): TensorFlow's temporaries go too; ours and checkpoints stay.
-    removed = runlock.clean_stale_temps(str(folder), locked=True)
-    assert sorted(removed) == sorted([str(dead), str(tf_index), str(folder / "tf" / "model.ckpt-64_temp")])
+    assert io.remove_stale_temps(str(folder), min_age=0) == [str(dead)]     # a locked run folder
+    # TensorFlow's temporaries and an unfinished checkpoint's shards; complete ones stay.
+    removed = checkpoint_files.remove_incomplete(str(folder / "tf"))
+    assert removed == sorted([str(tf_index), str(folder / "tf" / "model.ckpt-64_temp"), str(orphan)])
     assert own.exists() and keep.exists()
 
 
@@ -179,7 +182,6 @@ def test_keep_deletes_the_oldest_and_incomplete_ones_are_not_checkpoints(tmp_pat
     shard = os.path.join(folder, "model.ckpt-32.data-00000-of-00001")
     open(shard, "wb").write(b"partial")
     assert checkpoint_files.latest_checkpoint(folder).endswith("model.ckpt-24")
-    assert checkpoint_files.remove_incomplete(folder) == [shard]
     # Set aside: renamed, still a readable checkpoint, no longer one of the run.
     aside = checkpoint_files.set_aside(os.path.join(folder, "model.ckpt-24"), "nonfinite")
     assert aside.endswith("model.ckpt-24.nonfinite")
