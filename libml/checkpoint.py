@@ -1,5 +1,6 @@
 """Checkpoints of an SSLModel: which variables are stored and under which keys, how a path
-given on the command line becomes a checkpoint prefix, and reading back the newest one.
+given on the command line becomes a checkpoint prefix, and reading one back. Which checkpoints
+a run folder holds, and writing them, is libml/checkpoint_files.py.
 
 A checkpoint stores `model_variables(model)` (a dict keyed by Keras variable path) plus, while
 training, the two input iterators, so a resumed run continues with the same data order.
@@ -11,9 +12,8 @@ from typing import Dict
 import tensorflow as tf
 from absl import logging
 
+from libml.checkpoint_files import CHECKPOINT_NAME, latest_checkpoint
 from libml.errors import UserError, first_line
-
-CHECKPOINT_NAME = "model.ckpt"
 # What a damaged checkpoint raises when read (the reader raises IndexError on a short file).
 READ_ERRORS = (tf.errors.OpError, ValueError, AssertionError, IndexError, RuntimeError)
 
@@ -67,11 +67,11 @@ def resolve_checkpoint(path: str) -> str:
     """A checkpoint prefix from a run folder, its tf/ folder or a prefix; UserError if none."""
     if os.path.isdir(path):
         for folder in (os.path.join(path, "tf"), path):
-            latest = tf.train.latest_checkpoint(folder) if os.path.isdir(folder) else None
+            latest = latest_checkpoint(folder)
             if latest:
                 return latest
-        raise UserError(f"{path} holds no complete checkpoint (no tf/checkpoint index): pass a run "
-                        f"folder that has saved at least once, or a checkpoint prefix")
+        raise UserError(f"{path} holds no complete checkpoint (no tf/{CHECKPOINT_NAME}-N.index): "
+                        f"pass a run folder that has saved at least once, or a checkpoint prefix")
     if path.endswith(".index"):
         path = path[: -len(".index")]
     if not os.path.exists(path + ".index"):
@@ -90,26 +90,14 @@ def read_model(model, prefix: str) -> None:
                         f"flags the run was trained with (--filters/--repeat/--scales/--dataset)") from None
 
 
-def restore_latest(model, iterators, manager: tf.train.CheckpointManager) -> str:
-    """Restores the newest checkpoint of `manager` that reads back; returns its path, or ""
-    if there is none. A damaged newest one (the index file `checkpoint` is written last, so
-    only disk damage can cause that) is skipped. If only the input-iterator state does not fit
-    (the input pipeline changed, e.g. another TF version), the model is restored and the data
-    order restarts, with a warning."""
-    for path in reversed(manager.checkpoints):
-        try:
-            make_checkpoint(model, iterators).read(path).expect_partial().assert_existing_objects_matched()
-        except READ_ERRORS as e:
-            try:
-                make_checkpoint(model).read(path).expect_partial().assert_existing_objects_matched()
-            except READ_ERRORS as e2:
-                logging.warning("skipping unreadable checkpoint %s: %s", path, first_line(e2))
-                continue
-            logging.warning("restored the model from %s but not the input position (%s): "
-                            "the data order will differ from an uninterrupted run",
-                            path, first_line(e))
-        return path
-    if manager.checkpoints:
-        raise UserError(f"no readable checkpoint in {manager.directory}: delete the folder to "
-                        f"start over, or pass a different --train_dir")
-    return ""
+def read_training_state(model, iterators, prefix: str) -> None:
+    """Restores the model and the input iterators from `prefix` (raises one of READ_ERRORS if
+    the model does not read back). If only the iterator state does not fit (the input pipeline
+    changed, e.g. another TF version), the model is restored and the data order restarts, with
+    a warning."""
+    try:
+        make_checkpoint(model, iterators).read(prefix).expect_partial().assert_existing_objects_matched()
+    except READ_ERRORS as e:
+        make_checkpoint(model).read(prefix).expect_partial().assert_existing_objects_matched()
+        logging.warning("restored the model from %s but not the input position (%s): the data "
+                        "order will differ from an uninterrupted run", prefix, first_line(e))

@@ -13,6 +13,7 @@ Algorithm hyper-parameters are not here: each algorithm defines its own flags, a
 constructor checks them (realmix_tf/*.py).
 """
 import dataclasses
+import math
 from typing import Callable, Optional
 
 from absl import flags
@@ -40,21 +41,30 @@ def _extend_augmentations():
 
 
 # ---------------------------------------------------------------------------------------------
-# Checks of one value: check(name, value) raises a one-line UserError.
+# Checks of one value: check(name, value) raises a one-line UserError. The numeric ones refuse
+# nan and inf first (absl parses them as floats), so every float flag checked here is finite.
+
+def finite(name, value):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"--{name}={value} is not a finite number: pass a finite value")
+
 
 def positive(name, value):
+    finite(name, value)
     if not value > 0:
         raise UserError(f"--{name}={value} must be positive: pass a value > 0")
 
 
 def non_negative(fix: str) -> Callable:
     def check(name, value):
+        finite(name, value)
         if value < 0:
             raise UserError(f"--{name}={value} is negative: {fix}")
     return check
 
 
 def decay(name, value):
+    finite(name, value)
     if not 0 <= value < 1:
         raise UserError(f"--{name}={value} is out of range: use a decay in [0, 1)")
 
@@ -147,7 +157,7 @@ class TrainConfig:
         """Each field's check, then the combinations; raises UserError with one line naming the fix."""
         self.dataset_name()
         for field in dataclasses.fields(self):
-            check = field.metadata.get("check")
+            check = field.metadata.get("check") or (finite if field.type is float else None)
             if check is not None:
                 check(field.name, getattr(self, field.name))
         if self.report_kimg > self.train_kimg:

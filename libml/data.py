@@ -135,12 +135,18 @@ class SSLData:
     def eval_labeled(self, batch: int) -> tf.data.Dataset:
         return self._eval("labeled", batch)
 
-    def find_bad_record(self) -> Optional[records.BadRecord]:
-        """The first damaged record of the run's files (labeled, unlabeled or Extend shards,
-        validation, test), with its file and index, or None. Reads every file: call it only
-        after a read error."""
-        files = [path for source in self._sources.values() for path in source.files]
-        return records.find_bad_record(list(dict.fromkeys(files)), self.info.shape)
+    def bad_record_error(self, after: str = "") -> Optional[UserError]:
+        """The one-line error naming the first damaged record of the run's files (labeled,
+        unlabeled or Extend shards, validation, test: file, record index, cause), or None.
+        Reads every file: call it only after a read error."""
+        seen = set()
+        for source in self._sources.values():
+            files = [path for path in source.files if path not in seen]
+            seen.update(files)
+            bad = records.find_bad_record(files, self.info.shape)
+            if bad is not None:
+                return bad.error(source.how_to_create, after)
+        return None
 
     def unlabeled_window(self, size: int, offset: int) -> tf.data.Dataset:
         """One batch {'image': f32[n,H,W,C], 'label': i64[n]} of the training unlabeled images

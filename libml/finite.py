@@ -7,9 +7,8 @@
 - On resume: `checkpoint_is_finite(prefix)` reads a checkpoint's float tensors and tells
   whether it may be resumed from (checkpoints written before these checks existed may not be).
 - `DivergenceError`: the one line naming the step and the last good checkpoint.
-- `check_flag(name, value)`: a float flag must be finite (nan/inf parse as floats).
+(Float flags are refused when not finite where they are checked: libml.config.finite.)
 """
-import math
 from typing import Dict, Iterable, List, Optional
 
 import numpy as np
@@ -18,12 +17,6 @@ import tensorflow as tf
 from libml.errors import UserError
 
 KIMG = 1024
-
-
-def check_flag(name: str, value) -> None:
-    """UserError unless `value` is a finite number (`--lr=nan`, `--train_kimg=inf` parse)."""
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-        raise UserError(f"--{name}={value} is not a finite number: pass a finite value")
 
 
 def all_finite(values: Iterable) -> tf.Tensor:
@@ -67,7 +60,7 @@ def _finite_flags(tensors):
 
 def nonfinite_variables(variables: Dict[str, tf.Variable]) -> List[str]:
     """Names (keys of `variables`) of the float variables holding NaN or Inf."""
-    names = [k for k, v in variables.items() if v.dtype.is_floating]
+    names = [k for k, v in variables.items() if tf.as_dtype(v.dtype).is_floating]
     if not names:
         return []
     flags = _finite_flags([tf.convert_to_tensor(variables[k]) for k in names])

@@ -22,7 +22,8 @@ from typing import List, Tuple
 from libml.errors import UserError
 
 RESUMABLE = frozenset({"train_kimg", "report_kimg", "save_kimg", "keep_ckpt", "eval_batch",
-                       "progress", "export", "jit_compile", "deterministic", "data_dir"})
+                       "progress", "export", "jit_compile", "deterministic", "data_dir",
+                       "data_autotune"})
 START_ONLY = frozenset({"load_checkpoint"})
 # Recorded facts that are not flags (shown without `--`).
 NOT_FLAGS = frozenset({"algorithm", "image_shape", "class_names", "nclass"})

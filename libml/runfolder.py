@@ -19,6 +19,9 @@ import shutil
 import sys
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
+import tensorflow as tf
+
 from libml import checkpoint_files, finite, runargs, runlock
 from libml.errors import UserError, first_line
 from libml.io import remove_stale_temps
@@ -136,7 +139,7 @@ class RunFolder:
 
     def checkpoint_bytes(self, variables: Dict) -> int:
         """About what one checkpoint takes: the variables' bytes, or the last one's files."""
-        size = sum(int(v.shape.num_elements() or 0) * v.dtype.size for v in variables.values())
+        size = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in variables.values())
         if self.last_good:
             on_disk = sum(os.path.getsize(p) for p in checkpoint_files.checkpoint_files(self.last_good)
                           if os.path.exists(p))

@@ -17,6 +17,7 @@ determinism).
 Devices: `make_strategy(config)` is the one place where the tf.distribute strategy is chosen,
 and `Trainer.distribute` the one place where input is split over its replicas.
 """
+import contextlib
 import os
 import sys
 import time
@@ -25,14 +26,19 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from libml.checkpoint import (CHECKPOINT_NAME, make_checkpoint, read_model, resolve_checkpoint,
-                              restore_latest)
+from libml.checkpoint import (READ_ERRORS, make_checkpoint, model_variables, read_model,
+                              read_training_state, resolve_checkpoint)
+from libml.checkpoint_files import latest_checkpoint
 from libml.config import KIMG, TrainConfig
 from libml.errors import UserError, first_line
 from libml.export import export_model, transfer_weights
+from libml.finite import FirstNonFinite, all_finite, loss_values
 from libml.io import progress, write_json
 from libml.names import data_dir
 from libml.platform import cpu_info, isa_line, onednn_enabled
+from libml.runfolder import RunFolder
+from libml.runlock import RunLock
+from libml.storage import disk_errors
 from libml.summaries import (HISTORY_FILE, STATS_FILE, accuracy_stats, finite_or_none,
                              read_history, write_histogram, write_scalar)
 
@@ -104,6 +110,7 @@ class Trainer:
         self.export_dir = os.path.join(self.run_dir, "export")
         self._eval_fns = {}
         self._train_fn = None
+        self._nonfinite = FirstNonFinite()      # the step whose loss first went non-finite
         self.history: List[dict] = []
         self.gamma_hook = None
         if getattr(self.model, "gamma_state", None) is not None:      # --gamma=auto
@@ -161,22 +168,39 @@ class Trainer:
 
     # -- training -----------------------------------------------------------------------------
     def train(self) -> dict:
+        """Trains (or resumes) the run; see docs/usage_reliability.md for what a run survives:
+        one trainer per run folder, changed flags compared with args.json, checkpoints found
+        from their files, never a non-finite one, disk faults and damaged records in one line."""
         c = self.config
         print(self.start_line(), file=sys.stderr)
-        os.makedirs(self.tf_dir, exist_ok=True)
-        self._write_args()
-        self.iterators = self._make_iterators()
-        ckpt = make_checkpoint(self.model, self.iterators)
-        manager = tf.train.CheckpointManager(ckpt, self.tf_dir, max_to_keep=c.keep_ckpt,
-                                             checkpoint_name=CHECKPOINT_NAME)
-        restored = restore_latest(self.model, self.iterators, manager)
-        if restored:
-            print(f"resuming from {restored} ({int(self.model.step.numpy()) / KIMG:g} kimg)",
-                  file=sys.stderr)
-        elif c.load_checkpoint:
-            source = transfer_weights(self.model, c.load_checkpoint, self.info)
-            print(f"initialised from {source} except the classifier head", file=sys.stderr)
+        folder = RunFolder(self.run_dir, keep=c.keep_ckpt).open(self._args())
+        try:
+            self.iterators = self._make_iterators()
+            ckpt = make_checkpoint(self.model, self.iterators)
+            restored = folder.restore(lambda p: read_training_state(self.model, self.iterators, p),
+                                      READ_ERRORS)
+            if restored:
+                print(f"resuming from {restored} ({int(self.model.step.numpy()) / KIMG:g} kimg)",
+                      file=sys.stderr)
+            elif c.load_checkpoint:
+                source = transfer_weights(self.model, c.load_checkpoint, self.info)
+                print(f"initialised from {source} except the classifier head", file=sys.stderr)
+            folder.record_args()
+        except BaseException:
+            folder.close(failed=True)
+            raise
+        try:
+            with disk_errors(self.run_dir, what="the run's files", fix="free space there (or move "
+                             "the run to another disk) and re-run the same command: it resumes "
+                             "from its newest checkpoint"):
+                return self._train_loop(folder, ckpt)
+        finally:
+            folder.close()
+
+    def _train_loop(self, folder: RunFolder, ckpt) -> dict:
+        c = self.config
         self._load_history(int(self.model.step.numpy()))
+        self._variables = model_variables(self.model)
         writer = tf.summary.create_file_writer(self.tf_dir)
         step = int(self.model.step.numpy())
         finished_before = step >= c.train_nimg
@@ -184,13 +208,16 @@ class Trainer:
             print(f"{self.run_dir}: already trained to {step / KIMG:g} kimg", file=sys.stderr)
         while step < c.train_nimg:
             end = min((step // c.report_nimg + 1) * c.report_nimg, c.train_nimg)
-            sums, step = self._train_period(step, end, manager)
-            self._report(writer, step, sums)
+            sums, step = self._train_period(step, end, folder, ckpt)
+            folder.check_loss(self._nonfinite.value())     # no report of a diverged period
+            with self._reading_data():
+                self._report(writer, step, sums)
             if (step - c.batch) // c.save_nimg < step // c.save_nimg or step >= c.train_nimg:
-                self._save(manager, step)
+                self._save(folder, ckpt, step)
         writer.close()
         if c.export and not (finished_before and os.path.isdir(self.export_dir)):
-            export_model(self.model, self.info, self.export_dir, self._export_meta())
+            with disk_errors(self.export_dir, what="the export"):
+                export_model(self.model, self.info, self.export_dir, self._export_meta())
         stats = accuracy_stats(self.history)
         if stats.get("reports"):
             window = min(20, stats["reports"])
@@ -206,7 +233,7 @@ class Trainer:
                 f"{'on' if onednn_enabled() else 'off'}; {model}, {os.cpu_count()} cores, "
                 f"{isa_line(flags)}")
 
-    def _train_period(self, step: int, end: int, manager):
+    def _train_period(self, step: int, end: int, folder: RunFolder, ckpt):
         """Runs steps until `end` images; saves at each --save_kimg boundary crossed (except
         the one at `end`, saved after the report). Returns (summed step outputs, step)."""
         c = self.config
@@ -215,16 +242,14 @@ class Trainer:
         count, start_step, start = 0, step, time.perf_counter()
         bar = self._progress_bar(step, end)
         while step < end:
-            try:
+            with self._reading_data():
                 outputs = fn()
-            except tf.errors.DataLossError as e:
-                raise UserError(self._corrupt_data_message(e)) from None
             for key, value in outputs.items():
                 sums[key] = value if key not in sums else sums[key] + value
             count += 1
             new_step = step + c.batch
             if new_step < end and new_step // c.save_nimg > step // c.save_nimg:
-                self._save(manager, new_step)
+                self._save(folder, ckpt, new_step)
             step = new_step
             if bar is not None:
                 bar.update(c.batch)
@@ -237,12 +262,21 @@ class Trainer:
         means["monitors/img_per_sec"] = (step - start_step) / max(elapsed, 1e-9)
         return means, step
 
-    def _corrupt_data_message(self, error) -> str:
-        """Names the damaged file of a read error met while streaming the training data."""
-        path = self.data.find_corrupt_training_file()
-        where = f"corrupt TFRecord {path}" if path else f"unreadable training data of {self.config.dataset}"
-        return (f"{where} ({first_line(error)}): delete it and re-create it with the data_prep "
-                f"command that wrote it; the run resumes from its last checkpoint")
+    @contextlib.contextmanager
+    def _reading_data(self):
+        """A damaged record met while streaming the data (training or evaluation) becomes the
+        one-line error of the cached path: the file, the record index and the cause."""
+        try:
+            yield
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as e:
+            error = self.data.bad_record_error(after="the run resumes from its last checkpoint")
+            if error is not None:
+                raise error from None
+            if isinstance(e, tf.errors.DataLossError):
+                raise UserError(f"unreadable data of {self.config.dataset} ({first_line(e)}): "
+                                f"re-create its files with the data_prep commands that wrote "
+                                f"them; the run resumes from its last checkpoint") from None
+            raise
 
     def _progress_bar(self, step, end):
         if not self.config.progress:
@@ -256,29 +290,33 @@ class Trainer:
             labeled_it, unlabeled_it = self.iterators
             strategy, model = self.strategy, self.model
 
+            nonfinite = self._nonfinite
+
             def train_fn():
                 labeled, unlabeled = next(labeled_it), next(unlabeled_it)
                 outputs = strategy.run(model.train_step, args=((labeled, unlabeled),))
-                return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-                        for k, v in outputs.items()}
+                outputs = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                           for k, v in outputs.items()}
+                nonfinite.update(all_finite(loss_values(outputs)), model.step)
+                return outputs
 
             self._train_fn = tf.function(train_fn)
         return self._train_fn
 
-    def _save(self, manager, step: int) -> None:
-        manager.save(checkpoint_number=step)
+    def _save(self, folder: RunFolder, ckpt, step: int) -> None:
+        """Checkpoint `step`, unless a loss or a weight went non-finite (the run stops then)."""
+        folder.check_loss(self._nonfinite.value())
+        folder.save(ckpt, step, self._variables)
 
-    def _write_args(self) -> None:
-        path = os.path.join(self.run_dir, "args", "args.json")
-        if not os.path.exists(path):
-            c = self.config
-            write_json(path, overwrite=True, value=dict(self.hparams, dataset=c.dataset, algorithm=self.algorithm,
-                                  train_kimg=c.train_kimg, report_kimg=c.report_kimg,
-                                  save_kimg=c.save_kimg, keep_ckpt=c.keep_ckpt,
-                                  mixed_precision=c.mixed_precision, precision=self.model.precision,
-                                  jit_compile=c.jit_compile,
-                                  load_checkpoint=c.load_checkpoint, image_shape=list(self.info.shape),
-                                  class_names=list(self.info.class_names)))
+    def _args(self) -> dict:
+        """The settings args/args.json records (compared when the run resumes: libml/runargs.py)."""
+        c = self.config
+        return dict(self.hparams, dataset=c.dataset, algorithm=self.algorithm,
+                    train_kimg=c.train_kimg, report_kimg=c.report_kimg, save_kimg=c.save_kimg,
+                    keep_ckpt=c.keep_ckpt, mixed_precision=c.mixed_precision,
+                    precision=self.model.precision,
+                    jit_compile=c.jit_compile, load_checkpoint=c.load_checkpoint,
+                    image_shape=list(self.info.shape), class_names=list(self.info.class_names))
 
     # -- evaluation and reporting -------------------------------------------------------------
     def _eval_fn(self, ema: bool):
@@ -396,13 +434,15 @@ class Trainer:
         return result
 
     def export_latest(self) -> dict:
-        """--export_only: exports the newest checkpoint of this run."""
-        prefix = tf.train.latest_checkpoint(self.tf_dir) if os.path.isdir(self.tf_dir) else None
+        """--export_only: exports the newest checkpoint of this run (holding the run's lock)."""
+        prefix = latest_checkpoint(self.tf_dir)
         if not prefix:
             raise UserError(f"{self.run_dir} has no complete checkpoint to export: train first "
                             f"(the same command without --export_only)")
-        read_model(self.model, prefix)
-        paths = export_model(self.model, self.info, self.export_dir, self._export_meta())
+        with RunLock(self.run_dir):
+            read_model(self.model, prefix)
+            with disk_errors(self.export_dir, what="the export"):
+                paths = export_model(self.model, self.info, self.export_dir, self._export_meta())
         print(f"exported {prefix} to {self.export_dir}")
         return paths
 

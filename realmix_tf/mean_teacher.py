@@ -20,7 +20,7 @@ import tensorflow as tf
 from absl import flags
 
 from libml import baseline_losses
-from libml.config import KIMG, positive, whole_kimg
+from libml.config import KIMG, finite, positive, whole_kimg
 from libml.errors import UserError
 from libml.ssl import SSLModel, check_loss_nclass, define_loss_nclass_flag
 from realmix_tf.supervised import (check_smoothing, define_smoothing_flag, labeled_cross_entropy,
@@ -29,6 +29,8 @@ from realmix_tf.supervised import (check_smoothing, define_smoothing_flag, label
 
 def check_mean_teacher(consistency_weight, warmup_pos, train_kimg):
     """Mean Teacher's arguments, checked once (UserError naming the flag and the fix)."""
+    finite("consistency_weight", consistency_weight)
+    finite("warmup_pos", warmup_pos)
     if consistency_weight < 0:
         raise UserError(f"--consistency_weight={consistency_weight} is negative: use a "
                         f"weight >= 0 (the released default is 50)")

@@ -28,7 +28,7 @@ import tensorflow as tf
 from absl import flags
 
 from libml import layers
-from libml.config import KIMG, whole_kimg
+from libml.config import KIMG, finite, whole_kimg
 from libml.errors import UserError
 from libml.ssl import SSLModel, check_loss_nclass, define_loss_nclass_flag
 
@@ -37,6 +37,9 @@ NU = 2    # views per unlabeled image: the input pipeline always gives 2
 
 def check_mixmatch(beta, w_match, warmup_kimg, temperature):
     """MixMatch's arguments, checked once (UserError naming the flag and the fix)."""
+    for name, value in (("beta", beta), ("w_match", w_match), ("warmup_kimg", warmup_kimg),
+                        ("temperature", temperature)):
+        finite(name, value)
     if beta <= 0:
         raise UserError(f"--beta={beta} must be positive: the paper uses 0.75")
     if w_match < 0 or warmup_kimg < 0:

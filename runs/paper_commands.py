@@ -27,6 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 from absl import flags
 
 from libml import cli
+from libml.config import positive
 from libml.errors import UserError
 from realmix_tf import registry
 from runs.experiments import EXPERIMENTS, REPORT_KIMG, TABLES, TRAIN_KIMG, Experiment
@@ -379,8 +380,7 @@ def parse_seeds(values: Sequence[str]) -> Tuple[int, ...]:
 def settings_from_flags(fv=FLAGS) -> Settings:
     if fv.nvalid < 1:
         raise UserError(f"--nvalid={fv.nvalid}: use at least 1 validation image")
-    if not fv.train_kimg > 0:
-        raise UserError(f"--train_kimg={fv.train_kimg}: use a positive run length")
+    positive("train_kimg", fv.train_kimg)
     return Settings(parse_seeds(fv.seeds), fv.nvalid, fv.train_kimg, fv.data_dir, fv.train_dir)
 
 
