@@ -7,7 +7,7 @@ training, the two input iterators, so a resumed run continues with the same data
 """
 import glob
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import tensorflow as tf
 from absl import logging
@@ -80,14 +80,33 @@ def resolve_checkpoint(path: str) -> str:
     return path
 
 
+def mismatch(model, prefix: str) -> Optional[str]:
+    """The first model variable that the checkpoint lacks or stores with another shape, as a
+    short text; None if every variable fits. Checked before reading, so that a checkpoint of
+    another architecture fails in one line (a failed read leaves TensorFlow warning about
+    every unrestored value when the process exits)."""
+    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    for path, variable in model_variables(model).items():
+        stored = shapes.get(checkpoint_key(path))
+        if stored is None:
+            return f"{path} is not in the checkpoint"
+        if tuple(stored) != tuple(variable.shape):
+            return f"{path} has shape {tuple(stored)} there, {tuple(variable.shape)} here"
+    return None
+
+
 def read_model(model, prefix: str) -> None:
     """Restores the model variables (not the iterators) of a checkpoint; UserError if the
     checkpoint is of another architecture or damaged."""
     try:
-        make_checkpoint(model).read(prefix).expect_partial().assert_existing_objects_matched()
+        problem = mismatch(model, prefix)
+        if problem is None:
+            make_checkpoint(model).read(prefix).expect_partial().assert_existing_objects_matched()
     except READ_ERRORS as e:
-        raise UserError(f"{prefix} does not match this model ({first_line(e)}): pass the "
-                        f"flags the run was trained with (--filters/--repeat/--scales/--dataset)") from None
+        problem = first_line(e)
+    if problem:
+        raise UserError(f"{prefix} does not match this model ({problem}): pass the flags the run "
+                        f"was trained with (--filters/--repeat/--scales/--dataset)")
 
 
 def read_training_state(model, iterators, prefix: str) -> None:
@@ -95,6 +114,9 @@ def read_training_state(model, iterators, prefix: str) -> None:
     the model does not read back). If only the iterator state does not fit (the input pipeline
     changed, e.g. another TF version), the model is restored and the data order restarts, with
     a warning."""
+    problem = mismatch(model, prefix)
+    if problem:
+        raise ValueError(problem)
     try:
         make_checkpoint(model, iterators).read(prefix).expect_partial().assert_existing_objects_matched()
     except READ_ERRORS as e:

@@ -85,9 +85,10 @@ class DivergenceError(UserError):
         where = f"step {step} ({step / KIMG:g} kimg)"
         if last_good:
             keep = f"its last finite checkpoint is {last_good}, kept as the newest"
+            again = "resumes from that checkpoint"
         else:
-            keep = "no checkpoint was saved before it"
-        fix = fix or ("start a new run with a lower --lr, or check the data; re-running this "
-                      "command resumes from that checkpoint")
+            keep, again = "no checkpoint was saved before it", "starts over"
+        fix = fix or (f"start a new run with a lower --lr, or check the data; re-running this "
+                      f"command {again}")
         super().__init__(f"{what} at {where}: the run stopped, {keep}: {fix}")
         self.step, self.last_good = step, last_good

@@ -78,11 +78,12 @@ def resume_args(recorded: dict, current: dict, run_dir: str) -> Tuple[dict, List
     diffs = differences(recorded, current)
     fixed = [d for d in diffs if d.kind == "fixed"]
     if fixed:
-        these = "this cannot" if len(fixed) == 1 else "these cannot"
+        these = "this cannot change" if len(fixed) == 1 else "these cannot change"
+        it = "it changes" if len(fixed) == 1 else "they change"
         raise UserError(
             f"{run_dir} was run with other settings: {', '.join(d.describe() for d in fixed)}; "
-            f"{these} change when a run resumes (they change what a step computes or what its "
-            f"checkpoints hold): re-run with the recorded values (args/args.json) to resume "
+            f"{these} when a run resumes ({it} what a step computes or what its checkpoints "
+            f"hold): re-run with the recorded values (args/args.json) to resume "
             f"it, or pass another --train_dir to start a separate run")
     merged = dict(current)
     merged.update({k: v for k, v in recorded.items() if k not in current})

@@ -470,8 +470,7 @@ print("RESULT", check(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])))
 # ---------------------------------------------------------------------------------------------
 # End to end, through the command line
 
-TINY = ["--batch=8", "--filters=8", "--repeat=1", "--eval_batch=64", "--noexport", "--noprogress",
-        "--short_run_scaling"]
+TINY = ["--batch=8", "--filters=8", "--repeat=1", "--eval_batch=64", "--noexport", "--noprogress"]
 
 
 @pytest.fixture(scope="module")
@@ -481,7 +480,7 @@ def toy(tmp_path_factory):
                             nvalid=8, ntest=16, size=8)
 
 
-def launch(toy, train_dir, *args, module="realmix_tf.realmix", wait=True, timeout=300):
+def launch(toy, train_dir, *args, module="realmix_tf.supervised", wait=True, timeout=300):
     argv = [sys.executable, "-m", module, f"--dataset={toy.name}", f"--data_dir={toy.root}",
             f"--train_dir={train_dir}", *TINY, *args]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
@@ -508,8 +507,8 @@ def test_two_launches_second_exits_2_naming_the_holder_and_a_killed_holder_is_ta
             assert first.poll() is None and time.time() < deadline, first.stderr.read()[-3000:]
             time.sleep(0.2)
         line = one_error_line(launch(toy, tmp_path, *length))
-        assert re.match(rf"error: .*RealMix_\S+ is in use by pid {first.pid} on \S+ since \S+ "
-                        rf"\(.*realmix.*\): wait for it to finish, or stop it, or pass another "
+        assert re.match(rf"error: .*Supervised_\S+ is in use by pid {first.pid} on \S+ since \S+ "
+                        rf"\(.*supervised.*\): wait for it to finish, or stop it, or pass another "
                         rf"--train_dir$", line), line
     finally:
         first.kill()
@@ -583,3 +582,204 @@ def test_create_split_of_a_file_without_labels_says_so():
     with pytest.raises(UserError) as e:
         create_split.choose_labeled(np.full([20], -1), 4, seed=1)
     assert str(e.value).startswith("the input has no labeled images") and "--size" not in str(e.value)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end, in this process (tiny supervised runs: 8 steps of 8 images, saves every 4)
+
+def tiny(toy, train_dir, **changes):
+    from libml.config import TrainConfig
+    values = dict(dataset=toy.name, data_dir=toy.root, train_dir=str(train_dir), batch=8,
+                  filters=8, repeat=1, train_kimg=0.0625, report_kimg=0.03125, save_kimg=0.03125,
+                  keep_ckpt=10, eval_batch=64, progress=False, export=False)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def trainer_of(config, algorithm="supervised"):
+    from realmix_tf import registry
+    from tests.fixtures_data import test_options
+    return registry.make_trainer(algorithm, config, data_options=test_options())
+
+
+def steps_of(tf_dir):
+    return [checkpoint_files.checkpoint_step(p) for p in checkpoint_files.list_checkpoints(tf_dir)]
+
+
+@pytest.fixture(scope="module")
+def done(toy, tmp_path_factory):
+    """A finished tiny run (checkpoints 32 and 64, export)."""
+    trainer = trainer_of(tiny(toy, tmp_path_factory.mktemp("done"), export=True))
+    trainer.run()
+    return trainer
+
+
+def copy_of(trainer, tmp_path, **changes):
+    """The config of a copy of a finished run under tmp_path."""
+    import shutil
+    rel = os.path.relpath(trainer.run_dir, trainer.config.train_dir)
+    shutil.copytree(trainer.run_dir, tmp_path / rel)
+    import dataclasses
+    return dataclasses.replace(trainer.config, train_dir=str(tmp_path), export=False, **changes)
+
+
+def test_divergence_keeps_the_last_finite_checkpoint_and_resume_starts_there(toy, tmp_path, capsys):
+    trainer = trainer_of(tiny(toy, tmp_path))
+    calls = tf.Variable(0)
+    step = trainer.model.train_step
+
+    def poisoned(data):         # from the 5th step on (40 images) the loss is NaN
+        outputs = step(data)
+        calls.assign_add(1)
+        return {k: tf.where(calls >= 5, float("nan"), v) if k.startswith("losses/") else v
+                for k, v in outputs.items()}
+
+    trainer.model.train_step = poisoned
+    with pytest.raises(finite.DivergenceError) as e:
+        trainer.run()
+    last = os.path.join(trainer.tf_dir, "model.ckpt-32")
+    assert str(e.value).startswith(f"the loss is not finite at step 40 (0.0390625 kimg): the run "
+                                   f"stopped, its last finite checkpoint is {last}, kept as the newest")
+    assert steps_of(trainer.tf_dir) == [32]                  # nothing written after the NaN
+    assert [h["step"] for h in json.load(open(os.path.join(trainer.run_dir, "stats",
+                                                           "accuracy_history.json")))] == [32]
+    assert not os.path.exists(os.path.join(trainer.run_dir, runlock.LOCK_NAME))
+
+    # An older version did write non-finite checkpoints: one at step 64.
+    from libml.checkpoint import make_checkpoint
+    old = trainer_of(tiny(toy, tmp_path))
+    old.model.net.trainable_variables[0].assign(tf.fill(old.model.net.trainable_variables[0].shape, np.nan))
+    checkpoint_files.save_checkpoint(make_checkpoint(old.model), trainer.tf_dir, 64, keep=10)
+    capsys.readouterr()
+    resumed = trainer_of(tiny(toy, tmp_path))
+    resumed.run()
+    err = capsys.readouterr().err
+    assert "model.ckpt-64 holds non-finite weights: renamed to model.ckpt-64.nonfinite; resuming " \
+           "from model.ckpt-32" in err and f"resuming from {last} (0.03125 kimg)" in err
+    assert steps_of(trainer.tf_dir) == [32, 64] and int(resumed.model.step.numpy()) == 64
+    assert finite.checkpoint_is_finite(os.path.join(trainer.tf_dir, "model.ckpt-64"))
+    assert not finite.checkpoint_is_finite(os.path.join(trainer.tf_dir, "model.ckpt-64.nonfinite"))
+
+
+def test_resume_with_changed_flags(done, tmp_path, capsys):
+    config = copy_of(done, tmp_path)
+    run_dir = os.path.join(tmp_path, os.path.relpath(done.run_dir, done.config.train_dir))
+    before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(run_dir, "tf", "model.ckpt-*"))}
+    import dataclasses
+    with pytest.raises(UserError) as e:
+        trainer_of(dataclasses.replace(config, mixed_precision="fp16")).run()
+    assert "--mixed_precision=fp16 (recorded none); this cannot change when a run resumes" in str(e.value)
+    assert "delete" not in str(e.value) and os.path.isdir(run_dir)
+    # Permitted: a longer run reported more often. args.json records the values in effect.
+    longer = trainer_of(dataclasses.replace(config, train_kimg=0.09375, report_kimg=0.015625))
+    longer.run()
+    assert "changed settings: --report_kimg=0.015625 (recorded 0.03125), --train_kimg=0.09375 " \
+           "(recorded 0.0625)" in capsys.readouterr().err
+    args = json.load(open(os.path.join(run_dir, "args", "args.json")))
+    assert (args["train_kimg"], args["report_kimg"]) == (0.09375, 0.015625)
+    assert int(longer.model.step.numpy()) == 96 and steps_of(longer.tf_dir) == [32, 64, 96]
+    assert {p: os.path.getmtime(p) for p in before} == before
+
+
+def test_index_without_timestamps_neither_restarts_nor_overwrites(done, tmp_path, capsys):
+    config = copy_of(done, tmp_path, train_kimg=0.09375)
+    tf_dir = os.path.join(tmp_path, os.path.relpath(done.tf_dir, done.config.train_dir))
+    with open(os.path.join(tf_dir, "checkpoint"), "w") as f:        # rolled back by hand
+        f.write('model_checkpoint_path: "model.ckpt-32"\nall_model_checkpoint_paths: "model.ckpt-32"\n')
+    before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(tf_dir, "model.ckpt-*"))}
+    trainer = trainer_of(config)
+    trainer.run()
+    err = capsys.readouterr().err
+    assert "names model.ckpt-32 but model.ckpt-64 is newer: using the newest checkpoint" in err
+    assert "resuming from" in err and "model.ckpt-64 (0.0625 kimg)" in err
+    assert steps_of(tf_dir) == [32, 64, 96]
+    assert {p: os.path.getmtime(p) for p in before} == before
+    assert tf.train.latest_checkpoint(tf_dir).endswith("model.ckpt-96")
+
+
+def test_failed_start_up_leaves_no_run_folder(done, toy, tmp_path):
+    config = tiny(toy, tmp_path, filters=16, load_checkpoint=done.run_dir)
+    trainer = trainer_of(config)
+    with pytest.raises(UserError, match="different architecture"):
+        trainer.run()
+    assert os.listdir(tmp_path) == []
+
+
+def test_damaged_image_in_the_streamed_path_gives_the_cached_message(tmp_path, monkeypatch):
+    from libml import data as data_module
+    from libml.data import load_ssl
+    from tests.fixtures_data import make_ssl_dataset, test_options
+    toy = make_ssl_dataset(tmp_path / "data", nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
+    serialized = list(records.iterate_serialized(toy.label_path))
+    serialized[11] = records.serialize_example(b"\x89PNG\r\n\x1a\nbroken", 0)
+    records.write_serialized(toy.label_path, serialized, overwrite=True)
+    with pytest.raises(UserError) as cached:
+        next(iter(load_ssl(toy.name, toy.root, options=test_options(), cache=True).train_labeled(8)))
+    monkeypatch.setattr(data_module, "CACHE_MAX_DECODED_BYTES", 0)      # stream, as large sets are
+    trainer = trainer_of(tiny(toy, tmp_path / "runs"))
+    assert not trainer.data.is_cached("labeled")
+    with pytest.raises(UserError) as streamed:
+        trainer.run()
+    assert str(streamed.value) == f"{cached.value}; the run resumes from its last checkpoint"
+    assert "(record 11: Invalid PNG" in str(streamed.value)
+
+
+def test_training_on_a_full_then_freed_disk(toy, small_disk):
+    small_disk.fill(leave_bytes=150_000)            # a checkpoint of this net takes ~300 KB
+    trainer = trainer_of(tiny(toy, small_disk.path))
+    with pytest.raises(UserError) as e:
+        trainer.run()
+    assert str(e.value).startswith(f"no space left on the disk of {small_disk.path}/")
+    assert "(needs about" in str(e.value) and "re-run the same command" in str(e.value)
+    leftovers = [p for p in glob.glob(os.path.join(small_disk.path, "**"), recursive=True)
+                 if p.endswith("_temp") or ".tmp" in p or p.endswith(runlock.LOCK_NAME)]
+    assert leftovers == []
+    os.remove(os.path.join(small_disk.path, "filler"))
+    again = trainer_of(tiny(toy, small_disk.path))
+    again.run()
+    assert steps_of(again.tf_dir) == [32, 64]
+
+
+def test_read_only_outputs_are_one_line(done, toy, small_disk, tmp_path):
+    from realmix_tf import predict
+    from runs import quickstart
+    from libml import cli
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from PIL import Image
+    Image.fromarray(np.zeros([8, 8, 3], np.uint8)).save(folder / "a.png")
+    small_disk.read_only()
+    with pytest.raises(UserError, match=r"cannot write the run folder to .* \(read-only file system\)"):
+        trainer_of(tiny(toy, small_disk.path)).run()
+    out = os.path.join(small_disk.path, "predictions.csv")
+    with pytest.raises(UserError, match=r"cannot write predictions.csv to .*predictions.csv "
+                                        r"\(read-only file system\)"):
+        predict.main(["predict", f"--model={done.export_dir}", f"--images={folder}", f"--output={out}"])
+    work = os.path.join(small_disk.path, "quickstart")
+    cli.parse(quickstart.FLAG_VALUES, ["quickstart", f"--work_dir={work}"])
+    with pytest.raises(UserError, match=r"cannot write the quickstart's data and runs to .* is read-only"):
+        quickstart.main(["quickstart"])
+
+
+def test_every_float_flag_refuses_nan_and_inf():
+    from realmix_tf import registry
+    from runs import paper_commands, quickstart
+    from libml import cli
+    cases = [("realmix", "--wd=nan"), ("realmix", "--lr=inf"), ("realmix", "--beta=nan"),
+             ("realmix", "--train_kimg=inf"), ("realmix", "--w_match=inf"), ("realmix", "--gamma=nan"),
+             ("realmix", "--ema=nan"), ("realmix", "--report_kimg=nan"),
+             ("mean_teacher", "--consistency_weight=nan"), ("mean_teacher", "--warmup_pos=inf")]
+    for algorithm, arg in cases:
+        flag_values = registry.define_flags(algorithm)
+        flag_values([algorithm, arg])
+        with pytest.raises(UserError, match=rf"^{re.escape(arg)} is (not a finite number|out of range)"):
+            registry.configure(algorithm, flag_values)
+    with pytest.raises(UserError, match=r"^--train_kimg=inf is not a finite number"):
+        paper_commands.main(["paper_commands", "--train_kimg=inf"])
+    cli.parse(quickstart.FLAG_VALUES, ["quickstart", "--labels=0"])
+    with pytest.raises(UserError, match=r"^--labels=0 must be positive"):
+        quickstart.main(["quickstart"])
+    cli.parse(quickstart.FLAG_VALUES, ["quickstart", "--train_kimg=nan"])
+    with pytest.raises(UserError, match=r"^--train_kimg=nan is not a finite number"):
+        quickstart.main(["quickstart"])
