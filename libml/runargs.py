@@ -49,6 +49,8 @@ class Difference:
 def _show(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
     if value == "":
         return "''"
     return str(value)
