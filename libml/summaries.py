@@ -44,8 +44,10 @@ def write_scalar(tag: str, value) -> None:
 
 
 def write_histogram(tag: str, values, buckets: int = 30) -> None:
-    """A TensorBoard histogram ([buckets, 3] = left edge, right edge, count) of `values`."""
+    """A TensorBoard histogram ([buckets, 3] = left edge, right edge, count) of the finite
+    `values` (NaN or Inf would make numpy's bucket edges fail)."""
     values = np.asarray(values, np.float64).ravel()
+    values = values[np.isfinite(values)]
     counts, edges = np.histogram(values, bins=buckets)
     tensor = np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
     tf.summary.write(tag, tf.constant(tensor, tf.float64), metadata=_plugin_metadata("histograms"))

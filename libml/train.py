@@ -102,6 +102,7 @@ class Trainer:
         keras.utils.set_random_seed(config.seed)
         with self.strategy.scope():
             self.model = make_model(self.info, config)
+        self._variables = model_variables(self.model)      # what a checkpoint holds
         self.hparams = self._run_hparams()
         self.run_dir = os.path.join(config.train_dir, str(config.dataset_name()),
                                     run_folder_name(algorithm, self.hparams))
@@ -200,7 +201,6 @@ class Trainer:
     def _train_loop(self, folder: RunFolder, ckpt) -> dict:
         c = self.config
         self._load_history(int(self.model.step.numpy()))
-        self._variables = model_variables(self.model)
         writer = tf.summary.create_file_writer(self.tf_dir)
         step = int(self.model.step.numpy())
         finished_before = step >= c.train_nimg

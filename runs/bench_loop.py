@@ -8,7 +8,8 @@ sizes of cifar10.3@250-5000), it times:
   step    the bare compiled step (train_fn calls only), median over --steps after warm-up;
   loop    the trainer's own loop (_train_period: progress bar, summing outputs) per step;
   report  one evaluation + summaries + accuracy.json (_report);
-  save    one checkpoint (CheckpointManager.save, model + optimizer + iterators).
+  save    one checkpoint (the trainer's save: finite check of every variable, then model +
+          optimizer + iterators written under a new name, the index rewritten).
 Overhead at the default cadence = (1024 (loop - step) + report + save) / (1024 loop + report + save).
 """
 import os
@@ -30,8 +31,9 @@ FLAGS = flags.FLAGS
 
 def main(_):
     import tensorflow as tf
-    from libml.checkpoint import CHECKPOINT_NAME, make_checkpoint
+    from libml.checkpoint import make_checkpoint
     from libml.config import TrainConfig
+    from libml.runfolder import RunFolder
     from runs.bench_fixtures import make_ssl_dataset
 
     work = tempfile.mkdtemp(prefix="bench_loop_")
@@ -43,11 +45,9 @@ def main(_):
                          batch=FLAGS.batch, filters=FLAGS.filters, repeat=FLAGS.repeat,
                          train_kimg=65536, progress=True, export=False)
     trainer = registry.make_trainer("realmix", config)
-    os.makedirs(trainer.tf_dir, exist_ok=True)
+    folder = RunFolder(trainer.run_dir, keep=2).open(trainer._args())
     trainer.iterators = trainer._make_iterators()
     ckpt = make_checkpoint(trainer.model, trainer.iterators)
-    manager = tf.train.CheckpointManager(ckpt, trainer.tf_dir, max_to_keep=2,
-                                         checkpoint_name=CHECKPOINT_NAME)
     writer = tf.summary.create_file_writer(trainer.tf_dir)
     fn = trainer._get_train_fn()
     for _ in range(3):                                     # trace + warm-up
@@ -62,7 +62,7 @@ def main(_):
 
     step = int(trainer.model.step.numpy())
     start = time.perf_counter()
-    means, step = trainer._train_period(step, step + FLAGS.steps * FLAGS.batch, manager)
+    means, step = trainer._train_period(step, step + FLAGS.steps * FLAGS.batch, folder, ckpt)
     loop_time = (time.perf_counter() - start) / FLAGS.steps
 
     trainer._report(writer, step, means)                     # first report traces the eval
@@ -75,7 +75,7 @@ def main(_):
     saves = []
     for i in range(3):
         start = time.perf_counter()
-        trainer._save(manager, step + i)
+        trainer._save(folder, ckpt, step + i)
         saves.append(time.perf_counter() - start)
     save_time = statistics.median(saves)
     size = sum(os.path.getsize(os.path.join(trainer.tf_dir, f)) for f in os.listdir(trainer.tf_dir)
@@ -90,6 +90,7 @@ def main(_):
     print(f"report           {report_time:9.2f} s   (eval 250 + 5000 + 10000 images, summaries, json)")
     print(f"checkpoint save  {save_time:9.2f} s   ({size / 2**20:.1f} MiB)")
     print(f"period of {n} steps: {period / 60:.1f} min; loop overhead {100 * overhead:.2f} %")
+    folder.close()
 
 
 if __name__ == "__main__":
