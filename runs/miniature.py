@@ -40,7 +40,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from absl import flags
 
 from libml import cli
-from libml.config import positive
 from libml.errors import UserError
 from libml.io import write_json
 from runs.experiments import (CIFAR, MISMATCH_GAMMA, MT_CIFAR, PI_CIFAR, RELEASED_LOSS_SCALE,
@@ -582,9 +581,10 @@ def settings_from_flags(fv) -> Settings:
     if fv.reports < 1 or not 1 <= fv.median_last <= fv.reports:
         raise UserError(f"--reports={fv.reports} --median_last={fv.median_last}: use reports >= 1 "
                         f"and 1 <= median_last <= reports")
-    positive("train_kimg", fv.train_kimg)
     if not 0 <= fv.warmup_fraction <= 1:
         raise UserError(f"--warmup_fraction={fv.warmup_fraction}: use a fraction in [0, 1]")
+    from libml.config import positive       # imports TensorFlow: after the checks above
+    positive("train_kimg", fv.train_kimg)
     values = dict(seeds=seeds, sizes=sizes, methods=tuple(fv.methods),
                   experiments=tuple(e for e in EXPERIMENTS if e in fv.experiments),
                   mismatch_labels_per_class=fv.mismatch_labels_per_class, nvalid=fv.nvalid,
