@@ -26,7 +26,7 @@ RESUMABLE = frozenset({"train_kimg", "report_kimg", "save_kimg", "keep_ckpt", "e
                        "data_autotune"})
 START_ONLY = frozenset({"load_checkpoint"})
 # Recorded facts that are not flags (shown without `--`).
-NOT_FLAGS = frozenset({"algorithm", "image_shape", "class_names", "nclass"})
+NOT_FLAGS = frozenset({"algorithm", "image_shape", "class_names", "nclass", "precision"})
 
 
 @dataclasses.dataclass(frozen=True)
