@@ -1,0 +1,245 @@
+"""Reading users' image files: the ONE loader behind `create_datasets custom` and `predict`.
+
+Both tools call `load_images`, so a model is asked about exactly the pixels it was trained on:
+
+1. EXIF orientation applied (photos taken sideways stand up);
+2. every PIL mode brought to 8-bit grayscale (L) or RGB: 1 -> L; I;16 / I (16-bit PNG, TIFF)
+   -> L scaled by 255/65535; F -> L (values in [0, 1] scaled by 255, else clipped to [0, 255]);
+   LA / RGBA / PA / transparent P -> composited over white; P, CMYK, YCbCr, LAB, HSV -> RGB;
+3. the shorter side resized to `size` (bicubic, PIL's antialiased filter), then the centre
+   cropped to size x size;
+4. channels: grayscale images keep one channel unless `channels=3` (repeated after resizing);
+   `channels=1` turns colour images into L (ITU-R 601-2 luma) before resizing.
+
+Supported files: EXTENSIONS (any case); animated GIF/WebP give their first frame. Folders are
+searched recursively; hidden files and folders (name starting with '.') are ignored. Files with
+another extension are counted, not read. An unreadable file stops the load with one line naming
+it, unless `skip_bad=True`, which leaves it out and lists it in the `ReadSummary`.
+"""
+import concurrent.futures
+import dataclasses
+import glob
+import os
+from collections import Counter
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from libml.errors import UserError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FORMATS = "PNG, JPEG, BMP, GIF, WebP, TIFF"
+BACKGROUND = 255            # transparent pixels become white
+SKIP_FLAG = "--skip_bad_images"
+_LISTED_BAD = 20            # bad files named one per line in a summary; the rest are counted
+
+
+@dataclasses.dataclass
+class ReadSummary:
+    """What a load read and what it left out, and why."""
+    read: int = 0
+    not_images: Counter = dataclasses.field(default_factory=Counter)   # extension -> files
+    bad: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason)
+
+    def merge(self, other: "ReadSummary") -> "ReadSummary":
+        return ReadSummary(self.read + other.read, self.not_images + other.not_images,
+                           self.bad + other.bad)
+
+    def line(self, what: str = "images") -> str:
+        """`read 120 images; skipped 3: 2 not images (.txt 1, .svg 1), 1 unreadable`."""
+        parts = []
+        if self.not_images:
+            kinds = ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in sorted(self.not_images.items()))
+            parts.append(f"{sum(self.not_images.values())} not {FORMATS} ({kinds})")
+        if self.bad:
+            parts.append(f"{len(self.bad)} unreadable")
+        skipped = sum(self.not_images.values()) + len(self.bad)
+        return f"read {self.read} {what}" + (f"; skipped {skipped}: {', '.join(parts)}" if parts else "")
+
+    def lines(self, what: str = "images") -> List[str]:
+        """The summary line, then one line per unreadable file (the first 20)."""
+        out = [self.line(what)]
+        out += [f"  unreadable {path}: {reason}" for path, reason in self.bad[:_LISTED_BAD]]
+        if len(self.bad) > _LISTED_BAD:
+            out.append(f"  ... and {len(self.bad) - _LISTED_BAD} more unreadable files")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding files
+
+def is_image_name(path: str) -> bool:
+    return path.lower().endswith(EXTENSIONS)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def list_images(folder: str, summary: Optional[ReadSummary] = None) -> List[str]:
+    """Image files under `folder` (recursive), sorted by path; other files are counted in
+    `summary.not_images`."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not _hidden(d)]
+        for name in files:
+            if _hidden(name):
+                continue
+            if is_image_name(name):
+                found.append(os.path.join(root, name))
+            elif summary is not None:
+                summary.not_images[os.path.splitext(name)[1].lower()] += 1
+    return sorted(found)
+
+
+def find_images(specs: Sequence[str], summary: Optional[ReadSummary] = None,
+                flag: str = "--images") -> List[Tuple[str, str]]:
+    """(path, name to report) for each image named by `specs`: files, folders (searched
+    recursively; the name is relative to the folder) and shell patterns (`photos/*.jpg`,
+    `**` crosses folders). Order: specs in order, each one's files sorted; duplicates once."""
+    if not specs:
+        raise UserError(f"no {flag} given: pass image files, folders or patterns, e.g. {flag}=photos/")
+    summary = summary if summary is not None else ReadSummary()
+    found, seen = [], set()
+
+    def add(path, shown):
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            found.append((path, shown))
+
+    for spec in specs:
+        if os.path.isdir(spec):
+            for path in list_images(spec, summary):
+                add(path, os.path.relpath(path, spec))
+            continue
+        matches = [spec] if os.path.isfile(spec) else sorted(
+            p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        if not matches:
+            raise UserError(f"{flag}={spec}: no such file, folder or matching file: check the path "
+                            f"(patterns such as photos/*.jpg are expanded here)")
+        for path in matches:
+            if is_image_name(path):
+                add(path, path)
+            else:
+                summary.not_images[os.path.splitext(path)[1].lower()] += 1
+    if not found:
+        raise UserError(f"no {FORMATS} images in {', '.join(specs)} ({summary.line()}): pass files "
+                        f"ending in {' '.join(EXTENSIONS)}")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# One image
+
+def _over_white(im, mode: str):
+    from PIL import Image
+    rgba = im.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (BACKGROUND,) * 3 + (255,))
+    return Image.alpha_composite(background, rgba).convert(mode)
+
+
+def to_8bit(im):
+    """`im` as an 8-bit L or RGB image (see the module docstring for each mode)."""
+    from PIL import Image
+    mode = im.mode
+    if mode in ("L", "RGB"):
+        return im
+    if mode == "1":
+        return im.convert("L")
+    if mode.startswith("I"):            # I;16, I;16B, I;16L, I;16N, I (16-bit PNG as I)
+        values = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.round(np.clip(values, 0, 65535) * (255 / 65535)).astype(np.uint8))
+    if mode == "F":
+        values = np.asarray(im, np.float64)
+        values = np.nan_to_num(values, nan=0.0)
+        if values.size and values.max() <= 1.0:
+            values = values * 255
+        return Image.fromarray(np.round(np.clip(values, 0, 255)).astype(np.uint8))
+    if mode in ("LA", "La"):
+        return _over_white(im.convert("LA"), "L")
+    if mode in ("RGBA", "RGBa", "PA") or (mode == "P" and "transparency" in im.info):
+        return _over_white(im, "RGB")
+    return im.convert("RGB")            # P, CMYK, YCbCr, LAB, HSV, RGBX
+
+
+def fit(im, size: int):
+    """Shorter side resized to `size` (bicubic), centre cropped to size x size."""
+    from PIL import Image
+    w, h = im.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def load_image(path: str, size: int, channels: Optional[int] = None) -> np.ndarray:
+    """uint8 [size, size, C] of one file; C = `channels`, or 1 for grayscale and 3 otherwise.
+    Raises OSError/ValueError-like errors of PIL for unreadable files (see `read_reason`)."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        im.seek(0)
+        im = to_8bit(ImageOps.exif_transpose(im))
+        if channels == 1 and im.mode != "L":
+            im = im.convert("L")
+        array = np.asarray(fit(im, size), np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if channels == 3 and array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return array
+
+
+def read_reason(path: str, error: Exception) -> str:
+    """A short reason for an unreadable file, without the path PIL repeats."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    for form in (repr(path), f"'{path}'", path):
+        text = text.replace(form, "").strip(" :")
+    return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
+
+
+def _try_load(path: str, size: int, channels: Optional[int]):
+    try:
+        return load_image(path, size, channels), None
+    except MemoryError:
+        raise
+    except Exception as e:    # PIL raises many types (OSError, SyntaxError, struct.error ...)
+        return None, read_reason(path, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many images
+
+def load_images(paths: Sequence[str], size: int, channels: Optional[int] = None,
+                skip_bad: bool = False, workers: int = 0, desc: Optional[str] = None,
+                summary: Optional[ReadSummary] = None) -> Tuple[List[np.ndarray], List[int], ReadSummary]:
+    """Decodes `paths` in a thread pool (PIL releases the GIL), in order, with a progress bar
+    when `desc` is given. Returns (arrays, positions in `paths` of the arrays, summary).
+    An unreadable file is a UserError naming it, or, with `skip_bad`, listed in summary.bad."""
+    from libml.io import progress
+    summary = summary if summary is not None else ReadSummary()
+    workers = workers or os.cpu_count() or 4
+    arrays, kept = [], []
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        results = pool.map(lambda p: _try_load(p, size, channels), paths)
+        for i, (array, reason) in enumerate(progress(results, desc, total=len(paths))):
+            if reason is None:
+                arrays.append(array)
+                kept.append(i)
+            elif skip_bad:
+                summary.bad.append((paths[i], reason))
+            else:
+                raise UserError(f"unreadable image {paths[i]} ({reason}): fix or remove the file, "
+                                f"or pass {SKIP_FLAG} to leave unreadable files out")
+    summary.read += len(arrays)
+    return arrays, kept, summary
+
+
+def same_channels(groups: List[List[np.ndarray]]) -> Tuple[List[List[np.ndarray]], int]:
+    """One channel if every image is grayscale, else every image RGB (gray repeated)."""
+    channels = 1 if all(im.shape[-1] == 1 for g in groups for im in g) else 3
+    if channels == 3:
+        groups = [[np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in g] for g in groups]
+    return groups, channels
