@@ -1,0 +1,87 @@
+"""libml/plain_keras.py: the exported model is plain Keras, predicts what the in-memory EMA model
+predicts, and loads in a fresh Python that cannot import this project."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from libml import plain_keras
+from libml.ssl import SSLModel
+
+SHAPE = (12, 10, 3)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny SSLModel whose EMA net has its own weights and non-trivial BN statistics."""
+    m = SSLModel(nclass=3, input_shape=SHAPE, filters=8, repeat=1, scales=2, seed=3)
+    rng = np.random.RandomState(0)
+    for v in m.ema_net.weights:
+        shape = tuple(v.shape)
+        if v.path.endswith("moving_variance"):
+            v.assign(rng.uniform(0.5, 2.0, shape).astype(np.float32))
+        else:
+            v.assign((np.asarray(v.numpy()) + rng.normal(0, 0.3, shape)).astype(np.float32))
+    return m
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.RandomState(1).randint(0, 256, (6, *SHAPE)).astype(np.uint8)
+
+
+def ema_probabilities(model, images):
+    x = images.astype(np.float32) * (2.0 / 255) - 1.0
+    return np.asarray(model.classify(x, ema=True))
+
+
+def test_standard_layers_and_same_predictions(model, images):
+    plain = plain_keras.build(model.ema_net, SHAPE)
+    modules = {type(layer).__module__.split(".")[0] for layer in plain.layers}
+    assert modules == {"keras"}
+    kinds = {type(layer).__name__ for layer in plain.layers}
+    assert {"Rescaling", "BatchNormalization", "Conv2D", "Dense", "Softmax"} <= kinds
+    expected = ema_probabilities(model, images)
+    assert not np.allclose(expected, np.asarray(model.classify(
+        images.astype(np.float32) * (2.0 / 255) - 1.0, ema=False)), atol=1e-4)   # EMA differs
+    np.testing.assert_allclose(plain.predict(images, verbose=0), expected, rtol=0, atol=2e-6)
+    variables = [v for v, _ in plain_keras.weights_for(model.ema_net, plain)]
+    assert len(variables) == len(model.ema_net.weights)
+
+
+def test_weights_for_round_trip_and_mismatch(model):
+    plain = plain_keras.build(model.ema_net, SHAPE)
+    other = SSLModel(nclass=3, input_shape=SHAPE, filters=8, repeat=1, scales=2, seed=9)
+    for variable, array in plain_keras.weights_for(other.net, plain):
+        variable.assign(array)
+    for a, b in zip(other.net.weights, model.ema_net.weights):
+        np.testing.assert_array_equal(np.asarray(a.numpy()), np.asarray(b.numpy()))
+    wider = SSLModel(nclass=3, input_shape=SHAPE, filters=16, repeat=1, scales=2)
+    with pytest.raises(ValueError, match=r"block0_0_conv1 is \(3, 3, 16, 8\), this model needs"):
+        plain_keras.weights_for(wider.net, plain)
+
+
+def test_loads_in_a_fresh_process_without_the_project(model, images, tmp_path):
+    path = str(tmp_path / "model.keras")
+    plain_keras.build(model.ema_net, SHAPE).save(path)
+    np.save(tmp_path / "images.npy", images)
+    script = textwrap.dedent(f"""
+        import importlib.util, sys
+        import numpy as np, keras
+        assert importlib.util.find_spec("libml") is None, "the project is importable"
+        assert importlib.util.find_spec("realmix_tf") is None, "the project is importable"
+        model = keras.models.load_model({path!r})
+        np.save({str(tmp_path / 'out.npy')!r}, model.predict(np.load({str(tmp_path / 'images.npy')!r}), verbose=0))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    # -I: isolated mode, neither the current folder nor PYTHONPATH is on sys.path.
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), ema_probabilities(model, images),
+                               rtol=0, atol=2e-6)
