@@ -1,0 +1,126 @@
+"""Test-error curves of one or several runs, drawn to a PNG.
+
+    python -m runs.plot ./experiments/mnist5k.1@100-1/* --output=curves.png
+    python -m runs.plot ./experiments/cifar10.*@250-5000 --sets=test,valid --output=cifar.png
+
+Each PATH is a run folder or a folder above run folders (searched recursively; shell patterns
+are expanded here too), as for runs.extract_accuracy. A run's curve comes from its
+`stats/accuracy_history.json` (one entry per report: kimg and the train_labeled / valid / test
+accuracies), else from its TensorBoard event files (tag `accuracy`, or the released RealMix's
+`accuracy_test`; test set only). The y axis is the error in % (100 - accuracy), the x axis the
+training length in kimg; one line per run and set (test solid, valid dashed, train_labeled
+dotted), labelled with the run folder's last two parts (dataset/run). The PNG is written
+atomically; an existing file is kept unless --overwrite.
+"""
+import json
+import os
+from typing import Dict, List, Sequence, Tuple
+
+from absl import flags
+
+from libml import cli
+from libml.errors import UserError
+from libml.io import atomic_path, check_overwrite
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("output", "curves.png", "PNG file to write.", flag_values=FLAGS)
+flags.DEFINE_list("sets", ["test"], "Sets to draw: test, valid, train_labeled.", flag_values=FLAGS)
+flags.DEFINE_string("title", "", "Figure title (default: none).", flag_values=FLAGS)
+flags.DEFINE_bool("log", False, "Logarithmic error axis.", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "Replace an existing --output.", flag_values=FLAGS)
+
+SETS = ("test", "valid", "train_labeled")
+STYLES = {"test": "-", "valid": "--", "train_labeled": ":"}
+EVENT_TAGS = ("accuracy", "accuracy_test")
+KIMG = 1024
+
+
+def curves(run_dir: str, sets: Sequence[str] = ("test",)) -> Dict[str, Tuple[List[float], List[float]]]:
+    """{set: (kimg values, error % values)} of one run; empty when it has no reports yet."""
+    path = os.path.join(run_dir, "stats", "accuracy_history.json")
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                history = json.load(f)
+            result = {}
+            for name in sets:
+                points = [(float(h["kimg"]), 100.0 - float(h[name])) for h in history
+                          if h.get(name) is not None]
+                if points:
+                    result[name] = ([k for k, _ in points], [e for _, e in points])
+            return result
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"unreadable {path} ({type(e).__name__}: {e}): delete it (the trainer "
+                            f"rewrites it at the next report) or leave the run out") from None
+    if "test" not in sets:
+        return {}
+    from libml.summaries import read_event_series
+    for folder in (os.path.join(run_dir, "tf"), run_dir):
+        series = read_event_series(folder, EVENT_TAGS)
+        if series:
+            return {"test": ([step / KIMG for step, _ in series], [100.0 - v for _, v in series])}
+    return {}
+
+
+def label(run_dir: str) -> str:
+    parts = os.path.normpath(run_dir).split(os.sep)
+    return "/".join(parts[-2:])
+
+
+def draw(run_dirs: Sequence[str], output: str, sets: Sequence[str] = ("test",), title: str = "",
+         log: bool = False, overwrite: bool = False) -> int:
+    """Writes the PNG; returns the number of curves drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    figure, axes = plt.subplots(figsize=(8, 5), dpi=100)
+    drawn = 0
+    try:
+        for i, run in enumerate(run_dirs):
+            colour = f"C{i % 10}"
+            for name, (kimg, error) in curves(run, sets).items():
+                axes.plot(kimg, error, STYLES[name], color=colour, linewidth=1.5,
+                          label=f"{label(run)} ({name})" if len(sets) > 1 else label(run))
+                drawn += 1
+        if not drawn:
+            raise UserError(f"no reports yet in {', '.join(run_dirs)}: plot runs that have "
+                            f"reached their first report")
+        axes.set_xlabel("kimg (1 kimg = 1024 labeled images)")
+        axes.set_ylabel("error %")
+        if log:
+            axes.set_yscale("log")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="small")
+        if title:
+            axes.set_title(title)
+        figure.tight_layout()
+        with atomic_path(output, overwrite) as tmp:
+            figure.savefig(tmp, format="png")
+    finally:
+        plt.close(figure)
+    return drawn
+
+
+def main(argv=None):
+    from runs.extract_accuracy import find_run_dirs
+    paths = cli.parse(FLAGS, argv)
+    if not paths:
+        raise UserError("name the run folders: python -m runs.plot ./experiments/cifar10.*@250-5000 "
+                        "--output=curves.png")
+    unknown = [s for s in FLAGS.sets if s not in SETS]
+    if unknown or not FLAGS.sets:
+        raise UserError(f"--sets={','.join(FLAGS.sets)}: choose from {', '.join(SETS)}")
+    if not FLAGS.output.lower().endswith(".png"):
+        raise UserError(f"--output={FLAGS.output}: name a .png file")
+    check_overwrite(FLAGS.output, FLAGS.overwrite)
+    runs = find_run_dirs(paths)
+    if not runs:
+        raise UserError(f"no run folders under {' '.join(paths)}: train first, or pass the "
+                        f"train_dir of the runs")
+    count = draw(runs, FLAGS.output, FLAGS.sets, FLAGS.title, FLAGS.log, FLAGS.overwrite)
+    print(f"drew {count} curves of {len(runs)} runs -> {FLAGS.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main, FLAGS)
