@@ -1,11 +1,19 @@
 """Export of the EMA model, loading it back, and transfer learning (spec §7.4).
 
 An export folder (`{run}/export/` by default) holds:
-    model.keras      the EMA Wide ResNet (EMA weights + live BN statistics), Keras 3 format;
-                     input float32 in [-1, 1], output logits
-    saved_model/     TF SavedModel, signature `serving_default(images: uint8 [N,H,W,C])`
-                     -> {probabilities, class, confidence}; needs no Python code to serve
+    model.keras      the EMA Wide ResNet (EMA weights + live BN statistics) rebuilt from standard
+                     Keras layers (libml/plain_keras.py): `keras.models.load_model` loads it in
+                     any Python with Keras 3, nothing of this project needed. Input "images"
+                     float32 [N,H,W,C] with pixel values 0..255 (the x*2/255-1 scaling is its
+                     first layer); output "probabilities" [N, nclass]
+    saved_model/     TF SavedModel of the same model for TF Serving: signature
+                     `serving_default(images: uint8 [N,H,W,C])` -> {probabilities, class,
+                     confidence}; needs no Python code to serve
     meta.json        dataset, image shape, class names, training step, hyper-parameters
+Both expect images prepared as training prepared them (libml/images.py: EXIF rotation, 8-bit,
+shorter side resized to H with bicubic resampling, centre crop); `realmix_tf.predict` does that.
+Exports written before the plain-Keras model (a `WideResNet` in model.keras, input in [-1, 1],
+output logits) still load here.
 """
 import os
 import shutil
@@ -14,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from libml import plain_keras
 from libml.checkpoint import checkpoint_key, resolve_checkpoint
 from libml.errors import UserError, first_line
 from libml.io import write_json
@@ -33,7 +42,7 @@ def normalize(images):
 
 
 class ServingModule(tf.Module):
-    """Wraps a net for the SavedModel: uint8 images in, probabilities out."""
+    """Wraps the plain inference model for the SavedModel: uint8 images in, probabilities out."""
 
     def __init__(self, net, image_shape):
         super().__init__()
@@ -43,7 +52,7 @@ class ServingModule(tf.Module):
             self._serve, input_signature=[tf.TensorSpec([None, *image_shape], tf.uint8, name="images")])
 
     def _serve(self, images):
-        probs = tf.nn.softmax(tf.cast(self.net(normalize(images), training=False), tf.float32))
+        probs = tf.cast(self.net(tf.cast(images, tf.float32), training=False), tf.float32)
         return {"probabilities": probs, "class": tf.argmax(probs, axis=-1),
                 "confidence": tf.reduce_max(probs, axis=-1)}
 
@@ -56,14 +65,15 @@ def export_model(model, info, out_dir: str, meta: dict = None) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
-        net = model.ema_net
+        net = plain_keras.build(model.ema_net, info.shape)
         net.save(os.path.join(tmp, KERAS_FILE))
         serving = ServingModule(net, info.shape)
         tf.saved_model.save(serving, os.path.join(tmp, SAVED_MODEL_DIR),
                             signatures={"serving_default": serving.serve})
         description = dict(meta or {}, nclass=info.nclass, height=info.height, width=info.width,
                            channels=info.channels, class_names=list(info.class_names),
-                           input="uint8 images for saved_model; float32 x*2/255-1 for model.keras")
+                           input="images [N,H,W,C], pixel values 0..255 (uint8 for saved_model), "
+                                 "prepared as libml/images.py does; output probabilities")
         write_json(os.path.join(tmp, META_FILE), description)
         old = f"{out_dir}.old-{os.getpid()}"
         if os.path.exists(out_dir):
@@ -77,16 +87,27 @@ def export_model(model, info, out_dir: str, meta: dict = None) -> dict:
             "meta": os.path.join(out_dir, META_FILE)}
 
 
-def load_keras_net(path: str):
+def load_keras(path: str):
+    """The model in a .keras file: a plain-Keras export or an older WideResNet export."""
     try:
         net = keras.saving.load_model(path, compile=False)
     except Exception as e:  # keras raises many types for a bad file
         raise UserError(f"cannot load {path} ({type(e).__name__}: {first_line(e)}): pass a "
                         f".keras file written by the trainer's export") from None
-    if not isinstance(net, WideResNet):
-        raise UserError(f"{path} holds a {type(net).__name__}, not a WideResNet export: pass a "
-                        f".keras file written by the trainer's export")
+    if not isinstance(net, WideResNet) and plain_keras.LOGITS_NAME not in [l.name for l in net.layers]:
+        raise UserError(f"{path} holds a {type(net).__name__} without a {plain_keras.LOGITS_NAME} "
+                        f"layer, not an export of this trainer: pass a .keras file written by it")
     return net
+
+
+def load_classifier(path: str):
+    """(uint8 images [N,H,W,C] -> float32 probabilities, image shape) of a .keras export."""
+    net = load_keras(path)
+    if isinstance(net, WideResNet):
+        fn = tf.function(lambda x: tf.nn.softmax(tf.cast(net(normalize(x), training=False), tf.float32)))
+        return fn, tuple(net.get_build_config()["input_shape"][1:])
+    fn = tf.function(lambda x: tf.cast(net(tf.cast(x, tf.float32), training=False), tf.float32))
+    return fn, tuple(net.input_shape[1:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +120,10 @@ def transfer_weights(model, source: str, info) -> str:
     A different architecture (filters, repeat, scales, channels) is a UserError."""
     targets = [model.net, model.ema_net]
     if source.endswith(".keras"):
-        src = load_keras_net(source)
+        src = load_keras(source)
+        if not isinstance(src, WideResNet):
+            _copy_from_plain(targets, src, source)
+            return source
         pairs = [(t, src) for t in targets]
     else:
         prefix = resolve_checkpoint(source)
@@ -137,6 +161,17 @@ def _restore_source_nets(net, prefix: str, info):
                         f"--filters/--repeat/--scales")
     tf.train.Checkpoint(variables=variables).read(prefix).expect_partial()
     return nets
+
+
+def _copy_from_plain(targets, plain, source: str) -> None:
+    try:
+        updates = [pair for t in targets
+                   for pair in plain_keras.weights_for(t, plain, skip=(plain_keras.LOGITS_NAME,))]
+    except (KeyError, ValueError) as e:
+        raise UserError(f"{source} has a different architecture ({e.args[0] if e.args else e}): "
+                        f"use the source run's --filters/--repeat/--scales and channel count") from None
+    for variable, array in updates:
+        variable.assign(array)
 
 
 def _copy_except_head(target, src, source: str) -> None:

@@ -124,8 +124,9 @@ def find_images(specs: Sequence[str], summary: Optional[ReadSummary] = None,
             else:
                 summary.not_images[os.path.splitext(path)[1].lower()] += 1
     if not found:
-        raise UserError(f"no {FORMATS} images in {', '.join(specs)} ({summary.line()}): pass files "
-                        f"ending in {' '.join(EXTENSIONS)}")
+        others = ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in sorted(summary.not_images.items()))
+        raise UserError(f"no images in {', '.join(specs)}{f' (only other files: {others})' if others else ''}: "
+                        f"pass {FORMATS} files ({' '.join(EXTENSIONS)})")
     return found
 
 

@@ -97,12 +97,15 @@ def build(net, image_shape, name: str = "wide_resnet_classifier") -> keras.Model
     return model
 
 
-def weights_for(net, plain: keras.Model) -> List[Tuple[object, np.ndarray]]:
-    """(variable of `net`, array from `plain`) for every weight of `net`: the inverse of
-    `build`, used to start training from an exported .keras file. A plain model of another
-    architecture is a KeyError/ValueError naming the first mismatch."""
+def weights_for(net, plain: keras.Model, skip: Tuple[str, ...] = ()) -> List[Tuple[object, np.ndarray]]:
+    """(variable of `net`, array from `plain`) for every weight of `net` outside the layers
+    named in `skip`: the inverse of `build`, used to start training from an exported .keras
+    file. A plain model of another architecture is a KeyError/ValueError naming the first
+    mismatch."""
     pairs = []
     for layer_name, layer in layer_pairs(net):
+        if layer_name in skip:
+            continue
         try:
             arrays = plain.get_layer(layer_name).get_weights()
         except ValueError:

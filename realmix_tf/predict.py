@@ -1,14 +1,18 @@
-"""Class predictions for a folder of images with an exported model.
+"""Class predictions for image files with an exported model.
 
     python -m realmix_tf.predict --model=experiments/cifar10.3@250-5000/RealMix_.../export \\
-        --images=DIR --output=predictions.csv
+        photos/ more/*.jpg one.png --output=predictions.csv
 
 --model: an export folder (model.keras / saved_model / meta.json, written at the end of
 training or by `--export_only`), a run folder (its export/ is used), a `.keras` file, or a
-SavedModel folder. Images (PNG/JPEG/GIF/BMP, searched recursively, sorted) are converted to
-the model's channel count and resized to its image size (bilinear, antialiased) when needed.
-The CSV has one row per image: path, class, class_name, confidence, then one probability
-column per class (p_<class name>, or p_<index> when the names are unknown).
+SavedModel folder. Images: files, folders (searched recursively) and shell patterns, as
+arguments or with --images (repeatable). They are read exactly as `create_datasets custom`
+read the training images (libml/images.py: EXIF rotation, 8-bit, shorter side resized to the
+model's size with bicubic resampling, centre crop, the model's channel count), so the model
+sees what training saw. Unreadable files stop the command with one line naming them, or are
+left out and listed with --skip_bad_images. The CSV has one row per image: path (relative to
+its folder, or as given), class, class_name, confidence, then one probability column per class
+(p_<class name>, or p_<index> when the names are unknown).
 """
 import csv
 import json
@@ -16,21 +20,23 @@ import os
 import sys
 
 import numpy as np
-import tensorflow as tf
 from absl import flags
 
-from libml import cli, export
-from libml.errors import UserError
-from libml.io import atomic_path, check_overwrite
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
+from libml import cli, export, images
+from libml.errors import UserError, first_line
+from libml.io import atomic_path, check_overwrite, progress
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model", "", "Export folder, run folder, .keras file or SavedModel folder.",
                     flag_values=FLAGS)
-flags.DEFINE_string("images", "", "Folder of images (searched recursively).", flag_values=FLAGS)
+flags.DEFINE_multi_string("images", [], "Image file, folder (searched recursively) or pattern; "
+                          "repeatable; positional arguments are added.", flag_values=FLAGS)
 flags.DEFINE_string("output", "predictions.csv", "CSV file to write.", flag_values=FLAGS)
 flags.DEFINE_integer("batch", 256, "Images per inference batch.", flag_values=FLAGS)
+flags.DEFINE_integer("workers", 0, "Image decoding threads (0 = number of CPUs).", flag_values=FLAGS)
+flags.DEFINE_bool("skip_bad_images", False, "Leave unreadable images out (listed on the console) "
+                  "instead of stopping.", flag_values=FLAGS)
+flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output.", flag_values=FLAGS)
 
 
@@ -38,6 +44,7 @@ class Predictor:
     """uint8 images [N,H,W,C] -> float32 probabilities [N, nclass], from an export."""
 
     def __init__(self, path: str):
+        import tensorflow as tf
         path = _resolve_model(path)
         self.path = path
         folder = os.path.dirname(path) if path.endswith(".keras") else os.path.dirname(path.rstrip("/"))
@@ -47,27 +54,27 @@ class Predictor:
             with open(meta_file) as f:
                 self.meta = json.load(f)
         if path.endswith(".keras"):
-            self.net = export.load_keras_net(path)
-            self._predict = tf.function(
-                lambda x: tf.nn.softmax(tf.cast(self.net(export.normalize(x), training=False), tf.float32)))
-            shape = self.net.get_build_config()["input_shape"][1:] if not self.meta else None
+            self._predict, shape = export.load_classifier(path)
         else:
             try:
                 loaded = tf.saved_model.load(path)
             except (OSError, ValueError, tf.errors.OpError) as e:
-                raise UserError(f"cannot load the SavedModel {path} ({str(e).strip().splitlines()[0]}): "
+                raise UserError(f"cannot load the SavedModel {path} ({first_line(e)}): "
                                 f"pass an export folder written by the trainer") from None
             self._loaded = loaded
             serve = loaded.signatures["serving_default"]
-            self._predict = lambda x: serve(images=x)["probabilities"]
-            shape = serve.structured_input_signature[1]["images"].shape[1:] if not self.meta else None
+            self._predict = lambda x: serve(images=tf.convert_to_tensor(x, tf.uint8))["probabilities"]
+            shape = serve.structured_input_signature[1]["images"].shape[1:]
         if self.meta:
             shape = (self.meta["height"], self.meta["width"], self.meta["channels"])
         self.shape = tuple(int(d) for d in shape)
+        if self.shape[0] != self.shape[1]:
+            raise UserError(f"{path} expects {self.shape[0]}x{self.shape[1]} images; only square "
+                            f"models (as create_datasets writes them) are supported")
         self.class_names = list(self.meta.get("class_names", []))
 
-    def __call__(self, images):
-        return np.asarray(self._predict(tf.convert_to_tensor(images, tf.uint8)))
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return np.asarray(self._predict(batch), np.float32)
 
 
 def _resolve_model(path: str) -> str:
@@ -90,81 +97,58 @@ def _resolve_model(path: str) -> str:
                     f"the training command again with --export_only")
 
 
-def list_images(folder: str):
-    if not folder or not os.path.isdir(folder):
-        raise UserError(f"--images={folder!r} is not a folder: pass a folder of PNG/JPEG images")
-    found = []
-    for root, _, files in os.walk(folder):
-        found += [os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    if not found:
-        raise UserError(f"no images in {folder}: it needs files ending in {', '.join(IMAGE_EXTENSIONS)}")
-    return sorted(found)
-
-
-def load_images(paths, shape, batch: int):
-    """Yields uint8 batches [B,H,W,C] of the images, converted and resized to `shape`."""
-    height, width, channels = shape
-
-    def load(path):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-        if_resize = tf.logical_or(tf.shape(image)[0] != height, tf.shape(image)[1] != width)
-        image = tf.cond(if_resize,
-                        lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-                            image, [height, width], antialias=True)), 0, 255), tf.uint8),
-                        lambda: image)
-        return tf.ensure_shape(image, shape)
-
-    ds = tf.data.Dataset.from_tensor_slices(list(paths)).map(
-        load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(batch).prefetch(2)
-    done = 0
-    try:
-        for images in ds:
-            done += int(images.shape[0])
-            yield images
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError) as e:
-        bad = _find_bad_image(paths[done:], channels)
-        raise UserError(f"cannot read {bad or 'an image'} ({str(e).strip().splitlines()[0][:120]}): "
-                        f"remove it or convert it to PNG/JPEG") from None
-
-
-def _find_bad_image(paths, channels):
-    for path in paths:
-        try:
-            tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
-        except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
-            return path
-    return None
-
-
-def predict_folder(model: str, images: str, output: str, batch: int = 256,
-                   overwrite: bool = False) -> int:
-    """Writes the predictions CSV; returns the number of images."""
+def predict_files(model: str, specs, output: str, batch: int = 256, overwrite: bool = False,
+                  skip_bad: bool = False, workers: int = 0, show_progress: bool = True):
+    """Writes the predictions CSV; returns the ReadSummary (read, skipped and why)."""
     if batch < 1:
         raise UserError(f"--batch={batch} must be positive: pass a batch size >= 1")
+    if workers < 0:
+        raise UserError(f"--workers={workers} is negative: pass 0 (all CPUs) or more")
     _resolve_model(model)
-    paths = list_images(images)
+    summary = images.ReadSummary()
+    found = images.find_images(specs, summary)
     check_overwrite(output, overwrite)    # before the (possibly long) inference
     predictor = Predictor(model)
-    probs = np.concatenate([predictor(x) for x in load_images(paths, predictor.shape, batch)])
-    names = predictor.class_names
-    columns = [f"p_{names[i]}" if i < len(names) else f"p_{i}" for i in range(probs.shape[1])]
+    size, _, channels = predictor.shape
+    rows, probs = [], []
+    bar = progress(desc="predicting" if show_progress else None, total=len(found))
+    for start in range(0, len(found), batch):
+        chunk = found[start:start + batch]
+        arrays, kept, _ = images.load_images([p for p, _ in chunk], size, channels, skip_bad,
+                                             workers, summary=summary)
+        if arrays:
+            probs.append(predictor(np.stack(arrays)))
+            rows += [chunk[i][1] for i in kept]
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    if not rows:
+        raise UserError("no image could be read: see the list above; fix or convert the files")
+    _write_csv(output, rows, np.concatenate(probs), predictor.class_names, overwrite)
+    return summary
+
+
+def _write_csv(output, names, probs, class_names, overwrite):
+    columns = [f"p_{class_names[i]}" if i < len(class_names) else f"p_{i}" for i in range(probs.shape[1])]
     with atomic_path(output, overwrite) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "class", "class_name", "confidence"] + columns)
-            for path, p in zip(paths, probs):
+            for name, p in zip(names, probs):
                 k = int(np.argmax(p))
-                writer.writerow([os.path.relpath(path, images), k, names[k] if k < len(names) else "",
+                writer.writerow([name, k, class_names[k] if k < len(class_names) else "",
                                  f"{p[k]:.6f}"] + [f"{v:.6f}" for v in p])
-    return len(paths)
 
 
 def main(argv=None):
     rest = cli.parse(FLAGS, argv)
-    if rest:
-        raise UserError(f"unexpected arguments {' '.join(rest)}: use --model, --images, --output")
-    count = predict_folder(FLAGS.model, FLAGS.images, FLAGS.output, FLAGS.batch, FLAGS.overwrite)
-    print(f"wrote {count} predictions to {FLAGS.output}", file=sys.stderr)
+    specs = list(FLAGS.images) + list(rest)
+    summary = predict_files(FLAGS.model, specs, FLAGS.output, FLAGS.batch, FLAGS.overwrite,
+                            FLAGS.skip_bad_images, FLAGS.workers, FLAGS.progress)
+    print(f"wrote {summary.read} predictions to {FLAGS.output}", file=sys.stderr)
     return 0
 
 

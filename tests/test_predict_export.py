@@ -2,6 +2,9 @@
 command writes one CSV row per image; --export_only re-exports a run."""
 import csv
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -32,11 +35,25 @@ def test_export_folder_contents(finished_run):
     assert meta["class_names"] == ["class0", "class1", "class2"]
 
 
-def test_keras_export_predicts_like_the_ema_model(finished_run, images):
+def test_keras_export_is_plain_keras_and_predicts_like_the_ema_model(finished_run, images, tmp_path):
+    """model.keras loads with keras.models.load_model in a fresh Python that cannot import this
+    project (isolated mode, no PYTHONPATH) and predicts what the in-memory EMA model predicts."""
     trainer, _ = finished_run
-    net = export.load_keras_net(os.path.join(trainer.export_dir, export.KERAS_FILE))
-    probs = tf.nn.softmax(net(export.normalize(images), training=False)).numpy()
-    np.testing.assert_allclose(probs, ema_probs(trainer, images), rtol=0, atol=1e-6)
+    path = os.path.join(trainer.export_dir, export.KERAS_FILE)
+    np.save(tmp_path / "images.npy", images)
+    script = textwrap.dedent(f"""
+        import importlib.util
+        import numpy as np, keras
+        assert importlib.util.find_spec("libml") is None, "the project is importable"
+        model = keras.models.load_model({path!r})
+        np.save({str(tmp_path / 'out.npy')!r}, model.predict(np.load({str(tmp_path / 'images.npy')!r}), verbose=0))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-I", "-c", script], cwd=str(tmp_path), env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    probs = np.load(tmp_path / "out.npy")
+    np.testing.assert_allclose(probs, ema_probs(trainer, images), rtol=0, atol=2e-6)
     raw = trainer.model.classify(export.normalize(images), ema=False).numpy()
     assert not np.allclose(raw, probs, atol=1e-6)     # it is the EMA net, not the raw one
 
@@ -97,13 +114,18 @@ def test_predict_errors(finished_run, tmp_path):
     with pytest.raises(UserError, match="no images"):
         predict.main(["predict", f"--model={trainer.export_dir}", f"--images={empty}",
                       f"--output={tmp_path / 'o.csv'}"])
-    with pytest.raises(UserError, match="not a folder"):
+    with pytest.raises(UserError, match="no such file, folder or matching file"):
         predict.main(["predict", f"--model={trainer.export_dir}", f"--images={tmp_path / 'nope'}"])
     with pytest.raises(UserError, match="not found"):
         predict.main(["predict", f"--model={tmp_path / 'nope'}", f"--images={empty}"])
     (empty / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(UserError, match="broken.png"):
+    with pytest.raises(UserError, match=r"unreadable image .*broken\.png \(UnidentifiedImageError.*"
+                                        r"--skip_bad_images"):
         predict.main(["predict", f"--model={trainer.export_dir}", f"--images={empty}",
+                      f"--output={tmp_path / 'o.csv'}"])
+    assert not os.path.exists(tmp_path / "o.csv")
+    with pytest.raises(UserError, match="no image could be read"):
+        predict.main(["predict", f"--model={trainer.export_dir}", str(empty), "--skip_bad_images",
                       f"--output={tmp_path / 'o.csv'}"])
 
 
