@@ -48,6 +48,8 @@ flags.DEFINE_bool("flip", True, "custom: whether training may flip the images le
                   "(recorded in {name}-meta.json).", flag_values=FLAGS)
 flags.DEFINE_integer("workers", 0, "custom: image decoding threads (0 = number of CPUs).",
                      flag_values=FLAGS)
+flags.DEFINE_bool("skip_bad_images", False, "custom: leave unreadable images out (listed on the "
+                  "console) instead of stopping.", flag_values=FLAGS)
 
 
 # ----------------------------------------------------------------------------------------
@@ -171,7 +173,8 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
         io.require_free(output_paths(root, name, subsets), overwrite)
         prepared = load_custom(name, custom.get("labeled_dir", ""), custom.get("unlabeled_dir", ""),
                                custom.get("test_dir", ""), custom.get("size", 32),
-                               custom.get("flip", True), custom.get("workers", 0))
+                               custom.get("flip", True), custom.get("workers", 0),
+                               custom.get("skip_bad", False))
     else:
         if dataset == "imagenet32":
             return create_imagenet32(root, archive_dirs(archive_dir, root), overwrite, tfds_data_dir)
@@ -206,7 +209,8 @@ def main(argv=None):
     for dataset in wanted:
         create(dataset, root, FLAGS.overwrite, FLAGS.archive_dir, FLAGS.download, FLAGS.tfds_data_dir,
                name=FLAGS.name, labeled_dir=FLAGS.labeled_dir, unlabeled_dir=FLAGS.unlabeled_dir,
-               test_dir=FLAGS.test_dir, size=FLAGS.size, flip=FLAGS.flip, workers=FLAGS.workers)
+               test_dir=FLAGS.test_dir, size=FLAGS.size, flip=FLAGS.flip, workers=FLAGS.workers,
+               skip_bad=FLAGS.skip_bad_images)
 
 
 if __name__ == "__main__":

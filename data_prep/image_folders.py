@@ -1,85 +1,50 @@
-"""Custom datasets from folders of images (one sub-folder per class), for data_prep.create_datasets."""
-import concurrent.futures
+"""Custom datasets from folders of images (one sub-folder per class), for data_prep.create_datasets.
+
+Images are read with libml/images.py, the loader `realmix_tf.predict` uses too (formats, EXIF
+rotation, 8-bit conversion, shorter-side resize + centre crop): a model is asked about exactly
+the pixels it was trained on. Class folders and the unlabeled folder are searched recursively;
+what was read and what was skipped (and why) is printed per subset.
+"""
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List
 
 import numpy as np
 
 from data_prep.archives import Prepared
-from libml import datasets, io
+from libml import datasets, images
 from libml.errors import UserError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
-
-def list_images(folder: str) -> List[str]:
-    """Image files directly in `folder` (.png .jpg .jpeg, any case), sorted by name."""
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
-
-
-def list_class_folders(folder: str, flag: str) -> Dict[str, List[str]]:
-    """{class name: image files} for the sub-folders of `folder`, classes sorted by name."""
+def list_class_folders(folder: str, flag: str, summary: images.ReadSummary) -> Dict[str, List[str]]:
+    """{class name: image files} for the sub-folders of `folder` (each searched recursively),
+    classes sorted by name; files beside the class folders are counted in `summary`."""
     if not folder:
         raise UserError(f"custom needs {flag}: pass {flag}=DIR with one sub-folder of images per class")
     if not os.path.isdir(folder):
         raise UserError(f"{flag}={folder} is not a folder: pass a folder with one sub-folder per class")
-    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    entries = sorted(e for e in os.listdir(folder) if not e.startswith("."))
+    classes = [e for e in entries if os.path.isdir(os.path.join(folder, e))]
     if not classes:
         raise UserError(f"no class sub-folders in {folder}: put the images of each class in its own "
                         f"sub-folder (e.g. {folder}/cat/001.jpg)")
+    summary.outside += len(entries) - len(classes)
     result = {}
     for name in classes:
-        files = list_images(os.path.join(folder, name))
+        files = images.list_images(os.path.join(folder, name), summary)
         if not files:
-            raise UserError(f"class folder {os.path.join(folder, name)} has no .png/.jpg/.jpeg images: "
-                            "add images or remove the folder")
+            raise UserError(f"class folder {os.path.join(folder, name)} has no {images.FORMATS} "
+                            f"images: add images or remove the folder")
         result[name] = files
     return result
 
 
-def load_image(path: str, size: int) -> np.ndarray:
-    """Decodes one image; shorter side resized to `size`, centre-cropped to size x size.
-
-    Grayscale images come back as [size,size,1], all others as RGB [size,size,3].
-    """
-    from PIL import Image, ImageOps
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            gray = im.mode in ("1", "L", "LA", "I", "I;16", "F")
-            im = im.convert("L" if gray else "RGB")
-            w, h = im.size
-            scale = size / min(w, h)
-            new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-            im = im.resize((new_w, new_h), Image.BICUBIC)
-            left, top = (new_w - size) // 2, (new_h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-            array = np.asarray(im, np.uint8)
-    except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
-        raise UserError(f"unreadable image {path} ({type(e).__name__}): fix or remove the file") from None
-    return array[:, :, None] if array.ndim == 2 else array
-
-
-def load_images(paths: Sequence[str], size: int, desc: str, workers: int = 0) -> List[np.ndarray]:
-    """Decodes images in a thread pool (PIL releases the GIL), in order, with a progress bar."""
-    workers = workers or os.cpu_count() or 4
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(io.progress(pool.map(lambda p: load_image(p, size), paths), desc, len(paths)))
-
-
-def _same_channels(groups: List[List[np.ndarray]]) -> Tuple[List[np.ndarray], int]:
-    """Keeps one channel if every image is grayscale, else makes every image RGB."""
-    channels = 1 if all(im.shape[-1] == 1 for g in groups for im in g) else 3
-    if channels == 3:
-        groups = [[np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in g] for g in groups]
-    return groups, channels
-
-
 def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, size: int,
-                flip: bool = True, workers: int = 0) -> Prepared:
-    labeled = list_class_folders(labeled_dir, "--labeled_dir")
-    test = list_class_folders(test_dir, "--test_dir")
+                flip: bool = True, workers: int = 0, skip_bad: bool = False) -> Prepared:
+    """Reads the three folders; prints what was read and skipped per subset. An unreadable image
+    is a UserError naming it, or, with `skip_bad`, left out and listed."""
+    summaries = {subset: images.ReadSummary() for subset in ("train", "test", "unlabeled")}
+    labeled = list_class_folders(labeled_dir, "--labeled_dir", summaries["train"])
+    test = list_class_folders(test_dir, "--test_dir", summaries["test"])
     class_names = list(labeled)
     unknown = sorted(set(test) - set(labeled))
     if unknown:
@@ -89,9 +54,10 @@ def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, 
     if unlabeled_dir:
         if not os.path.isdir(unlabeled_dir):
             raise UserError(f"--unlabeled_dir={unlabeled_dir} is not a folder: pass a folder of images")
-        unlabeled_files = list_images(unlabeled_dir)
+        unlabeled_files = images.list_images(unlabeled_dir, summaries["unlabeled"])
         if not unlabeled_files:
-            raise UserError(f"no .png/.jpg/.jpeg images in {unlabeled_dir}: add images or drop --unlabeled_dir")
+            raise UserError(f"no {images.FORMATS} images in {unlabeled_dir}: add images or drop "
+                            f"--unlabeled_dir")
 
     def files_and_labels(folders):
         files = [f for c in folders for f in folders[c]]
@@ -101,10 +67,18 @@ def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, 
     groups, labels = [], {}
     for subset, (files, subset_labels) in (("train", files_and_labels(labeled)), ("test", files_and_labels(test)),
                                            ("unlabeled", (unlabeled_files, None))):
-        if files:
-            groups.append(load_images(files, size, f"decoding {subset} images", workers))
-            labels[subset] = subset_labels if subset_labels is not None else np.full(len(files), -1, np.int64)
-    groups, channels = _same_channels(groups)
-    subsets = {subset: (np.stack(images), labels[subset]) for subset, images in zip(labels, groups)}
+        if not files:
+            continue
+        arrays, kept, _ = images.load_images(files, size, None, skip_bad, workers,
+                                             f"decoding {subset} images", summaries[subset])
+        if not arrays:
+            raise UserError(f"no {subset} image could be read: see the list above; fix or convert the files")
+        groups.append(arrays)
+        labels[subset] = (subset_labels[kept] if subset_labels is not None
+                          else np.full(len(arrays), -1, np.int64))
+        for line in summaries[subset].lines(f"{subset} images"):
+            print(line)
+    groups, channels = images.same_channels(groups)
+    subsets = {subset: (np.stack(arrays), labels[subset]) for subset, arrays in zip(labels, groups)}
     meta = datasets.make_meta(name, len(class_names), (size, size, channels), flip, class_names)
     return Prepared(name, subsets, meta)

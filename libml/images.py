@@ -40,10 +40,7 @@ class ReadSummary:
     read: int = 0
     not_images: Counter = dataclasses.field(default_factory=Counter)   # extension -> files
     bad: List[Tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason)
-
-    def merge(self, other: "ReadSummary") -> "ReadSummary":
-        return ReadSummary(self.read + other.read, self.not_images + other.not_images,
-                           self.bad + other.bad)
+    outside: int = 0            # files beside the class folders (not in any class)
 
     def line(self, what: str = "images") -> str:
         """`read 120 images; skipped 3: 2 not images (.txt 1, .svg 1), 1 unreadable`."""
@@ -51,9 +48,11 @@ class ReadSummary:
         if self.not_images:
             kinds = ", ".join(f"{ext or '(no extension)'} {n}" for ext, n in sorted(self.not_images.items()))
             parts.append(f"{sum(self.not_images.values())} not {FORMATS} ({kinds})")
+        if self.outside:
+            parts.append(f"{self.outside} outside the class folders")
         if self.bad:
             parts.append(f"{len(self.bad)} unreadable")
-        skipped = sum(self.not_images.values()) + len(self.bad)
+        skipped = sum(self.not_images.values()) + self.outside + len(self.bad)
         return f"read {self.read} {what}" + (f"; skipped {skipped}: {', '.join(parts)}" if parts else "")
 
     def lines(self, what: str = "images") -> List[str]:

@@ -12,6 +12,7 @@ from data_prep import archives, image_folders
 from data_prep import create_datasets as cd
 from libml import datasets, records
 from libml.errors import UserError
+from libml.images import same_channels
 from tests import fixtures_archives as fx
 
 
@@ -154,11 +155,45 @@ def test_custom_grayscale_kept_single_channel(tmp_path):
     fx.write_image_folders(str(src / "t"), {"a": 1, "b": 1}, shape=(12, 12, 1))
     prepared = image_folders.load_custom("g", str(src / "l"), "", str(src / "t"), 8)
     assert prepared.subsets["train"][0].shape == (4, 8, 8, 1) and prepared.meta["channels"] == 1
-    mixed, channels = image_folders._same_channels([[np.zeros((2, 2, 1), np.uint8)], [np.ones((2, 2, 3), np.uint8)]])
+    mixed, channels = same_channels([[np.zeros((2, 2, 1), np.uint8)], [np.ones((2, 2, 3), np.uint8)]])
     assert channels == 3 and mixed[0][0].shape == (2, 2, 3)       # one colour image: all RGB
     fx.write_image_folders(str(src / "t"), {"c": 1}, shape=(12, 12, 3))
     with pytest.raises(UserError, match="test class folder 'c'"):
         image_folders.load_custom("g", str(src / "l"), "", str(src / "t"), 8)
+
+
+def test_custom_reads_every_format_nested_folders_and_reports_skips(tmp_path, capsys):
+    """.bmp/.webp/.gif and nested unlabeled sub-folders are read; other files and unreadable
+    images are counted and, with --skip_bad_images, listed instead of stopping."""
+    from PIL import Image
+    src, out = tmp_path / "src", tmp_path / "data"
+    fx.write_image_folders(str(src / "l"), {"a": 1, "b": 1}, shape=(12, 12, 3))
+    fx.write_image_folders(str(src / "t"), {"a": 1, "b": 1}, shape=(12, 12, 3))
+    Image.new("L", (12, 12), 9).save(src / "l" / "a" / "gray.bmp")            # 8-bit grayscale BMP
+    Image.new("RGB", (12, 12), (1, 2, 3)).save(src / "l" / "b" / "c.webp", lossless=True)
+    os.makedirs(src / "u" / "2019" / "june")
+    Image.new("RGB", (12, 12), (5, 5, 5)).save(src / "u" / "top.gif")
+    Image.new("RGB", (12, 12), (6, 6, 6)).save(src / "u" / "2019" / "june" / "deep.png")
+    (src / "u" / "2019" / "list.csv").write_text("x")
+    (src / "l" / "README.txt").write_text("x")
+    (src / "u" / "2019" / "cut.jpg").write_bytes(b"\xff\xd8 truncated")
+    args = ["custom", "--name=fmt", f"--labeled_dir={src / 'l'}", f"--test_dir={src / 't'}",
+            f"--unlabeled_dir={src / 'u'}", "--size=8", f"--data_dir={out}"]
+    with pytest.raises(UserError, match=r"unreadable image .*cut\.jpg"):
+        run_main(*args)
+    capsys.readouterr()
+    run_main(*args, "--skip_bad_images")
+    lines = capsys.readouterr().out.splitlines()
+    assert "read 4 train images; skipped 1: 1 outside the class folders" in lines
+    assert "read 2 test images" in lines
+    assert ("read 2 unlabeled images; skipped 2: 1 not PNG, JPEG, BMP, GIF, WebP, TIFF (.csv 1), "
+            "1 unreadable") in lines
+    assert any(line.startswith(f"  unreadable {src / 'u' / '2019' / 'cut.jpg'}: ") for line in lines)
+    train_images, train_labels = records.load_numpy(str(out / "fmt-train.tfrecord"))
+    assert train_labels.tolist() == [0, 0, 1, 1]
+    assert np.all(train_images[1] == 9) and np.all(train_images[3] == [1, 2, 3])   # gray.bmp, c.webp
+    unlabeled, _ = records.load_numpy(str(out / "fmt-unlabeled.tfrecord"))
+    assert [int(u[0, 0, 0]) for u in unlabeled] == [6, 5]       # 2019/june/deep.png, top.gif
 
 
 def test_custom_errors(tmp_path):
@@ -168,12 +203,13 @@ def test_custom_errors(tmp_path):
     args = ["custom", "--name=x", f"--labeled_dir={src / 'l'}", f"--test_dir={src / 't'}", "--size=8",
             f"--data_dir={out}"]
     os.makedirs(src / "l" / "empty")
-    with pytest.raises(UserError, match="class folder .*empty has no .png/.jpg/.jpeg images"):
+    with pytest.raises(UserError, match="class folder .*empty has no PNG, JPEG, BMP, GIF, WebP, TIFF images"):
         run_main(*args)
     os.rmdir(src / "l" / "empty")
     (src / "l" / "b" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    with pytest.raises(UserError, match="unreadable image .*broken.jpg"):
+    with pytest.raises(UserError, match="unreadable image .*broken.jpg .*--skip_bad_images"):
         run_main(*args)
+    assert not os.path.exists(out / "x-train.tfrecord")
     os.remove(src / "l" / "b" / "broken.jpg")
     with pytest.raises(UserError, match="--name"):
         run_main(*[a if a != "--name=x" else "--name=9bad-name" for a in args])

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from libml import export
+from libml import export, records
 from libml.errors import UserError
 from realmix_tf import predict
 from tests.fixtures_data import toy_images
@@ -138,3 +138,65 @@ def test_export_only_re_exports_the_newest_checkpoint(finished_run, toy, tmp_pat
     assert predict.Predictor(trainer.export_dir).meta["step"] == 128
     with pytest.raises(UserError, match="no complete checkpoint"):
         make_trainer(tiny_config(toy, tmp_path, export_only=True)).run()
+
+
+def awkward_images(folder):
+    """Non-square, EXIF-rotated, RGBA, grayscale, 16-bit, CMYK and palette images."""
+    rng = np.random.RandomState(3)
+    os.makedirs(folder, exist_ok=True)
+    wide = rng.randint(0, 256, (32, 64, 3)).astype(np.uint8)
+    Image.fromarray(wide).save(os.path.join(folder, "a_wide.png"))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.randint(0, 256, (20, 44, 3)).astype(np.uint8)).save(
+        os.path.join(folder, "b_rotated.png"), exif=exif)
+    Image.fromarray(rng.randint(0, 256, (24, 18, 4)).astype(np.uint8), "RGBA").save(
+        os.path.join(folder, "c_rgba.png"))
+    Image.fromarray(rng.randint(0, 256, (15, 27)).astype(np.uint8)).save(os.path.join(folder, "d_gray.bmp"))
+    Image.fromarray(rng.randint(0, 65536, (30, 17)).astype(np.uint16)).save(os.path.join(folder, "e_16bit.png"))
+    Image.fromarray(wide).convert("CMYK").save(os.path.join(folder, "f_cmyk.jpg"))
+    Image.fromarray(wide).convert("P").save(os.path.join(folder, "g_palette.gif"))
+    return sorted(os.listdir(folder))
+
+
+def test_predict_sees_exactly_what_training_saw(finished_run, tmp_path, monkeypatch):
+    """The same files through create_datasets custom (records) and through predict (the arrays
+    handed to the model) give identical uint8 arrays."""
+    from data_prep import create_datasets
+    trainer, _ = finished_run
+    src, data = tmp_path / "src", tmp_path / "data"
+    names = awkward_images(str(src / "labeled" / "things"))
+    awkward_images(str(src / "test" / "things"))
+    create_datasets.main(["create_datasets", "custom", "--name=awkward", f"--labeled_dir={src / 'labeled'}",
+                          f"--test_dir={src / 'test'}", "--size=8", f"--data_dir={data}"])
+    trained_on, _ = records.load_numpy(str(data / "awkward-train.tfrecord"))
+    assert trained_on.shape == (len(names), 8, 8, 3)
+
+    seen = []
+    original = predict.Predictor.__call__
+    monkeypatch.setattr(predict.Predictor, "__call__", lambda self, x: (seen.append(x), original(self, x))[1])
+    predict.main(["predict", f"--model={trainer.export_dir}", str(src / "labeled" / "things"),
+                  f"--output={tmp_path / 'p.csv'}", "--batch=3"])
+    np.testing.assert_array_equal(np.concatenate(seen), trained_on)
+    with open(tmp_path / "p.csv") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == names
+
+
+def test_predict_files_patterns_and_skipped_list(finished_run, images, tmp_path, capsys):
+    trainer, _ = finished_run
+    folder = tmp_path / "imgs"
+    write_folder(str(folder), images)
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    (folder / "notes.txt").write_text("x")
+    output = tmp_path / "p.csv"
+    assert predict.main(["predict", f"--model={trainer.export_dir}", str(folder / "img03.png"),
+                         f"--images={folder / 'img1*.png'}", str(folder), "--skip_bad_images",
+                         "--noprogress", f"--output={output}"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "read 13 images; skipped 2: 1 not PNG, JPEG, BMP, GIF, WebP, TIFF (.txt 1), 1 unreadable" in err
+    assert any(line.startswith(f"  unreadable {folder / 'bad.png'}: ") for line in err)
+    with open(output) as f:
+        rows = [r["path"] for r in csv.DictReader(f)]
+    # --images first, then the positional arguments; each file once
+    assert rows[:3] == [str(folder / "img10.png"), str(folder / "img11.png"), str(folder / "img03.png")]
+    assert len(rows) == 13 and "img03.png" not in rows and "big.png" in rows
