@@ -10,9 +10,14 @@ written in the original near round-robin class order, so its first records (the 
 set) are class balanced. Records are copied byte for byte.
 
 Extension: records with a negative label ("unknown", e.g. the unlabeled folder of a custom
-dataset) are never labeled; they go to the unlabeled file as one more round-robin queue.
+dataset, STL-10's unlabeled set) are never labeled, and they come last in the unlabeled file,
+in input order, after every labeled record not chosen for the labeled set. So the validation
+set (the first nvalid records) is made of labeled images whenever nvalid is at most the number
+of labeled images left over; the trainer refuses a larger nvalid in one line. Without unknown
+labels the order is exactly the original one.
 """
 import collections
+import os
 from typing import List, Sequence
 
 import numpy as np
@@ -78,25 +83,25 @@ def choose_labeled(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
 def unlabeled_order(labels: np.ndarray, labeled: Sequence[int]) -> List[int]:
     """Positions of the unlabeled records in the order they are written (spec §3.3).
 
-    Records are taken in input order and released class by class whenever their class is
-    the most behind its share, which interleaves the classes near round-robin.
+    Labeled records are taken in input order and released class by class whenever their class
+    is the most behind its share, which interleaves the classes near round-robin; records with
+    an unknown (negative) label follow, in input order.
     """
     labels = np.asarray(labels, np.int64)
     labeled = frozenset(int(x) for x in labeled)
     known = labels[labels >= 0]
     nclass = int(known.max()) + 1 if len(known) else 0
-    counts = np.bincount(known, minlength=nclass)
-    n_unknown = int((labels < 0).sum())
-    if n_unknown:
-        counts = np.append(counts, n_unknown)   # queue nclass: unknown labels
-    fractions = class_fractions(counts)
-    pending = [collections.deque() for _ in range(len(counts))]
-    npos = np.zeros(len(counts), np.int64)
-    order = []
+    fractions = class_fractions(np.bincount(known, minlength=nclass))
+    pending = [collections.deque() for _ in range(nclass)]
+    npos = np.zeros(nclass, np.int64)
+    order, unknown = [], []
     for pos, label in enumerate(labels.tolist()):
         if pos in labeled:
             continue
-        pending[label if label >= 0 else nclass].append(pos)
+        if label < 0:
+            unknown.append(pos)
+            continue
+        pending[label].append(pos)
         while True:
             c = _most_behind(fractions, npos)
             if not pending[c]:
@@ -105,7 +110,7 @@ def unlabeled_order(labels: np.ndarray, labeled: Sequence[int]) -> List[int]:
             npos[c] += 1
     for queue in pending:
         order.extend(queue)
-    return order
+    return order + unknown
 
 
 # ----------------------------------------------------------------------------------------
@@ -159,6 +164,11 @@ def create_split(prefix: str, inputs: Sequence[str], size: int, seed: int = 0,
     per_class = np.bincount(labels[labeled])
     print(f"{len(labeled)} labeled ({' '.join(str(n) for n in per_class)} per class) -> {paths['label']}")
     print(f"{len(order)} unlabeled -> {paths['unlabel']}")
+    left = int((labels[order] >= 0).sum()) if order else 0
+    if left < len(order):
+        print(f"validation: the first {left} unlabeled records are labeled images (then "
+              f"{len(order) - left} without labels): use a validation size of at most {left}, "
+              f"e.g. --dataset={os.path.basename(prefix)}.{seed}@{size}-{min(left, 500)}")
     return paths
 
 

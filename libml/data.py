@@ -355,6 +355,13 @@ def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
         raise UserError(f"{name} asks for {name.nvalid} validation images but {unlabel_path} holds "
                         f"only {count} records{' and none would be left to train on' if not extension else ''}: "
                         f"use a smaller validation size in the dataset name")
+    valid_labels = records.load_labels(unlabel_path, limit=name.nvalid)
+    if (valid_labels < 0).any():
+        labeled = int(np.argmax(valid_labels < 0))
+        use = f"use {name.split}-{labeled} or less, or " if labeled else ""
+        raise UserError(f"{name} asks for {name.nvalid} validation images but only the first {labeled} "
+                        f"records of {unlabel_path} have labels: {use}add labeled images (a split made "
+                        f"before labeled images came first: re-create it with `{split_cmd} --overwrite`)")
 
     sources = {
         "labeled": _Source((label_path,), how_to_create=split_cmd),

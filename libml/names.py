@@ -132,8 +132,12 @@ def create_split_command(dataset, root: str) -> str:
     d = as_dataset_name(dataset)
     if MISMATCH.match(d.name):
         return create_dataset_command(d.name, root, seed=d.seed, nlabeled=d.nlabeled)
+    inputs = [d.train_path(root)]
+    unlabeled = subset_path(root, d.name, "unlabeled")    # custom and stl10 sets
+    if os.path.exists(unlabeled):
+        inputs.append(unlabeled)
     return (f"python -m data_prep.create_split --seed={d.seed} --size={d.nlabeled} "
-            f"{ssl_prefix(root, d.name)} {d.train_path(root)}")
+            f"{ssl_prefix(root, d.name)} {' '.join(inputs)}")
 
 
 def extend_command(dataset, copies="K", aug="AUG", seed="S", keep_original: bool = False,

@@ -90,6 +90,29 @@ def test_unknown_labels_are_never_labeled():
         cs.choose_labeled(labels, 7, seed=2)
 
 
+def test_validation_is_made_of_labeled_images_unknown_last():
+    """Labeled records not drawn for the labeled set come first (round-robin), the unknown ones
+    after them in input order: `digits.1@100-50` had 20 labeled validation images, now 50."""
+    rng = np.random.RandomState(0)
+    labels = np.concatenate([np.repeat(np.arange(10), 15), np.full(300, -1)])
+    labels = labels[rng.permutation(len(labels))]
+    labeled = cs.choose_labeled(labels, 100, seed=1)
+    order = np.asarray(cs.unlabeled_order(labels, labeled))
+    assert len(order) == 350 and sorted(order) == sorted(set(range(450)) - set(labeled.tolist()))
+    assert (labels[order[:50]] >= 0).all()                     # all 50 leftover labeled images first
+    np.testing.assert_array_equal(order[50:], np.flatnonzero(labels < 0))   # unknown in input order
+    assert np.bincount(labels[order[:50]]).tolist() == [5] * 10  # still class balanced
+
+
+def test_split_command_says_how_many_validation_images_are_labeled(tmp_path, capsys):
+    labels = np.array([0, 1] * 6 + [-1] * 8, np.int64)
+    paths = fx.write_record_dataset(str(tmp_path), "mine", {"train": (fx.random_images(20, (4, 4, 3)), labels)})
+    cs.main(["create_split", "--seed=1", "--size=4", str(tmp_path / "SSL" / "mine"), paths["train"]])
+    out = capsys.readouterr().out
+    assert ("validation: the first 8 unlabeled records are labeled images (then 8 without labels): "
+            "use a validation size of at most 8, e.g. --dataset=mine.1@4-8") in out
+
+
 def test_proportional_draw_never_runs_out_of_a_class():
     """Any size up to the number of labeled images works, even on very unequal classes."""
     for counts in ([1, 100], [1, 2, 13], [3, 3, 7, 1], [5, 1, 1, 9]):

@@ -70,12 +70,14 @@ def test_eval_streams_round_trip_in_order(toy, cache):
         assert sum(sizes) == len(labels)
 
 
-@pytest.mark.parametrize("cache", [True, False])
-def test_eval_streams_skip_unknown_labels(tmp_path, cache):
-    labels = np.array([-1, 0, 1, -1, 2] * 4)
+def test_validation_without_labels_is_one_line(tmp_path):
+    """Validation images must carry labels: the first nvalid records of -unlabel are checked."""
+    labels = np.array([0, 1, 2, -1, 2] * 4)
     toy = make_ssl_dataset(tmp_path, nunlabeled=20, nvalid=10, unlabeled_labels=labels)
-    _, got, _ = collect(load(toy, cache=cache).valid(4))
-    np.testing.assert_array_equal(got, [0, 1, 2, 0, 1, 2])
+    with pytest.raises(UserError, match=rf"{toy.name} asks for 10 validation images but only the "
+                                        rf"first 3 records of .* have labels: use toy.1@\d+-3 or less, "
+                                        rf"or add labeled images"):
+        load(toy)
 
 
 # --- training streams -----------------------------------------------------------------------
