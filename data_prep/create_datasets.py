@@ -3,13 +3,14 @@
     python -m data_prep.create_datasets cifar10 [cifar100 svhn mnist5k] [--data_dir=...] [--archive_dir=DIR]
     python -m data_prep.create_datasets custom --name=NAME --labeled_dir=D [--unlabeled_dir=D] --test_dir=D --size=32
     python -m data_prep.create_datasets imagenet32 [--archive_dir=DIR]   # Table 4 pretraining
+    python -m data_prep.create_datasets stl10 [--archive_dir=DIR]        # with its unlabeled set
 
 Outputs under $ML_DATA (or --data_dir): ``{name}-train.tfrecord``, ``{name}-test.tfrecord``
 (svhn also ``-extra`` and a copy ``svhn_noextra-test``; custom also ``-unlabeled``) and
 ``{name}-meta.json``. Records: one PNG image and one int64 label each, in the original order.
 
-CIFAR / SVHN / MNIST sources: data_prep/archives.py; custom image folders:
-data_prep/image_folders.py.
+CIFAR / SVHN / MNIST sources: data_prep/archives.py; STL-10: data_prep/stl10.py; custom
+image folders: data_prep/image_folders.py.
 ImageNet 32x32 (imagenet32, 1.28 M train / 50,000 validation images written as -test) comes
 from tensorflow-datasets' ``imagenet_resized/32x32``, prepared from the two manually downloaded
 zip files of image-net.org (login required); it is streamed, so memory stays bounded.
@@ -22,6 +23,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 from absl import flags
 
 from data_prep.archives import Prepared, archive_dirs, load_cifar, load_mnist5k, load_svhn
+from data_prep import stl10
 from data_prep.image_folders import load_custom
 from libml import cli, datasets, io, names, records
 from libml.errors import UserError
@@ -178,6 +180,8 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
     else:
         if dataset == "imagenet32":
             return create_imagenet32(root, archive_dirs(archive_dir, root), overwrite, tfds_data_dir)
+        if dataset == "stl10":
+            return stl10.create_stl10(root, archive_dirs(archive_dir, root), overwrite)
         copies = ["svhn_noextra-test"] if dataset == "svhn" else []
         io.require_free(output_paths(root, dataset, expected_subsets(dataset), copies), overwrite)
         dirs = archive_dirs(archive_dir, root)

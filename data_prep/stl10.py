@@ -23,6 +23,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from libml import datasets, io, names, records
 from libml.errors import UserError
 
 ARCHIVE = "stl10_binary.tar.gz"
@@ -30,8 +31,6 @@ FOLDER = "stl10_binary"
 URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
 SIZE = 96
 IMAGE_BYTES = 3 * SIZE * SIZE
-SHIFT = 12
-CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 SUBSETS = {"train": ("train_X.bin", "train_y.bin"), "test": ("test_X.bin", "test_y.bin"),
            "unlabeled": ("unlabeled_X.bin", None)}
 FOLDS = "fold_indices.txt"
@@ -80,7 +79,7 @@ def planes_to_images(data: bytes) -> np.ndarray:
 def read_labels(source: str, name: str) -> np.ndarray:
     with open_member(source, name) as f:
         labels = np.frombuffer(f.read(), np.uint8).astype(np.int64) - 1
-    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASSES)):
+    if labels.size and (labels.min() < 0 or labels.max() >= len(datasets.STL10_CLASSES)):
         raise UserError(f"{name} in {source} holds labels outside 1..10: download {ARCHIVE} again")
     return labels
 
@@ -100,7 +99,6 @@ def image_chunks(source: str, name: str, chunk: int = CHUNK) -> Iterator[np.ndar
 
 def examples(source: str, subset: str, count: Optional[List[int]] = None) -> Iterator[Tuple[bytes, int]]:
     """(PNG bytes, label) of one subset in file order; `count` receives the number of images."""
-    from libml import records
     x_name, y_name = SUBSETS[subset]
     labels = read_labels(source, y_name) if y_name else None
     done = 0
@@ -121,3 +119,26 @@ def examples(source: str, subset: str, count: Optional[List[int]] = None) -> Ite
 def read_folds(source: str) -> bytes:
     with open_member(source, FOLDS) as f:
         return f.read()
+
+
+def create_stl10(root: str, dirs: Sequence[str], overwrite: bool = False) -> List[str]:
+    """Writes stl10-train/-test/-unlabeled, stl10-meta.json and stl10_fold_indices.txt."""
+    info = datasets.REGISTRY["stl10"]
+    folds_path = os.path.join(root, FOLDS_COPY)
+    paths = {subset: names.subset_path(root, "stl10", subset) for subset in SUBSETS}
+    io.require_free([*paths.values(), names.meta_path(root, "stl10"), folds_path], overwrite)
+    source = find_source(dirs)
+    print(f"stl10: reading {source}")
+    written, counts = [], []
+    for subset, path in paths.items():
+        count = records.write_records(path, examples(source, subset), overwrite,
+                                      progress=f"writing {os.path.basename(path)}")
+        written.append(path)
+        counts.append(f"{subset} {count}")
+    with io.atomic_path(folds_path, overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(read_folds(source))
+    meta = datasets.make_meta("stl10", info.nclass, info.shape, info.flip, info.class_names, info.shift)
+    written += [folds_path, datasets.write_meta(root, meta, overwrite)]
+    print(f"stl10: {', '.join(counts)} images -> {root}")
+    return written

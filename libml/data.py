@@ -38,7 +38,6 @@ PNG_EXPANSION_ESTIMATE = 4             # decoded bytes per PNG byte assumed for 
 STREAM_SHUFFLE_BUFFER = 8192           # records; as the released code (R:libml/data.py:66-88)
 SHARD_READ_BUFFER = 16 << 20           # bytes of read-ahead shared by the open shard files
 UNROLL_MAX_BATCH = 256             # streamed batches up to this size decode in an unrolled graph
-SHIFT = 4                              # translation range in pixels (spec §4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,14 +185,14 @@ class SSLData:
     def _train(self, which: str, batch: int, views: int, stream: int) -> tf.data.Dataset:
         _check_batch(batch)
         augment_seed = _stream_seed(self.seed, stream, _AUGMENT)
-        flip = self.info.flip
+        flip, shift = self.info.flip, self.info.shift
 
         def augment_batch(step, example):
             image = example["image"]
             if views > 1:    # [B,...] -> [B*views,...], each copy gets its own draw
                 image = tf.repeat(image, views, axis=0)
             seed = tf.random.experimental.stateless_fold_in(augment_seed, step)
-            image = augment.to_float(augment.augment(image, seed, flip=flip, shift=SHIFT))
+            image = augment.to_float(augment.augment(image, seed, flip=flip, shift=shift))
             if views > 1:
                 image = tf.reshape(image, [-1, views, *self.info.shape])
             return {"image": image, "label": example["label"]}

@@ -20,6 +20,8 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck")
 DIGITS = tuple(str(i) for i in range(10))
 SVHN_CLASSES = tuple(str((i + 1) % 10) for i in range(10))   # the .mat files: label 0 is digit 1
+STL10_CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+SHIFT = 4          # training translation in pixels (spec §4); libml's augment_stl10 uses 12
 _EXTENDED = re.compile(r"^(?P<base>.+)_aug\d+$")    # released make_aug_copy names: cifar10_aug50
 
 
@@ -32,6 +34,7 @@ class DatasetInfo:
     channels: int
     flip: bool
     class_names: Tuple[str, ...] = ()
+    shift: int = SHIFT             # training translation range in pixels
 
     @property
     def shape(self) -> Tuple[int, int, int]:
@@ -44,6 +47,7 @@ REGISTRY = {
     "svhn": DatasetInfo("svhn", 10, 32, 32, 3, False, DIGITS),
     "svhn_noextra": DatasetInfo("svhn_noextra", 10, 32, 32, 3, False, DIGITS),
     "mnist5k": DatasetInfo("mnist5k", 10, 32, 32, 1, False, DIGITS),
+    "stl10": DatasetInfo("stl10", 10, 96, 96, 3, True, STL10_CLASSES, shift=12),
 }
 
 
@@ -51,10 +55,14 @@ REGISTRY = {
 # {name}-meta.json
 
 def make_meta(name: str, nclass: int, shape: Sequence[int], flip: bool,
-              class_names: Sequence[str]) -> dict:
+              class_names: Sequence[str], shift: int = SHIFT) -> dict:
+    """The meta.json dict; `shift` is written only when it differs from the default 4."""
     height, width, channels = (int(x) for x in shape)
-    return {"name": name, "nclass": int(nclass), "height": height, "width": width,
+    meta = {"name": name, "nclass": int(nclass), "height": height, "width": width,
             "channels": channels, "flip": bool(flip), "class_names": [str(c) for c in class_names]}
+    if shift != SHIFT:
+        meta["shift"] = int(shift)
+    return meta
 
 
 def write_meta(root: str, meta: dict, overwrite: bool = False) -> str:
@@ -80,7 +88,8 @@ def info_from_meta(meta: dict, name: str, path: str) -> DatasetInfo:
         return DatasetInfo(name=name, nclass=int(meta["nclass"]), height=int(meta["height"]),
                            width=int(meta["width"]), channels=int(meta["channels"]),
                            flip=bool(meta.get("flip", True)),
-                           class_names=tuple(meta.get("class_names", ())))
+                           class_names=tuple(meta.get("class_names", ())),
+                           shift=int(meta.get("shift", SHIFT)))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"malformed dataset metadata {path} ({type(e).__name__}: {e}): fix it or "
                         f"delete it to infer the metadata from the records") from None

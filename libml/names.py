@@ -24,7 +24,7 @@ NAME_HELP = ("expected {name}.{seed}@{nlabeled}-{nvalid} (e.g. cifar10.3@250-500
              "or {name}.{nlabeled} (e.g. cifar10.250)")
 MISMATCH = re.compile(r"^cifar6_mismatch(?P<percent>\d+)$")
 # Datasets that `data_prep.create_datasets NAME` makes (svhn also writes svhn_noextra-test).
-BUILTIN_DATASETS = ("cifar10", "cifar100", "svhn", "mnist5k", "imagenet32")
+BUILTIN_DATASETS = ("cifar10", "cifar100", "svhn", "mnist5k", "imagenet32", "stl10")
 _MADE_BY = {"svhn_noextra": "svhn"}
 
 

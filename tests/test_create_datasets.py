@@ -239,7 +239,7 @@ def test_exit_code_and_one_line_error(tmp_path):
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 2
     assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [
-        "error: unknown dataset 'cifar11': choose from cifar10, cifar100, svhn, mnist5k, imagenet32, custom"]
+        "error: unknown dataset 'cifar11': choose from cifar10, cifar100, svhn, mnist5k, imagenet32, stl10, custom"]
 
 
 def test_tfds_fallback_when_no_archive(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """data_prep/stl10.py: STL-10 read from small files in the original binary format."""
 import io
+import json
 import os
 import tarfile
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep import stl10
+from libml import datasets
 from libml.errors import UserError
 
 COUNTS = {"train": 3, "test": 2, "unlabeled": 5}
@@ -34,7 +36,7 @@ def write_stl10(folder, as_archive=True, truncate=False):
             members[y_name] = (labels + 1).astype(np.uint8).tobytes()
         expected[subset] = (images, labels if y_name else np.full(n, -1))
     members[stl10.FOLDS] = b"0 1 2\n"
-    members["class_names.txt"] = "\n".join(stl10.CLASSES).encode()
+    members["class_names.txt"] = "\n".join(datasets.STL10_CLASSES).encode()
     os.makedirs(folder, exist_ok=True)
     if as_archive:
         with tarfile.open(os.path.join(folder, stl10.ARCHIVE), "w:gz") as tar:
@@ -89,3 +91,40 @@ def test_errors(tmp_path):
     (tmp_path / "junk" / stl10.ARCHIVE).write_bytes(b"not a tar")
     with pytest.raises(UserError, match="corrupt archive"):
         list(stl10.examples(str(tmp_path / "junk" / stl10.ARCHIVE), "train"))
+
+
+def test_create_datasets_split_and_training_stream(tmp_path, monkeypatch):
+    """create_datasets stl10 -> create_split over train + unlabeled -> the training streams,
+    augmented with libml's STL-10 settings (flip, translation 12)."""
+    from data_prep import create_datasets, create_split
+    from libml import augment, records
+    from libml.data import load_ssl
+    from tests.fixtures_data import test_options
+    expected = write_stl10(str(tmp_path / "dl"))
+    root = tmp_path / "data"
+    create_datasets.main(["create_datasets", "stl10", f"--archive_dir={tmp_path / 'dl'}", f"--data_dir={root}"])
+    for subset in ("train", "test", "unlabeled"):
+        images, labels = records.load_numpy(str(root / f"stl10-{subset}.tfrecord"))
+        np.testing.assert_array_equal(images, expected[subset][0])
+        np.testing.assert_array_equal(labels, expected[subset][1])
+    with open(root / "stl10-meta.json") as f:
+        meta = json.load(f)
+    assert meta["shift"] == 12 and meta["height"] == 96 and meta["class_names"][7] == "monkey"
+    assert (root / "stl10_fold_indices.txt").read_bytes() == b"0 1 2\n"
+    info = datasets.dataset_info("stl10", str(root))
+    assert (info.shift, info.flip, info.shape) == (12, True, (96, 96, 3))
+
+    create_split.main(["create_split", "--seed=1", "--size=2", str(root / "SSL" / "stl10"),
+                       str(root / "stl10-train.tfrecord"), str(root / "stl10-unlabeled.tfrecord")])
+    shifts = []
+    original = augment.augment
+    monkeypatch.setattr(augment, "augment", lambda *a, **k: (shifts.append(k.get("shift")), original(*a, **k))[1])
+    data = load_ssl("stl10.1@2-1", str(root), options=test_options())
+    batch = next(iter(data.train_labeled(2)))
+    assert batch["image"].shape == (2, 96, 96, 3) and shifts == [12]
+    _, unlabel = records.load_numpy(str(root / "SSL" / "stl10.1@2-unlabel.tfrecord"))
+    assert unlabel[0] >= 0 and unlabel[1:].tolist() == [-1] * 5     # the leftover labeled image first
+    assert np.concatenate([b["label"] for b in data.valid(4)]).tolist() == [unlabel[0]]
+    with pytest.raises(UserError, match=r"stl10.1@2-2 asks for 2 validation images but only the first 1 "
+                                        r"records .* have labels: use stl10.1@2-1 or less"):
+        load_ssl("stl10.1@2-2", str(root), options=test_options())
