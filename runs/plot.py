@@ -9,7 +9,7 @@ are expanded here too), as for runs.extract_accuracy. A run's curve comes from i
 accuracies), else from its TensorBoard event files (tag `accuracy`, or the released RealMix's
 `accuracy_test`; test set only). The y axis is the error in % (100 - accuracy), the x axis the
 training length in kimg; one line per run and set (test solid, valid dashed, train_labeled
-dotted), labelled with the run folder's last two parts (dataset/run). The PNG is written
+dotted), labelled with the algorithm and the hyper-parameters in which the runs differ. The PNG is written
 atomically; an existing file is kept unless --overwrite.
 """
 import json
@@ -62,9 +62,23 @@ def curves(run_dir: str, sets: Sequence[str] = ("test",)) -> Dict[str, Tuple[Lis
     return {}
 
 
-def label(run_dir: str) -> str:
-    parts = os.path.normpath(run_dir).split(os.sep)
-    return "/".join(parts[-2:])
+def labels(run_dirs: Sequence[str]) -> Dict[str, str]:
+    """Short legend labels: the algorithm (the run folder's first word), the dataset when the
+    runs use several, and the hyper-parameters in which runs of the same algorithm differ (run
+    folders are `{Algorithm}_{key}{value}_...`, far too long for a legend)."""
+    parts = {run: os.path.normpath(run).split(os.sep) for run in run_dirs}
+    tokens = {run: p[-1].split("_") for run, p in parts.items()}
+    common = {}           # algorithm -> tokens all its runs share
+    for t in tokens.values():
+        common[t[0]] = common[t[0]] & set(t[1:]) if t[0] in common else set(t[1:])
+    several_datasets = len({p[-2] for p in parts.values() if len(p) > 1}) > 1
+    result = {}
+    for run, t in tokens.items():
+        text = t[0] + "".join(f" {x}" for x in t[1:] if x not in common[t[0]])
+        if several_datasets and len(parts[run]) > 1:
+            text = f"{parts[run][-2]} {text}"
+        result[run] = text if len(text) <= 60 else text[:57] + "..."
+    return result
 
 
 def draw(run_dirs: Sequence[str], output: str, sets: Sequence[str] = ("test",), title: str = "",
@@ -74,13 +88,13 @@ def draw(run_dirs: Sequence[str], output: str, sets: Sequence[str] = ("test",), 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
     figure, axes = plt.subplots(figsize=(8, 5), dpi=100)
-    drawn = 0
+    drawn, names = 0, labels(run_dirs)
     try:
         for i, run in enumerate(run_dirs):
             colour = f"C{i % 10}"
             for name, (kimg, error) in curves(run, sets).items():
                 axes.plot(kimg, error, STYLES[name], color=colour, linewidth=1.5,
-                          label=f"{label(run)} ({name})" if len(sets) > 1 else label(run))
+                          label=f"{names[run]} ({name})" if len(sets) > 1 else names[run])
                 drawn += 1
         if not drawn:
             raise UserError(f"no reports yet in {', '.join(run_dirs)}: plot runs that have "

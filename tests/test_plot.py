@@ -35,6 +35,14 @@ def test_curves_are_error_by_kimg(tmp_path):
     assert plot.curves(fake_run(tmp_path, "x.1@1-1", "Empty", []), ["test"]) == {}
 
 
+def test_short_labels():
+    runs = ["e/cifar10.1@250-1/RealMix_batch64_gamma0.5_lr0.002", "e/cifar10.1@250-1/RealMix_batch64_gamma0.0_lr0.002",
+            "e/cifar10.1@250-1/Supervised_batch64_lr0.002"]
+    assert list(plot.labels(runs).values()) == ["RealMix gamma0.5", "RealMix gamma0.0", "Supervised"]
+    two = plot.labels(["e/a.1@1-1/RealMix_x1", "e/b.1@1-1/RealMix_x1"])
+    assert list(two.values()) == ["a.1@1-1 RealMix", "b.1@1-1 RealMix"]
+
+
 def test_draws_one_coloured_line_per_run(tmp_path):
     fake_run(tmp_path / "exp", "mnist5k.1@100-1", "RealMix_a", [50.0, 80.0, 97.5])
     fake_run(tmp_path / "exp", "mnist5k.1@100-1", "Supervised_b", [40.0, 60.0, 83.0])
