@@ -14,10 +14,12 @@ constructor checks them (realmix_tf/*.py).
 """
 import dataclasses
 import math
+import sys
 from typing import Callable, Optional
 
 from absl import flags
 
+from libml import libml_flags
 from libml.checkpoint import checkpoint_exists
 from libml.errors import UserError
 from libml.names import parse_dataset_name
@@ -235,7 +237,14 @@ def define_train_flags(flag_values=flags.FLAGS, config_class=TrainConfig) -> Non
 
 
 def config_from_flags(flag_values=flags.FLAGS, config_class=TrainConfig, **algorithm) -> TrainConfig:
-    """The validated config of parsed flags; `algorithm` = the algorithm's hyper-parameters."""
+    """The validated config of parsed flags; `algorithm` = the algorithm's hyper-parameters.
+    Original libml flags given on the command line are mapped or noted (libml/libml_flags.py)."""
     fields = {f.name for f in dataclasses.fields(config_class)} - {"algorithm"}
     values = {name: flag_values[name].value for name in fields if name in flag_values}
+    overrides, notes = libml_flags.resolve(
+        flag_values, values.get("train_kimg", 0), values.get("report_kimg", 1),
+        "shuffle_buffer" in flag_values and flag_values["shuffle_buffer"].present)
+    values.update({k: v for k, v in overrides.items() if k in values})
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return config_class(**values, algorithm=dict(algorithm)).validate()

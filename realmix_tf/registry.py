@@ -3,8 +3,9 @@
     python -m realmix_tf.<module> --flags...      ->  cli(name)      (exit 2 + one line on bad input)
     launch(name, {"dataset": ..., "gamma": 0.6})   ->  the stats dict of the run (runs/ use this)
 
-Both go through `configure`: the trainer's flags and the algorithm's are defined on one
-FlagValues, parsed by absl, turned into a validated TrainConfig plus the algorithm's
+Both go through `configure`: the trainer's flags, the algorithm's and the original libml
+flags this project lacks (libml/libml_flags.py: accepted, mapped or noted once) are defined on
+one FlagValues, parsed by absl, turned into a validated TrainConfig plus the algorithm's
 hyper-parameters; the model constructor checks those when the Trainer builds it.
 
 An algorithm module (realmix_tf/<module>.py) defines:
@@ -23,7 +24,7 @@ from absl import flags
 
 from libml import cli as cli_runner
 from libml import config as train_config
-from libml import train
+from libml import libml_flags, train
 from libml.errors import UserError
 
 
@@ -73,6 +74,7 @@ def define_flags(name: str, flag_values: Optional[flags.FlagValues] = None) -> f
     flag_values = flags.FlagValues() if flag_values is None else flag_values
     train_config.define_train_flags(flag_values, algorithm.config_class())
     algorithm.load().define_flags(flag_values)
+    libml_flags.define(flag_values)    # the original libml flags this project lacks, last
     return flag_values
 
 
@@ -97,7 +99,9 @@ def main(name: str, argv: List[str], flag_values: flags.FlagValues = flags.FLAGS
     if len(argv) > 1:
         raise UserError(f"unexpected arguments {' '.join(argv[1:])}: every option is a --flag "
                         f"(see --helpfull)")
-    return make_trainer(name, configure(name, flag_values)).run()
+    config = configure(name, flag_values)
+    libml_flags.apply_runtime(flag_values)
+    return make_trainer(name, config).run()
 
 
 def cli(name: str) -> None:

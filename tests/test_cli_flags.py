@@ -149,6 +149,37 @@ def test_command_exit_code_2_and_one_line_on_bad_values_and_bad_types():
         assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
 
 
+def test_original_libml_command_lines_are_accepted(capsys):
+    """libml's flags parse with every algorithm; --shuffle and --epochs are mapped, the flags
+    without meaning here are named once on one line (libml/libml_flags.py)."""
+    for algorithm in ("realmix", "mixmatch", "mean_teacher", "supervised"):
+        config = registry.configure(algorithm, parse(
+            "--arch=resnet", "--whiten", "--shuffle=64", "--para_parse=4", "--para_augment=4", "--nu=2",
+            "--train_kimg=256", "--report_kimg=64", "--epochs=2", "--nclass=10", "--img_size=32",
+            "--augment=cifar10", "--log_device_placement=false", algorithm=algorithm))
+        assert config.shuffle_buffer == 64 and config.train_kimg == 128
+        notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note:")]
+        assert notes == ["note: --epochs=2: run length 128 kimg (2 reports of 64 kimg)",
+                         "note: libml flags without effect here: --whiten (images are scaled to [-1, 1], "
+                         "libml's default); --para_parse (tf.data tunes its own parallelism); "
+                         "--para_augment (tf.data tunes its own parallelism); --nclass (the class count "
+                         "comes from the dataset); --img_size (the image size comes from the dataset); "
+                         "--augment (augmentation comes from the dataset (flip, shift in "
+                         "<dataset>-meta.json))"], algorithm
+    with pytest.raises(UserError, match="--arch=shake: only resnet"):
+        start("--arch=shake")
+    assert start().shuffle_buffer == 0 and capsys.readouterr().err == ""      # nothing given: silent
+
+
+def test_command_line_with_libml_flags_runs_to_the_data_check(tmp_path):
+    result = run_command("--arch=resnet", "--whiten", "--para_parse=4", f"--data_dir={tmp_path}",
+                         "--dataset=cifar10.3@250-5000")
+    assert result.returncode == 2
+    errors = [l for l in result.stderr.splitlines() if l.startswith(("error:", "note:"))]
+    assert errors[0].startswith("note: libml flags without effect here: --whiten")
+    assert errors[1].startswith("error: missing ") and "data_prep.create_split" in errors[1], result.stderr
+
+
 def test_main_trains_a_tiny_run_and_returns_stats(toy, tmp_path, capsys):
     flag_values = parse(f"--data_dir={toy.root}", f"--dataset={toy.name}", f"--train_dir={tmp_path}",
                         "--batch=8", "--filters=8", "--repeat=1", "--train_kimg=0.015625",
