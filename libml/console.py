@@ -5,8 +5,8 @@ Banner (stderr, once, before the first step):
     RealMix  experiments/cifar10.3@250-5000/RealMix_archresnet_batch64_...
       data      cifar10.3@250-5000: 250 labeled, 44,750 unlabeled, 5,000 valid, 10,000 test (32x32x3, 10 classes)
       model     WRN filters 32 repeat 4 scales 3: 1.47 M parameters
-      device    1 x CPU (default strategy) | Intel(R) Xeon(R) ... | AVX2 yes | AVX-512 yes ...
-      precision mixed_bfloat16
+      device    1 x CPU (default strategy)
+      precision mixed_bfloat16 (--mixed_precision=auto: ...); oneDNN on; Intel(R) Xeon(R) ..., 2 cores, AVX2 yes | ...
       start     fresh (0 / 65536 kimg)    |  resumed from tf/model.ckpt-65536 (64 / 65536 kimg)
 
 Progress: one tqdm bar over the whole run (libml's epoch counter showed the run's position),
@@ -45,29 +45,20 @@ def describe_strategy(strategy) -> str:
     return f"{strategy.num_replicas_in_sync} x {'/'.join(kinds)} ({name})"
 
 
-def machine_line() -> str:
-    """The CPU / ISA line of libml.platform when that module provides one, else ''."""
-    try:
-        from libml import platform
-        return platform.describe() if hasattr(platform, "describe") else ""
-    except Exception:     # never let the banner stop a run
-        return ""
-
-
 def banner(algorithm: str, run_dir: str, dataset: str, sizes: Dict[str, Optional[int]],
            shape: Sequence[int], nclass: int, architecture: str, parameters: int,
-           device: str, precision: str, resumed: str, step: int, train_nimg: int) -> List[str]:
+           device: str, setup: str, resumed: str, step: int, train_nimg: int) -> List[str]:
     """The banner lines (see the module docstring). `sizes`: labeled/unlabeled/valid/test image
-    counts (None = not counted: a streamed set too large to count at start)."""
+    counts (None = not counted: a streamed set too large to count at start); `setup`: the
+    trainer's "precision ... ; oneDNN ...; CPU ..." line (Trainer.start_line)."""
     counted = ", ".join(f"{'?' if n is None else human(n)} {k}" for k, n in sizes.items())
-    machine = machine_line()
     where = f"{step / KIMG:g} / {train_nimg / KIMG:g} kimg"
     return [
         f"{algorithm}  {run_dir}",
         f"  data      {dataset}: {counted} ({'x'.join(str(int(d)) for d in shape)}, {nclass} classes)",
         f"  model     {architecture}: {human(parameters)} parameters",
-        f"  device    {device}" + (f" | {machine}" if machine else ""),
-        f"  precision {precision}",
+        f"  device    {device}",
+        f"  {setup}",
         f"  start     {resumed} ({where})",
     ]
 
@@ -106,11 +97,11 @@ class RunProgress:
             self.bar.refresh()
 
     def write(self, line: str) -> None:
-        """A console line above the bar (stdout), or plainly without a bar."""
+        """A console line (stderr) above the bar, or plainly without a bar."""
         if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
+            self.bar.write(line, file=sys.stderr)
         else:
-            print(line)
+            print(line, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -171,6 +171,22 @@ class SSLData:
     def nclass(self) -> int:
         return self.info.nclass
 
+    def sizes(self) -> dict:
+        """Image counts {labeled, unlabeled, valid, test} for the start banner; None for a set
+        too large to cache (not counted: it may hold millions of records)."""
+        result = {}
+        for which, name in (("labeled", "labeled"), ("unlabeled", "unlabeled"), ("valid", "valid"),
+                            ("test", "test")):
+            source = self._sources[which]
+            if source.take >= 0:
+                result[name] = source.take
+            elif not self.is_cached(which):
+                result[name] = None
+            else:
+                total = sum(records.count_at_most(f, -1, source.how_to_create) for f in source.files)
+                result[name] = max(total - source.skip, 0)
+        return result
+
     def is_cached(self, which: str) -> bool:
         """Whether set `which` (labeled, unlabeled, valid, test) is fed from a decoded cache."""
         if self._cache_flag is not None:

@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from libml import console
 from libml.checkpoint import (READ_ERRORS, make_checkpoint, model_variables, read_model,
                               read_training_state, resolve_checkpoint)
 from libml.checkpoint_files import latest_checkpoint
@@ -33,7 +34,7 @@ from libml.config import KIMG, TrainConfig
 from libml.errors import UserError, first_line
 from libml.export import export_model, transfer_weights
 from libml.finite import FirstNonFinite, all_finite, loss_values
-from libml.io import progress, write_json
+from libml.io import write_json
 from libml.names import data_dir
 from libml.platform import cpu_info, isa_line, onednn_enabled
 from libml.runfolder import RunFolder
@@ -112,6 +113,7 @@ class Trainer:
         self._eval_fns = {}
         self._train_fn = None
         self._nonfinite = FirstNonFinite()      # the step whose loss first went non-finite
+        self._bar = console.RunProgress(0, 0, 1, enabled=False)   # the run's bar, set by train()
         self.history: List[dict] = []
         self.gamma_hook = None
         if getattr(self.model, "gamma_state", None) is not None:      # --gamma=auto
@@ -173,19 +175,18 @@ class Trainer:
         one trainer per run folder, changed flags compared with args.json, checkpoints found
         from their files, never a non-finite one, disk faults and damaged records in one line."""
         c = self.config
-        print(self.start_line(), file=sys.stderr)
         folder = RunFolder(self.run_dir, keep=c.keep_ckpt).open(self._args())
         try:
             self.iterators = self._make_iterators()
             ckpt = make_checkpoint(self.model, self.iterators)
             restored = folder.restore(lambda p: read_training_state(self.model, self.iterators, p),
                                       READ_ERRORS)
+            start = "fresh start"
             if restored:
-                print(f"resuming from {restored} ({int(self.model.step.numpy()) / KIMG:g} kimg)",
-                      file=sys.stderr)
+                start = f"resumed from {restored}"
             elif c.load_checkpoint:
                 source = transfer_weights(self.model, c.load_checkpoint, self.info)
-                print(f"initialised from {source} except the classifier head", file=sys.stderr)
+                start = f"initialised from {source} except the classifier head"
             folder.record_args()
         except BaseException:
             folder.close(failed=True)
@@ -194,11 +195,11 @@ class Trainer:
             with disk_errors(self.run_dir, what="the run's files", fix="free space there (or move "
                              "the run to another disk) and re-run the same command: it resumes "
                              "from its newest checkpoint"):
-                return self._train_loop(folder, ckpt)
+                return self._train_loop(folder, ckpt, start)
         finally:
             folder.close()
 
-    def _train_loop(self, folder: RunFolder, ckpt) -> dict:
+    def _train_loop(self, folder: RunFolder, ckpt, start: str) -> dict:
         c = self.config
         self._load_history(int(self.model.step.numpy()))
         writer = tf.summary.create_file_writer(self.tf_dir)
@@ -206,14 +207,18 @@ class Trainer:
         finished_before = step >= c.train_nimg
         if finished_before:
             print(f"{self.run_dir}: already trained to {step / KIMG:g} kimg", file=sys.stderr)
-        while step < c.train_nimg:
-            end = min((step // c.report_nimg + 1) * c.report_nimg, c.train_nimg)
-            sums, step = self._train_period(step, end, folder, ckpt)
-            folder.check_loss(self._nonfinite.value())     # no report of a diverged period
-            with self._reading_data():
-                self._report(writer, step, sums)
-            if (step - c.batch) // c.save_nimg < step // c.save_nimg or step >= c.train_nimg:
-                self._save(folder, ckpt, step)
+        else:
+            self._print_banner(start, step)
+        self._bar = console.RunProgress(step, c.train_nimg, c.report_nimg, c.progress, self.algorithm)
+        with self._bar:
+            while step < c.train_nimg:
+                end = min((step // c.report_nimg + 1) * c.report_nimg, c.train_nimg)
+                sums, step = self._train_period(step, end, folder, ckpt)
+                folder.check_loss(self._nonfinite.value())     # no report of a diverged period
+                with self._reading_data():
+                    self._report(writer, step, sums)
+                if (step - c.batch) // c.save_nimg < step // c.save_nimg or step >= c.train_nimg:
+                    self._save(folder, ckpt, step)
         writer.close()
         if c.export and not (finished_before and os.path.isdir(self.export_dir)):
             with disk_errors(self.export_dir, what="the export"):
@@ -224,6 +229,17 @@ class Trainer:
             print(f"{self.run_dir}\n  test error {stats['error_last20']:.2f} % (median of the last "
                   f"{window} reports; stats/accuracy.json)", file=sys.stderr)
         return stats
+
+    def _print_banner(self, start: str, step: int) -> None:
+        """Run folder, data sizes, model size, device/strategy, precision/oneDNN/CPU (start_line),
+        start point."""
+        c, net = self.config, self.model.net
+        lines = console.banner(
+            self.algorithm, self.run_dir, str(c.dataset_name()), self.data.sizes(), self.info.shape,
+            self.info.nclass, f"Wide ResNet filters {net.filters} repeat {net.repeat} scales {net.scales}",
+            console.count_parameters(net), console.describe_strategy(self.strategy),
+            self.start_line(), start, step, c.train_nimg)
+        print("\n".join(lines), file=sys.stderr)
 
     def start_line(self) -> str:
         """The run's first line: the precision chosen and why, oneDNN, the CPU."""
@@ -240,7 +256,6 @@ class Trainer:
         fn = self._get_train_fn()
         sums: Dict[str, object] = {}
         count, start_step, start = 0, step, time.perf_counter()
-        bar = self._progress_bar(step, end)
         while step < end:
             with self._reading_data():
                 outputs = fn()
@@ -251,13 +266,9 @@ class Trainer:
             if new_step < end and new_step // c.save_nimg > step // c.save_nimg:
                 self._save(folder, ckpt, new_step)
             step = new_step
-            if bar is not None:
-                bar.update(c.batch)
+            self._bar.update(c.batch)
         step = int(self.model.step.numpy())    # the model's own count (global batch per step)
         elapsed = time.perf_counter() - start
-        if bar is not None:
-            bar.set_postfix_str(f"{(step - start_step) / max(elapsed, 1e-9):.0f} img/s")
-            bar.close()
         means = {k: float(v.numpy()) / count for k, v in sums.items()}
         means["monitors/img_per_sec"] = (step - start_step) / max(elapsed, 1e-9)
         return means, step
@@ -277,13 +288,6 @@ class Trainer:
                                 f"re-create its files with the data_prep commands that wrote "
                                 f"them; the run resumes from its last checkpoint") from None
             raise
-
-    def _progress_bar(self, step, end):
-        if not self.config.progress:
-            return None
-        return progress(desc=f"kimg {step / KIMG:g}-{end / KIMG:g}", total=end - step, initial=0,
-                        unit_scale=True, leave=False,
-                        disable=self.config.report_nimg <= self.config.batch)
 
     def _get_train_fn(self):
         if self._train_fn is None:
@@ -386,9 +390,10 @@ class Trainer:
         self.history.append(dict(step=step, kimg=kimg, **{k: finite_or_none(v) for k, v in accuracy.items()}))
         write_json(os.path.join(self.run_dir, HISTORY_FILE), self.history, overwrite=True)
         write_json(os.path.join(self.run_dir, STATS_FILE), accuracy_stats(self.history), overwrite=True)
-        print(f"kimg {kimg:<8g} accuracy train/valid/test  {accuracy['train_labeled']:.2f}  "
-              f"{accuracy['valid']:.2f}  {accuracy['test']:.2f}   "
-              f"{means.get('monitors/img_per_sec', 0):.0f} img/s", file=sys.stderr)
+        self._bar.write(f"kimg {kimg:<8g} accuracy train/valid/test  {accuracy['train_labeled']:.2f}  "
+                        f"{accuracy['valid']:.2f}  {accuracy['test']:.2f}   "
+                        f"{means.get('monitors/img_per_sec', 0):.0f} img/s")
+        self._bar.report(step, accuracy["test"])
 
     def _report_gamma(self, step: int, probs: dict, accuracy: dict) -> None:
         """--gamma=auto: the EMA model scores one window of unlabeled images (one extra pass of
@@ -401,9 +406,9 @@ class Trainer:
         window_probs = np.concatenate(parts) if parts else np.zeros([0, self.info.nclass], np.float32)
         record = hook.report(step, window_probs, probs, accuracy)
         raw = "n/a" if record["ood_share_raw"] is None else f"{record['ood_share_raw']:.3f}"
-        print(f"kimg {step / KIMG:<8g} gamma {record['gamma']:.3f}  OOD share estimate "
-              f"{record['ood_share_estimate']:.3f} (raw {raw}, reference {record['reference']}"
-              f"{', trusted' if record['trusted'] else ''})", file=sys.stderr)
+        self._bar.write(f"kimg {step / KIMG:<8g} gamma {record['gamma']:.3f}  OOD share estimate "
+                        f"{record['ood_share_estimate']:.3f} (raw {raw}, reference {record['reference']}"
+                        f"{', trusted' if record['trusted'] else ''})")
 
     def _load_history(self, step: int) -> None:
         """Report history up to the restored step (reports after it will be redone)."""

@@ -199,6 +199,32 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(finished_run, 
     assert ok and int(restored.model.step.numpy()) == 96
 
 
+def test_start_banner_and_whole_run_progress_bar(finished_run, toy, tmp_path, capsys):
+    """A resumed run prints the banner (folder, data sizes, model size, device, precision,
+    resumed-from) and one progress bar over the whole run from its resumed position."""
+    import re
+    trainer, _ = finished_run
+    config = dataclasses_replace(copy_run(trainer, tmp_path), progress=True)
+    tf_dir = os.path.join(config.train_dir, os.path.relpath(trainer.tf_dir, trainer.config.train_dir))
+    with open(os.path.join(tf_dir, "model.ckpt-128.data-00000-of-00001"), "r+b") as f:
+        f.truncate(100)                                   # resumes from model.ckpt-96
+    again = make_trainer(config)
+    capsys.readouterr()
+    again.run()
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    start = err.index(f"RealMix  {again.run_dir}")
+    assert err[start + 1] == f"  data      {toy.name}: 16 labeled, 40 unlabeled, 8 valid, 16 test (8x8x3, 3 classes)"
+    params = sum(int(np.prod(v.shape)) for v in again.model.net.weights)
+    assert err[start + 2] == f"  model     Wide ResNet filters 8 repeat 1 scales 1: {params:,} parameters"
+    assert err[start + 3] == "  device    1 x CPU (default strategy)"
+    assert err[start + 4] == "  " + again.start_line()          # precision and why, oneDNN, CPU
+    assert err[start + 5] == f"  start     resumed from {os.path.join(tf_dir, 'model.ckpt-96')} (0.09375 / 0.125 kimg)"
+    bars = [line for line in err if line.startswith("RealMix ") and "|" in line]
+    assert re.search(r"^RealMix +75%\|.*\| 96(\.0)?/128 img", bars[0]), bars[0]   # starts where it resumed
+    assert re.search(r"^RealMix +100%\|.*\| 128/128 img \[.*, report 4/4, test \d+\.\d\d %$", bars[-1]), bars[-1]
+    assert any(line.startswith("kimg 0.125 ") for line in err)
+
+
 def test_eval_ckpt_evaluates_raw_and_ema_and_writes_json(finished_run, toy, tmp_path):
     trainer, _ = finished_run
     config = tiny_config(toy, tmp_path / "other", eval_ckpt=trainer.run_dir)
