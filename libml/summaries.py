@@ -104,7 +104,12 @@ def read_events(folder: str) -> Dict[str, List[tuple]]:
 
 
 def read_event_scalars(folder: str, tags: Sequence[str] = TEST_TAGS) -> List[float]:
-    """The values of the first tag of `tags` found in the event files of `folder`, by step.
+    """The values of the first tag of `tags` found in the event files of `folder`, by step."""
+    return [value for _, value in read_event_series(folder, tags)]
+
+
+def read_event_series(folder: str, tags: Sequence[str] = TEST_TAGS) -> List[Tuple[int, float]]:
+    """(step, value) of the first tag of `tags` found in the event files of `folder`, by step.
     Handles TF2 tensor summaries and TF1 simple_value summaries. A step written twice (a run
     resumed from an earlier checkpoint redoes its reports) keeps the later write."""
     from tensorflow.core.util import event_pb2
@@ -127,7 +132,7 @@ def read_event_scalars(folder: str, tags: Sequence[str] = TEST_TAGS) -> List[flo
             pass       # a file cut short by an interrupted run: keep what was read
     for tag in tags:
         if tag in by_tag:
-            return [value for _, (_, value) in sorted(by_tag[tag].items())]
+            return [(step, value) for step, (_, value) in sorted(by_tag[tag].items())]
     return []
 
 

@@ -12,13 +12,12 @@ training length in kimg; one line per run and set (test solid, valid dashed, tra
 dotted), labelled with the algorithm and the hyper-parameters in which the runs differ. The PNG is written
 atomically; an existing file is kept unless --overwrite.
 """
-import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
 from absl import flags
 
-from libml import cli
+from libml import cli, summaries
 from libml.errors import UserError
 from libml.io import atomic_path, check_overwrite
 
@@ -31,32 +30,24 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing --output.", flag_valu
 
 SETS = ("test", "valid", "train_labeled")
 STYLES = {"test": "-", "valid": "--", "train_labeled": ":"}
-EVENT_TAGS = ("accuracy", "accuracy_test")
 KIMG = 1024
 
 
 def curves(run_dir: str, sets: Sequence[str] = ("test",)) -> Dict[str, Tuple[List[float], List[float]]]:
     """{set: (kimg values, error % values)} of one run; empty when it has no reports yet."""
-    path = os.path.join(run_dir, "stats", "accuracy_history.json")
-    if os.path.exists(path):
-        try:
-            with open(path) as f:
-                history = json.load(f)
-            result = {}
-            for name in sets:
-                points = [(float(h["kimg"]), 100.0 - float(h[name])) for h in history
-                          if h.get(name) is not None]
-                if points:
-                    result[name] = ([k for k, _ in points], [e for _, e in points])
-            return result
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"unreadable {path} ({type(e).__name__}: {e}): delete it (the trainer "
-                            f"rewrites it at the next report) or leave the run out") from None
+    history = summaries.read_history(run_dir)
+    if history:
+        result = {}
+        for name in sets:
+            points = [(float(h["kimg"]), 100.0 - float(h[name])) for h in history
+                      if h.get(name) is not None]
+            if points:
+                result[name] = ([k for k, _ in points], [e for _, e in points])
+        return result
     if "test" not in sets:
         return {}
-    from libml.summaries import read_event_series
     for folder in (os.path.join(run_dir, "tf"), run_dir):
-        series = read_event_series(folder, EVENT_TAGS)
+        series = summaries.read_event_series(folder)
         if series:
             return {"test": ([step / KIMG for step, _ in series], [100.0 - v for _, v in series])}
     return {}

@@ -35,6 +35,19 @@ def test_curves_are_error_by_kimg(tmp_path):
     assert plot.curves(fake_run(tmp_path, "x.1@1-1", "Empty", []), ["test"]) == {}
 
 
+def test_curve_from_event_files_when_there_is_no_history(tmp_path):
+    """Runs of the released code (or an older trainer) have only TensorBoard events."""
+    import tensorflow as tf
+    folder = tmp_path / "exp" / "cifar10.1@250-1" / "RealMix_old"
+    writer = tf.summary.create_file_writer(str(folder / "tf"))
+    with writer.as_default():
+        for step, accuracy in ((1024, 40.0), (2048, 75.0), (3072, 90.0)):
+            tf.summary.scalar("accuracy_test", accuracy, step=step)     # the released tag
+    writer.close()
+    assert plot.curves(str(folder)) == {"test": ([1.0, 2.0, 3.0], [60.0, 25.0, 10.0])}
+    assert plot.curves(str(folder), ["valid"]) == {}
+
+
 def test_short_labels():
     runs = ["e/cifar10.1@250-1/RealMix_batch64_gamma0.5_lr0.002", "e/cifar10.1@250-1/RealMix_batch64_gamma0.0_lr0.002",
             "e/cifar10.1@250-1/Supervised_batch64_lr0.002"]
