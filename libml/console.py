@@ -4,7 +4,7 @@ Banner (stderr, once, before the first step):
 
     RealMix  experiments/cifar10.3@250-5000/RealMix_archresnet_batch64_...
       data      cifar10.3@250-5000: 250 labeled, 44,750 unlabeled, 5,000 valid, 10,000 test (32x32x3, 10 classes)
-      model     WRN filters 32 repeat 4 scales 3: 1.47 M parameters
+      model     Wide ResNet filters 32 repeat 4 scales 3: 1.47 M parameters
       device    1 x CPU (default strategy)
       precision mixed_bfloat16 (--mixed_precision=auto: ...); oneDNN on; Intel(R) Xeon(R) ..., 2 cores, AVX2 yes | ...
       start     fresh (0 / 65536 kimg)    |  resumed from tf/model.ckpt-65536 (64 / 65536 kimg)
