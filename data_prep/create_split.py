@@ -13,7 +13,8 @@ Extension: records with a negative label ("unknown", e.g. the unlabeled folder o
 dataset, STL-10's unlabeled set) are never labeled, and they come last in the unlabeled file,
 in input order, after every labeled record not chosen for the labeled set. So the validation
 set (the first nvalid records) is made of labeled images whenever nvalid is at most the number
-of labeled images left over; the trainer refuses a larger nvalid in one line. Without unknown
+of labeled images left over (written to -map.json as `unlabel_labeled_first` when unknown
+labels follow them); the trainer refuses a larger nvalid in one line. Without unknown
 labels the order is exactly the original one.
 """
 import collections
@@ -160,12 +161,16 @@ def create_split(prefix: str, inputs: Sequence[str], size: int, seed: int = 0,
     labels = records.load_labels(inputs)
     labeled = choose_labeled(labels, size, seed)
     order = unlabeled_order(labels, labeled)
-    write_split(records.iterate_serialized(inputs), labeled, order, paths, overwrite, total=len(labels))
+    left = int((labels[order] >= 0).sum()) if order else 0
+    # With unknown labels, the map says how many leading records are labeled: the trainer
+    # refuses a validation size beyond it. Without, the map is the released one.
+    extra = {names.LABELED_FIRST: left} if left < len(order) else None
+    write_split(records.iterate_serialized(inputs), labeled, order, paths, overwrite,
+                total=len(labels), map_extra=extra)
     per_class = np.bincount(labels[labeled])
     print(f"{len(labeled)} labeled ({' '.join(str(n) for n in per_class)} per class) -> {paths['label']}")
     print(f"{len(order)} unlabeled -> {paths['unlabel']}")
-    left = int((labels[order] >= 0).sum()) if order else 0
-    if left < len(order):
+    if extra:
         print(f"validation: the first {left} unlabeled records are labeled images (then "
               f"{len(order) - left} without labels): use a validation size of at most {left}, "
               f"e.g. --dataset={os.path.basename(prefix)}.{seed}@{size}-{min(left, 500)}")

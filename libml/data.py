@@ -23,6 +23,7 @@ All randomness is stateless and derived from the run seed and the stream's own b
 so a stream is reproducible and a restored iterator continues exactly where it stopped.
 """
 import dataclasses
+import json
 from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -332,6 +333,24 @@ def _check_batch(batch: int) -> None:
         raise UserError(f"batch size {batch} is not positive: use a batch size of at least 1")
 
 
+def _check_labeled_validation(name: DatasetName, root: str, unlabel_path: str) -> None:
+    """A split whose -map.json says how many leading -unlabel records have labels (create_split
+    with unknown labels: a custom unlabeled folder, STL-10) refuses a larger validation size.
+    Other splits (mismatch sets validate on a mix that includes unknown labels) are unchecked."""
+    path = name.map_path(root)
+    if not tf.io.gfile.exists(path):
+        return
+    with tf.io.gfile.GFile(path) as f:
+        try:
+            labeled = json.load(f).get(names.LABELED_FIRST)
+        except ValueError:
+            return
+    if labeled is not None and name.nvalid > labeled:
+        use = f"use {name.split}-{labeled} or less, or " if labeled else ""
+        raise UserError(f"{name} asks for {name.nvalid} validation images but only the first {labeled} "
+                        f"records of {unlabel_path} have labels: {use}add labeled images")
+
+
 def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
              unlabeled_files: Optional[Sequence[str]] = None, cache: Optional[bool] = None,
              parallel: Optional[int] = None, shuffle_buffer: int = 0,
@@ -370,13 +389,7 @@ def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
         raise UserError(f"{name} asks for {name.nvalid} validation images but {unlabel_path} holds "
                         f"only {count} records{' and none would be left to train on' if not extension else ''}: "
                         f"use a smaller validation size in the dataset name")
-    valid_labels = records.load_labels(unlabel_path, limit=name.nvalid)
-    if (valid_labels < 0).any():
-        labeled = int(np.argmax(valid_labels < 0))
-        use = f"use {name.split}-{labeled} or less, or " if labeled else ""
-        raise UserError(f"{name} asks for {name.nvalid} validation images but only the first {labeled} "
-                        f"records of {unlabel_path} have labels: {use}add labeled images (a split made "
-                        f"before labeled images came first: re-create it with `{split_cmd} --overwrite`)")
+    _check_labeled_validation(name, root, unlabel_path)
 
     sources = {
         "labeled": _Source((label_path,), how_to_create=split_cmd),

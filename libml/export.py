@@ -100,6 +100,13 @@ def load_keras(path: str):
     return net
 
 
+def load_keras_net(path: str):
+    """A .keras export as a net in the trainer's convention (input in [-1, 1], output logits,
+    `.nclass`): the WideResNet of an older export, or the plain model wrapped."""
+    net = load_keras(path)
+    return net if isinstance(net, WideResNet) else plain_keras.LogitsNet(net)
+
+
 def load_classifier(path: str):
     """(uint8 images [N,H,W,C] -> float32 probabilities, image shape) of a .keras export."""
     net = load_keras(path)

@@ -92,6 +92,11 @@ def ssl_prefix(root: str, name: str) -> str:
     return os.path.join(root, "SSL", name)
 
 
+# -map.json key written by create_split when records with unknown labels follow the labeled ones:
+# how many leading -unlabel records have labels (the largest validation size it allows).
+LABELED_FIRST = "unlabel_labeled_first"
+
+
 def split_paths(prefix: str, seed: int, size: int) -> dict:
     """The files create_split writes for {prefix}.{seed}@{size}: label, unlabel, map."""
     target = "%s.%d@%d" % (prefix, seed, size)

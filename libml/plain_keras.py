@@ -120,3 +120,15 @@ def weights_for(net, plain: keras.Model, skip: Tuple[str, ...] = ()) -> List[Tup
                                  f"{tuple(variable.shape)}")
             pairs.append((variable, array))
     return pairs
+
+
+class LogitsNet:
+    """A plain model in the trainer's convention: input x in [-1, 1], output logits, `.nclass`
+    (for tools written against the WideResNet, e.g. realmix_tf.inspect)."""
+
+    def __init__(self, plain: keras.Model):
+        self.model = keras.Model(plain.inputs, plain.get_layer(LOGITS_NAME).output)
+        self.nclass = int(self.model.output_shape[-1])
+
+    def __call__(self, x, training=False):
+        return self.model((x + 1.0) * (255.0 / 2), training=training)

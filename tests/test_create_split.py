@@ -111,6 +111,8 @@ def test_split_command_says_how_many_validation_images_are_labeled(tmp_path, cap
     out = capsys.readouterr().out
     assert ("validation: the first 8 unlabeled records are labeled images (then 8 without labels): "
             "use a validation size of at most 8, e.g. --dataset=mine.1@4-8") in out
+    with open(tmp_path / "SSL" / "mine.1@4-map.json") as f:
+        assert json.load(f)["unlabel_labeled_first"] == 8           # read by the trainer's check
 
 
 def test_proportional_draw_never_runs_out_of_a_class():

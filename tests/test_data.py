@@ -70,10 +70,15 @@ def test_eval_streams_round_trip_in_order(toy, cache):
         assert sum(sizes) == len(labels)
 
 
-def test_validation_without_labels_is_one_line(tmp_path):
-    """Validation images must carry labels: the first nvalid records of -unlabel are checked."""
-    labels = np.array([0, 1, 2, -1, 2] * 4)
+def test_validation_beyond_the_labeled_records_is_one_line(tmp_path):
+    """create_split's map says how many leading -unlabel records have labels (custom sets with
+    an unlabeled folder): a larger validation size stops in one line; splits without that key
+    (mismatch sets validate on a mix that includes unknown labels) are not checked."""
+    labels = np.array([0, 1, 2, -1, -1] * 4)
     toy = make_ssl_dataset(tmp_path, nunlabeled=20, nvalid=10, unlabeled_labels=labels)
+    load(toy)                                               # no map key: no check
+    with open(toy.unlabel_path.replace("-unlabel.tfrecord", "-map.json"), "w") as f:
+        json.dump({"label": [], "unlabel": list(range(20)), "unlabel_labeled_first": 3}, f)
     with pytest.raises(UserError, match=rf"{toy.name} asks for 10 validation images but only the "
                                         rf"first 3 records of .* have labels: use toy.1@\d+-3 or less, "
                                         rf"or add labeled images"):

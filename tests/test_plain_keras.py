@@ -57,3 +57,11 @@ def test_weights_for_round_trip_and_mismatch(model):
     wider = SSLModel(nclass=3, input_shape=SHAPE, filters=16, repeat=1, scales=2)
     with pytest.raises(ValueError, match=r"block0_0_conv1 is \(3, 3, 16, 8\), this model needs"):
         plain_keras.weights_for(wider.net, plain)
+
+
+def test_logits_net_is_the_trainer_convention(model, images):
+    x = images.astype(np.float32) * (2.0 / 255) - 1.0
+    net = plain_keras.LogitsNet(plain_keras.build(model.ema_net, SHAPE))
+    assert net.nclass == 3
+    np.testing.assert_allclose(np.asarray(net(x)), np.asarray(model.ema_net(x, training=False)),
+                               rtol=0, atol=1e-4)
