@@ -127,7 +127,7 @@ class LogitsNet:
     (for tools written against the WideResNet, e.g. realmix_tf.inspect)."""
 
     def __init__(self, plain: keras.Model):
-        self.model = keras.Model(plain.inputs, plain.get_layer(LOGITS_NAME).output)
+        self.model = keras.Model(plain.input, plain.get_layer(LOGITS_NAME).output)
         self.nclass = int(self.model.output_shape[-1])
 
     def __call__(self, x, training=False):
