@@ -187,8 +187,9 @@ def test_main_trains_a_tiny_run_and_returns_stats(toy, tmp_path, capsys):
                         "--percent_mask=0.5", "--nodata_autotune")
     stats = registry.main("realmix", ["realmix"], flag_values)
     assert stats["reports"] == 1 and 0 <= stats["last01"] <= 100
-    first = capsys.readouterr().err.splitlines()[0]     # the run's first line: the precision
-    assert first.startswith(f"precision {platform.auto_precision()[0]} (--mixed_precision=auto: ")
+    banner = capsys.readouterr().err.splitlines()[:6]   # the start banner: its precision line
+    line = next(l.strip() for l in banner if l.startswith("  precision "))
+    assert line.startswith(f"precision {platform.auto_precision()[0]} (--mixed_precision=auto: ")
     (run_dir,) = (tmp_path / toy.name).iterdir()
     assert run_dir.name.startswith("RealMix_") and "gamma0.5" in run_dir.name and "tsaexp" in run_dir.name
     assert (run_dir / "stats" / "accuracy.json").exists() and (run_dir / "tf" / "checkpoint").exists()
