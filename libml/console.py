@@ -7,7 +7,7 @@ Banner (stderr, once, before the first step):
       model     Wide ResNet filters 32 repeat 4 scales 3: 1.47 M parameters
       device    1 x CPU (default strategy)
       precision mixed_bfloat16 (--mixed_precision=auto: ...); oneDNN on; Intel(R) Xeon(R) ..., 2 cores, AVX2 yes | ...
-      start     fresh (0 / 65536 kimg)    |  resumed from tf/model.ckpt-65536 (64 / 65536 kimg)
+      start     fresh start (0 kimg), run length 65536 kimg   |   resuming from tf/model.ckpt-65536 (64 kimg), ...
 
 Progress: one tqdm bar over the whole run (libml's epoch counter showed the run's position),
 starting at the resumed position, with the time left at the current speed, the report number
@@ -52,14 +52,14 @@ def banner(algorithm: str, run_dir: str, dataset: str, sizes: Dict[str, Optional
     counts (None = not counted: a streamed set too large to count at start); `setup`: the
     trainer's "precision ... ; oneDNN ...; CPU ..." line (Trainer.start_line)."""
     counted = ", ".join(f"{'?' if n is None else human(n)} {k}" for k, n in sizes.items())
-    where = f"{step / KIMG:g} / {train_nimg / KIMG:g} kimg"
+    where = f"({step / KIMG:g} kimg), run length {train_nimg / KIMG:g} kimg"
     return [
         f"{algorithm}  {run_dir}",
         f"  data      {dataset}: {counted} ({'x'.join(str(int(d)) for d in shape)}, {nclass} classes)",
         f"  model     {architecture}: {human(parameters)} parameters",
         f"  device    {device}",
         f"  {setup}",
-        f"  start     {resumed} ({where})",
+        f"  start     {resumed} {where}",
     ]
 
 

@@ -183,7 +183,7 @@ class Trainer:
                                       READ_ERRORS)
             start = "fresh start"
             if restored:
-                start = f"resumed from {restored}"
+                start = f"resuming from {restored}"
             elif c.load_checkpoint:
                 source = transfer_weights(self.model, c.load_checkpoint, self.info)
                 start = f"initialised from {source} except the classifier head"

@@ -32,14 +32,14 @@ def test_banner_lines():
                            dict(labeled=30, unlabeled=110, valid=10, test=None), (8, 8, 3), 3,
                            "WRN filters 8 repeat 1 scales 2", 12_345, "1 x CPU (default strategy)",
                            "precision float32 (--mixed_precision=none); oneDNN on; CPU X",
-                           "resumed from exp/tf/model.ckpt-2048", 2048, 8192)
+                           "resuming from exp/tf/model.ckpt-2048", 2048, 8192)
     assert lines == [
         "RealMix  exp/toy.1@30-10/RealMix_a",
         "  data      toy.1@30-10: 30 labeled, 110 unlabeled, 10 valid, ? test (8x8x3, 3 classes)",
         "  model     WRN filters 8 repeat 1 scales 2: 12,345 parameters",
         "  device    1 x CPU (default strategy)",
         "  precision float32 (--mixed_precision=none); oneDNN on; CPU X",
-        "  start     resumed from exp/tf/model.ckpt-2048 (2 / 8 kimg)",
+        "  start     resuming from exp/tf/model.ckpt-2048 (2 kimg), run length 8 kimg",
     ]
 
 

@@ -218,7 +218,8 @@ def test_start_banner_and_whole_run_progress_bar(finished_run, toy, tmp_path, ca
     assert err[start + 2] == f"  model     Wide ResNet filters 8 repeat 1 scales 1: {params:,} parameters"
     assert err[start + 3] == "  device    1 x CPU (default strategy)"
     assert err[start + 4] == "  " + again.start_line()          # precision and why, oneDNN, CPU
-    assert err[start + 5] == f"  start     resumed from {os.path.join(tf_dir, 'model.ckpt-96')} (0.09375 / 0.125 kimg)"
+    assert err[start + 5] == (f"  start     resuming from {os.path.join(tf_dir, 'model.ckpt-96')} "
+                              f"(0.09375 kimg), run length 0.125 kimg")
     bars = [line for line in err if line.startswith("RealMix ") and "|" in line]
     assert re.search(r"^RealMix +75%\|.*\| 96(\.0)?/128 img", bars[0]), bars[0]   # starts where it resumed
     assert re.search(r"^RealMix +100%\|.*\| 128/128 img \[.*, report 4/4, test \d+\.\d\d %$", bars[-1]), bars[-1]
