@@ -228,13 +228,11 @@ def load_numpy(path: str, progress: Optional[str] = None) -> Tuple[np.ndarray, n
     return np.stack(images), np.asarray(labels, np.int64)
 
 
-def load_labels(paths: Paths, limit: Optional[int] = None) -> np.ndarray:
-    """Labels of all records of one file or several, in order (fast: no image decoding); only
-    the first `limit` of each file when given."""
+def load_labels(paths: Paths) -> np.ndarray:
+    """Labels of all records of one file or several, in order (fast: no image decoding)."""
     parts = [np.zeros([0], np.int64)]
     for path in [paths] if isinstance(paths, str) else paths:
-        ds = tf.data.TFRecordDataset(path)
-        ds = (ds.take(limit) if limit is not None else ds).map(lambda r: parse_example(r)["label"],
+        ds = tf.data.TFRecordDataset(path).map(lambda r: parse_example(r)["label"],
                                                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         try:
             parts.append(np.fromiter(ds.as_numpy_iterator(), np.int64))
