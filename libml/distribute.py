@@ -1,0 +1,273 @@
+"""Choosing the tf.distribute strategy, reading TF_CONFIG, and the chief/worker roles.
+
+    --distribute=auto|none|mirrored|multiworker
+        auto:        MultiWorkerMirroredStrategy when TF_CONFIG names several tasks, else
+                     MirroredStrategy when several GPUs (or --cpu_devices > 1) are visible,
+                     else the default one-device strategy;
+        none:        one device, whatever is visible;
+        mirrored:    MirroredStrategy over every local GPU (or the --cpu_devices logical CPUs);
+        multiworker: MultiWorkerMirroredStrategy configured by TF_CONFIG (one process per host).
+    --cpu_devices=N  split the CPU into N logical devices (tests, trying it on a laptop); its
+                     default is the environment variable REALMIX_CPU_DEVICES (0 = off). It must
+                     act before TensorFlow initialises its devices: call `configure_devices`
+                     first thing in main.
+    --worker_timeout=S  seconds to wait for the other workers at start and in each collective.
+
+`--batch` is the global batch: each of the R replicas gets batch / R rows.
+
+Roles (TensorFlow's multi-worker guide): the chief (task "chief", or worker 0 when there is
+none) writes checkpoints, summaries, reports and exports; the other workers run the same code,
+including every save (saving reads replicated state with collectives), into a private temporary
+folder that `WorkerRole.discard` removes.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import time
+import tempfile
+from typing import List, Optional
+
+from absl import flags
+
+from libml.errors import UserError
+
+DISTRIBUTE_CHOICES = ("auto", "none", "mirrored", "multiworker")
+CPU_DEVICES_ENV = "REALMIX_CPU_DEVICES"
+DEFAULT_WORKER_TIMEOUT = 300
+TF_CONFIG_HELP = ('set TF_CONFIG to {"cluster": {"worker": ["host0:port", "host1:port"]}, '
+                  '"task": {"type": "worker", "index": 0}} (docs/usage_distributed.md)')
+
+
+def define_flags(flag_values=flags.FLAGS) -> None:
+    if "distribute" in flag_values:
+        return
+    fv = dict(flag_values=flag_values)
+    flags.DEFINE_enum("distribute", "auto", DISTRIBUTE_CHOICES, "Device strategy: auto, none "
+                      "(one device), mirrored (all local GPUs / --cpu_devices), multiworker "
+                      "(hosts from TF_CONFIG). --batch stays the global batch.", **fv)
+    flags.DEFINE_integer("cpu_devices", env_cpu_devices(), "Split the CPU into N logical "
+                         f"devices (0 = off; default ${CPU_DEVICES_ENV}).", **fv)
+    flags.DEFINE_integer("worker_timeout", DEFAULT_WORKER_TIMEOUT, "Seconds to wait for the "
+                         "other workers (start-up and each collective) before failing.", **fv)
+
+
+def env_cpu_devices() -> int:
+    value = os.environ.get(CPU_DEVICES_ENV, "0") or "0"
+    try:
+        count = int(value)
+    except ValueError:
+        raise UserError(f"{CPU_DEVICES_ENV}={value!r} is not a number: set it to a device "
+                        f"count such as 2, or unset it") from None
+    if count < 0:
+        raise UserError(f"{CPU_DEVICES_ENV}={count} is negative: use 0 (off) or a device count")
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# TF_CONFIG
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """What TF_CONFIG says: the training tasks' addresses and this process's role."""
+    workers: List[str]            # every training task, the chief first when there is one
+    task_type: str = "worker"
+    task_index: int = 0
+    has_chief: bool = False       # a separate "chief" task (else worker 0 is the chief)
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.workers)
+
+    @property
+    def worker_id(self) -> int:
+        """0 .. num_workers - 1 (position in `workers`); the chief is 0."""
+        if self.task_type == "chief":
+            return 0
+        return self.task_index + int(self.has_chief)
+
+    @property
+    def is_chief(self) -> bool:
+        return self.worker_id == 0
+
+
+def parse_tf_config(text: Optional[str]) -> Optional[Cluster]:
+    """A Cluster from the TF_CONFIG text, None when unset/empty; UserError (one line) when
+    malformed. Tasks of other types (ps, evaluator) are refused: only synchronous data-parallel
+    training is supported."""
+    if not text or not text.strip():
+        return None
+    try:
+        config = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"TF_CONFIG is not valid JSON ({str(e).splitlines()[0]}): "
+                        f"{TF_CONFIG_HELP}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("cluster"), dict):
+        raise UserError(f"TF_CONFIG has no \"cluster\" object: {TF_CONFIG_HELP}")
+    cluster, task = config["cluster"], config.get("task")
+    other = sorted(set(cluster) - {"chief", "worker"})
+    if other:
+        raise UserError(f"TF_CONFIG names {', '.join(other)} tasks: only chief and worker tasks "
+                        f"(synchronous training) are supported, drop the others")
+    chief, workers = cluster.get("chief", []), cluster.get("worker", [])
+    for name, hosts in (("chief", chief), ("worker", workers)):
+        if not isinstance(hosts, list) or not all(_is_address(h) for h in hosts):
+            raise UserError(f"TF_CONFIG cluster.{name} must be a list of \"host:port\" strings, "
+                            f"got {json.dumps(hosts)}: {TF_CONFIG_HELP}")
+    if len(chief) > 1:
+        raise UserError(f"TF_CONFIG names {len(chief)} chiefs: name at most one")
+    if not chief and not workers:
+        raise UserError(f"TF_CONFIG cluster names no task: {TF_CONFIG_HELP}")
+    if not isinstance(task, dict) or task.get("type") not in ("chief", "worker"):
+        raise UserError(f"TF_CONFIG has no \"task\" of type chief or worker (got "
+                        f"{json.dumps(task)}): {TF_CONFIG_HELP}")
+    index = task.get("index", 0)
+    listed = chief if task["type"] == "chief" else workers
+    if not isinstance(index, int) or not 0 <= index < len(listed):
+        raise UserError(f"TF_CONFIG task index {json.dumps(index)} is out of range for "
+                        f"{len(listed)} {task['type']} task(s): use 0 .. {len(listed) - 1}")
+    return Cluster(workers=list(chief) + list(workers), task_type=task["type"], task_index=index,
+                   has_chief=bool(chief))
+
+
+def _is_address(value) -> bool:
+    if not isinstance(value, str) or ":" not in value:
+        return False
+    host, port = value.rsplit(":", 1)
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def current_cluster() -> Optional[Cluster]:
+    return parse_tf_config(os.environ.get("TF_CONFIG"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and strategy
+
+def configure_devices(cpu_devices: int) -> None:
+    """Splits the first CPU into `cpu_devices` logical devices (no-op for 0 or 1)."""
+    if cpu_devices < 0:
+        raise UserError(f"--cpu_devices={cpu_devices} is negative: use 0 (off) or a count")
+    if cpu_devices <= 1:
+        return
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    wanted = [tf.config.LogicalDeviceConfiguration()] * cpu_devices
+    if len(tf.config.get_logical_device_configuration(cpu) or []) == cpu_devices:
+        return
+    try:
+        tf.config.set_logical_device_configuration(cpu, wanted)
+    except RuntimeError:
+        raise UserError(f"--cpu_devices={cpu_devices} came after TensorFlow initialised its "
+                        f"devices: set {CPU_DEVICES_ENV}={cpu_devices} in the environment "
+                        f"instead") from None
+
+
+def resolve_kind(distribute: str, cluster: Optional[Cluster], gpus: int = 0,
+                 cpus: int = 1) -> str:
+    """none | mirrored | multiworker from the flag, TF_CONFIG and the visible devices (pure)."""
+    if distribute not in DISTRIBUTE_CHOICES:
+        raise UserError(f"--distribute={distribute!r} is unknown: use one of "
+                        f"{', '.join(DISTRIBUTE_CHOICES)}")
+    if distribute == "multiworker" and cluster is None:
+        raise UserError(f"--distribute=multiworker needs TF_CONFIG: {TF_CONFIG_HELP}")
+    if distribute == "auto":
+        if cluster is not None and cluster.num_workers > 1:
+            return "multiworker"
+        return "mirrored" if max(gpus, cpus) > 1 else "none"
+    return distribute
+
+
+def make_strategy(distribute: str = "auto", cpu_devices: int = 0,
+                  worker_timeout: float = DEFAULT_WORKER_TIMEOUT):
+    """The strategy for these flags. Call it before any other TensorFlow work: logical devices
+    and collective ops can only be configured at start-up."""
+    import tensorflow as tf
+    cluster = current_cluster()
+    if resolve_kind(distribute, cluster) == "multiworker":   # decided by TF_CONFIG alone
+        configure_devices(cpu_devices)
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=worker_timeout)
+        rendezvous(cluster, worker_timeout)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+    configure_devices(cpu_devices)
+    gpus = len(tf.config.list_logical_devices("GPU"))
+    cpus = len(tf.config.list_logical_devices("CPU")) if cpu_devices > 1 else 1
+    if resolve_kind(distribute, cluster, gpus, cpus) == "none":
+        return tf.distribute.get_strategy()
+    return tf.distribute.MirroredStrategy(None if gpus else [f"/cpu:{i}" for i in range(cpus)])
+
+
+def rendezvous(cluster: Cluster, timeout: float) -> None:
+    """Waits until every task of TF_CONFIG is up, before MultiWorkerMirroredStrategy is built
+    (its constructor blocks, deaf to signals, until all tasks have joined). Each task listens on
+    its own port meanwhile and probes the others; UserError naming the missing tasks after
+    `timeout` seconds. The listener is closed before TensorFlow's server takes the port."""
+    port = int(cluster.workers[cluster.worker_id].rsplit(":", 1)[1])
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(("", port))
+        listener.listen(64)
+    except OSError as e:
+        listener.close()
+        raise UserError(f"port {port} of this task ({cluster.workers[cluster.worker_id]}) is "
+                        f"busy ({e.strerror}): stop the process using it or change TF_CONFIG") from None
+    deadline = time.monotonic() + timeout
+    pending = [i for i in range(cluster.num_workers) if i != cluster.worker_id]
+    try:
+        while pending:
+            pending = [i for i in pending if not _listening(cluster.workers[i])]
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(f"{i} at {cluster.workers[i]}" for i in pending)
+                raise UserError(f"worker {names} not reachable within {timeout:g} s: start every "
+                                f"task named in TF_CONFIG, check the addresses, or raise "
+                                f"--worker_timeout")
+            time.sleep(0.2 if pending else 0)
+    finally:
+        listener.close()
+
+
+def _listening(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Roles
+
+class WorkerRole:
+    """Where this process writes. The chief (and a single process) writes the real paths;
+    every other worker writes the same layout under one private temporary folder, removed by
+    `discard()` (TensorFlow's multi-worker guide: non-chief saves must run, but are thrown away)."""
+
+    def __init__(self, cluster: Optional[Cluster] = None):
+        self.worker_id = cluster.worker_id if cluster is not None else 0
+        self.num_workers = cluster.num_workers if cluster is not None else 1
+        self.is_chief = self.worker_id == 0
+        self._scratch = None
+
+    def path(self, path: str) -> str:
+        """`path` on the chief; the same relative layout under a temporary folder elsewhere."""
+        if self.is_chief:
+            return path
+        if self._scratch is None:
+            self._scratch = tempfile.mkdtemp(prefix=f"realmix-worker{self.worker_id}-")
+        return os.path.join(self._scratch, os.path.abspath(path).lstrip(os.sep))
+
+    def discard(self) -> None:
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+
+def role_for(strategy) -> WorkerRole:
+    """The role of this process under `strategy` (chief unless multi-worker)."""
+    import tensorflow as tf
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return WorkerRole(current_cluster())
+    return WorkerRole()

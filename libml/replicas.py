@@ -1,0 +1,204 @@
+"""Cross-replica arithmetic: with R replicas, the step computes what one device computes on
+the global batch (issue 10).
+
+Every function here is called inside `strategy.run` (replica context) and reduces to the plain
+one-device computation when there is one replica. Two modes (`--replica_mode`):
+
+- "global" (default): BatchNorm batch statistics of each chunk over every replica's part of it
+  (`batch_norm`), MixUp partners and the permutation drawn over the global rows
+  (`MixPlan`), the OOD percentile over all replicas' predictions (`percentile_mask`), and every
+  loss normalised by global counts (`mean`, `masked_mean`).
+- "per_replica": what the released libml did on several GPUs: each replica normalises, mixes
+  and masks its own part; the losses are per-replica means averaged over replicas. No
+  collective inside the forward pass, so it is cheaper.
+
+Losses are returned as this replica's *share*: the shares of all replicas sum to the loss, so
+the per-replica gradients (which the optimizer sums) sum to the gradient of the loss. The
+collectives are differentiable (the gradient of an all-sum is an all-sum), so gradients through
+cross-replica BatchNorm statistics are exact. `totals` turns shares into reportable values.
+"""
+import numpy as np
+import tensorflow as tf
+
+from libml import layers
+
+GLOBAL, PER_REPLICA = "global", "per_replica"
+REPLICA_MODES = (GLOBAL, PER_REPLICA)
+
+
+def num_replicas() -> int:
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    return ctx.num_replicas_in_sync
+
+
+def replica_id():
+    """This replica's index (an int32 tensor under a strategy, 0 without one)."""
+    ctx = tf.distribute.get_replica_context()
+    return 0 if ctx is None else ctx.replica_id_in_sync_group
+
+
+def all_sum(value):
+    """Sum over replicas (differentiable); the value itself with one replica."""
+    if num_replicas() == 1:
+        return value
+    return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, value)
+
+
+def gather(value):
+    """Every replica's `value` concatenated along axis 0, in replica order."""
+    if num_replicas() == 1:
+        return value
+    return tf.distribute.get_replica_context().all_gather(value, axis=0)
+
+
+def synced(mode: str) -> bool:
+    """Whether the step must combine replicas (trace-time Python bool)."""
+    if mode not in REPLICA_MODES:
+        raise ValueError(f"replica mode must be one of {REPLICA_MODES}, got {mode!r}")
+    return mode == GLOBAL and num_replicas() > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses as shares
+
+def mean(values):
+    """Share of the mean over every replica's rows (equal row counts): sum / (size * R). In
+    both modes the shares sum to the mean (global) or to the mean of per-replica means."""
+    values = tf.cast(values, tf.float32)
+    return tf.reduce_sum(values) / tf.cast(tf.size(values) * num_replicas(), tf.float32)
+
+
+def masked_mean(values, mask, mode: str, scale: float = 1.0):
+    """Share of sum(values * mask) / max(scale * sum(mask), 1). "global": the kept count is
+    summed over replicas; "per_replica": each replica's masked mean, averaged over replicas.
+    values, mask: [N] (sum a row's entries first; `scale` is then the entries per row)."""
+    values, mask = tf.cast(values, tf.float32), tf.stop_gradient(tf.cast(mask, tf.float32))
+    kept = tf.reduce_sum(mask)
+    total = tf.reduce_sum(values * mask)
+    if synced(mode):
+        return total / tf.maximum(all_sum(kept) * scale, 1.0)
+    return total / tf.maximum(kept * scale, 1.0) / num_replicas()
+
+
+def totals(shares: dict) -> dict:
+    """{tag: sum over replicas} of scalar shares, in one collective and without gradient."""
+    if num_replicas() == 1:
+        return {k: tf.stop_gradient(tf.cast(v, tf.float32)) for k, v in shares.items()}
+    keys = sorted(shares)
+    stacked = tf.stop_gradient(tf.stack([tf.cast(shares[k], tf.float32) for k in keys]))
+    return dict(zip(keys, tf.unstack(all_sum(stacked))))
+
+
+def percentile_mask(probs, gamma: float, mode: str):
+    """layers.ood_mask (mask, threshold) with the percentile taken over the predictions of
+    every replica ("global") or of this replica alone ("per_replica")."""
+    if not synced(mode) or gamma == 0:
+        return layers.ood_mask(probs, gamma, return_threshold=True)
+    probs = tf.stop_gradient(tf.cast(probs, tf.float32))
+    _, threshold = layers.ood_mask(gather(probs), gamma, return_threshold=True)
+    mask = tf.cast(tf.reduce_max(probs, axis=-1) > threshold, tf.float32)
+    return tf.stop_gradient(mask), threshold
+
+
+def confidence_stats(probs, mode: str) -> dict:
+    """Min / mean / max of the confidence max_c p over every replica's rows (global) or this
+    replica's (per_replica; the trainer then averages them over replicas)."""
+    confidence = tf.reduce_max(tf.stop_gradient(tf.cast(probs, tf.float32)), axis=-1)
+    if synced(mode):
+        confidence = gather(confidence)
+    return {"monitors/confidence_min": tf.reduce_min(confidence),
+            "monitors/confidence_mean": tf.reduce_mean(confidence),
+            "monitors/confidence_max": tf.reduce_max(confidence)}
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm statistics over replicas
+
+def batch_norm(x, gamma, beta, epsilon: float, groups: int = 1):
+    """Training-mode batch normalisation of x [N, ..., C] made of `groups` equal chunks, each
+    chunk normalised with the statistics of that chunk on every replica (float32 maths, output
+    in x's dtype). Returns (y, mean of chunk 0, unbiased variance of chunk 0) like the fused
+    kernel. Equal row counts per replica: the global variance is the mean of the replica
+    variances plus the variance of the replica means (no E[x^2] - E[x]^2 cancellation)."""
+    channels = x.shape[-1]
+    x32 = tf.reshape(tf.cast(x, tf.float32), [groups, -1, channels])
+    local_mean, local_var = tf.nn.moments(x32, axes=[1])                      # [G, C]
+    stats = gather(tf.stack([local_mean, local_var])[None])                   # [R, 2, G, C]
+    means, variances = stats[:, 0], stats[:, 1]
+    mean_ = tf.reduce_mean(means, axis=0)
+    variance = tf.reduce_mean(variances, axis=0) + tf.reduce_mean(tf.square(means - mean_), axis=0)
+    scale = tf.cast(gamma, tf.float32) * tf.math.rsqrt(variance + epsilon)   # [G, C]
+    offset = tf.cast(beta, tf.float32) - mean_ * scale
+    shape = [groups] + [1] * (x.shape.rank - 1) + [channels]
+    grouped = tf.reshape(x, [groups, -1] + x.shape[1:].as_list())
+    y = grouped * tf.cast(tf.reshape(scale, shape), x.dtype) + tf.cast(tf.reshape(offset, shape),
+                                                                        x.dtype)
+    count = tf.cast(tf.shape(x32)[1] * num_replicas(), tf.float32)
+    unbiased = variance[0] * count / tf.maximum(count - 1.0, 1.0)
+    return tf.reshape(y, tf.shape(x)), mean_[0], unbiased
+
+
+# ---------------------------------------------------------------------------------------------
+# MixMatch rows: MixUp over the global rows, interleaved chunks split over replicas
+
+class MixPlan:
+    """Which rows of the global MixMatch batch this replica computes.
+
+    One device mixes the (nu+1)*B rows [x; view_1; ...; view_nu] with a permutation of all of
+    them, interleaves the nu+1 mixed tensors of B rows (layers.interleave) and runs the chunks.
+    With R replicas of b = B/R rows, replica r computes rows r*b .. (r+1)*b of every interleaved
+    chunk: these are rows r*b .. (r+1)*b of every mixed tensor, interleaved among themselves, so
+    the losses of a replica only need its own rows. `MixPlan(b, nu, mode)` builds the index
+    tables (numpy, at trace time); in per_replica mode each replica is its own "global batch".
+    """
+
+    def __init__(self, batch: int, nu: int, mode: str):
+        self.batch, self.nu = int(batch), int(nu)
+        self.synced = synced(mode)
+        self.replicas = num_replicas() if self.synced else 1
+        parts, b = self.nu + 1, self.batch
+        global_batch = b * self.replicas
+        with tf.init_scope():
+            chunks = layers.interleave(np.split(np.arange(parts * global_batch), parts),
+                                       global_batch)
+            chunks = [c.numpy() for c in chunks]
+        rows = np.arange(b)
+        # Global mixed-row index of the gathered row (replica r, tensor t, row k).
+        self.from_gathered = np.array([t * global_batch + r * b + rows for r in range(self.replicas)
+                                       for t in range(parts)]).reshape(-1)
+        self.to_global = np.argsort(self.from_gathered)
+        mine, inter, back = [], [], []
+        for r in range(self.replicas):
+            rows_r = np.concatenate([t * global_batch + r * b + rows for t in range(parts)])
+            order = np.concatenate([c[r * b:(r + 1) * b] for c in chunks])   # interleaved
+            mine.append(rows_r)
+            inter.append(order)
+            back.append(np.argsort(order)[np.searchsorted(np.sort(order), rows_r)])
+        self.mine, self.inter, self.back = np.stack(mine), np.stack(inter), np.stack(back)
+
+    def _mine(self, table):
+        rid = replica_id() if self.synced else 0
+        return tf.gather(tf.constant(table, tf.int32), rid)
+
+    @property
+    def global_rows(self) -> int:
+        return (self.nu + 1) * self.batch * self.replicas
+
+    def mix(self, inputs, targets, lam, index):
+        """inputs, targets: this replica's [(nu+1)*b, ...] rows ordered [x; views]; lam, index:
+        the draws for the global rows. Returns (chunks: nu+1 interleaved input chunks of b rows,
+        targets_x [b, C], targets_u [nu*b, C]) for this replica."""
+        if self.synced:
+            inputs = tf.gather(gather(inputs), self.to_global)
+            targets = tf.gather(gather(targets), self.to_global)
+        mixed_inputs, mixed_targets = layers.mixup(inputs, targets, lam, index)
+        chunks = tf.split(tf.gather(mixed_inputs, self._mine(self.inter)), self.nu + 1)
+        my_targets = tf.gather(mixed_targets, self._mine(self.mine))
+        return chunks, my_targets[:self.batch], my_targets[self.batch:]
+
+    def restore(self, logits_chunks):
+        """The logits of the interleaved chunks back in row order: (logits_x, logits_u)."""
+        logits = tf.gather(tf.concat(logits_chunks, axis=0), self._mine(self.back))
+        return logits[:self.batch], logits[self.batch:]
