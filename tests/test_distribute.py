@@ -1,0 +1,137 @@
+"""Strategy choice, TF_CONFIG parsing, worker roles, the start-up rendezvous and the local
+launcher (libml/distribute.py, runs/launch_local.py)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from libml import distribute
+from libml.errors import UserError
+from runs import launch_local
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(workers, task_type="worker", index=0, chief=None):
+    cluster = {"worker": workers}
+    if chief is not None:
+        cluster["chief"] = chief
+    return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
+
+
+def test_tf_config_roles():
+    two = ["127.0.0.1:2001", "127.0.0.1:2002"]
+    assert distribute.parse_tf_config("") is None and distribute.parse_tf_config(None) is None
+    w0, w1 = (distribute.parse_tf_config(config(two, index=i)) for i in (0, 1))
+    assert (w0.num_workers, w0.worker_id, w0.is_chief) == (2, 0, True)
+    assert (w1.worker_id, w1.is_chief) == (1, False)
+    chief = distribute.parse_tf_config(config(two, "chief", 0, chief=["10.0.0.1:2000"]))
+    worker = distribute.parse_tf_config(config(two, "worker", 0, chief=["10.0.0.1:2000"]))
+    assert chief.num_workers == 3 and chief.is_chief and chief.workers[0] == "10.0.0.1:2000"
+    assert (worker.worker_id, worker.is_chief) == (1, False)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{not json", "not valid JSON"),
+    ('{"task": {"type": "worker", "index": 0}}', 'no "cluster"'),
+    (config(["127.0.0.1"]), "host:port"),
+    (config(["127.0.0.1:1", "127.0.0.1:2"], index=2), "out of range"),
+    (config(["127.0.0.1:1"], task_type="ps"), "no \"task\""),
+    (json.dumps({"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker"}}), "ps"),
+])
+def test_malformed_tf_config_is_one_line(text, match):
+    with pytest.raises(UserError, match=match) as info:
+        distribute.parse_tf_config(text)
+    assert "\n" not in str(info.value) and ": " in str(info.value)
+
+
+def test_resolve_kind():
+    two = distribute.parse_tf_config(config(["h:1", "h:2"]))
+    one = distribute.parse_tf_config(config(["h:1"]))
+    assert distribute.resolve_kind("auto", two) == "multiworker"
+    assert distribute.resolve_kind("auto", one, gpus=0, cpus=1) == "none"
+    assert distribute.resolve_kind("auto", None, gpus=4) == "mirrored"
+    assert distribute.resolve_kind("auto", None, cpus=2) == "mirrored"
+    assert distribute.resolve_kind("none", two) == "none"
+    assert distribute.resolve_kind("mirrored", None) == "mirrored"
+    with pytest.raises(UserError, match="needs TF_CONFIG"):
+        distribute.resolve_kind("multiworker", None)
+    with pytest.raises(UserError, match="unknown"):
+        distribute.resolve_kind("tpu", None)
+
+
+def test_cpu_devices_env(monkeypatch):
+    monkeypatch.setenv(distribute.CPU_DEVICES_ENV, "3")
+    assert distribute.env_cpu_devices() == 3
+    monkeypatch.setenv(distribute.CPU_DEVICES_ENV, "two")
+    with pytest.raises(UserError, match="not a number"):
+        distribute.env_cpu_devices()
+
+
+def test_worker_role_writes_elsewhere(tmp_path):
+    target = str(tmp_path / "run" / "tf")
+    assert distribute.WorkerRole().path(target) == target
+    worker = distribute.WorkerRole(distribute.parse_tf_config(config(["h:1", "h:2"], index=1)))
+    scratch = worker.path(target)
+    assert not worker.is_chief and scratch != target and not scratch.startswith(str(tmp_path))
+    os.makedirs(scratch)
+    worker.discard()
+    assert not os.path.exists(scratch) and not (tmp_path / "run").exists()
+
+
+def test_rendezvous_names_the_unreachable_worker():
+    port, dead = launch_local.free_ports(2)
+    cluster = distribute.parse_tf_config(config([f"127.0.0.1:{port}", f"127.0.0.1:{dead}"]))
+    start = time.monotonic()
+    with pytest.raises(UserError, match=f"worker 1 at 127.0.0.1:{dead} not reachable within 1 s"):
+        distribute.rendezvous(cluster, timeout=1)
+    assert time.monotonic() - start < 10
+
+
+def test_rendezvous_passes_when_every_worker_listens():
+    port, peer = launch_local.free_ports(2)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", peer))
+    listener.listen(4)
+    try:
+        cluster = distribute.parse_tf_config(config([f"127.0.0.1:{port}", f"127.0.0.1:{peer}"]))
+        distribute.rendezvous(cluster, timeout=5)
+    finally:
+        listener.close()
+
+
+def launch(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "runs.launch_local", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": REPO})
+
+
+WORKER = ("import os, sys, json, time; c = json.loads(os.environ['TF_CONFIG']); "
+          "i = c['task']['index']; print('task', i, len(c['cluster']['worker']), sys.argv[1:], "
+          "flush=True); time.sleep(0.3 if i else float(sys.argv[1])); sys.exit({code} if i else 0)")
+
+
+def test_launcher_prefixes_output_and_succeeds():
+    result = launch("--workers=2", "--", sys.executable, "-c", WORKER.format(code=0), "0.3")
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.splitlines())
+    assert lines == ["[worker 0] task 0 2 ['0.3', '--distribute=multiworker']",
+                     "[worker 1] task 1 2 ['0.3', '--distribute=multiworker']"]
+
+
+def test_launcher_stops_every_worker_when_one_fails():
+    start = time.monotonic()
+    result = launch("--workers=2", "--grace=1", "--", sys.executable, "-c",
+                    WORKER.format(code=7), "120")
+    assert result.returncode == 7
+    assert "worker 1 exited with code 7: stopping the others" in result.stderr
+    assert time.monotonic() - start < 60         # worker 0 (sleeping 120 s) was stopped
+
+
+def test_launcher_without_command_is_one_line():
+    result = launch("--workers=2")
+    assert result.returncode == 2 and result.stderr.startswith("error: no command given")
