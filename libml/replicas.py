@@ -27,10 +27,10 @@ REPLICA_MODES = (GLOBAL, PER_REPLICA)
 
 
 def num_replicas() -> int:
+    """Replicas running this code in sync: 1 outside `strategy.run` (cross-replica context,
+    where the code runs once) and without a strategy."""
     ctx = tf.distribute.get_replica_context()
-    if ctx is None:
-        return tf.distribute.get_strategy().num_replicas_in_sync
-    return ctx.num_replicas_in_sync
+    return 1 if ctx is None else ctx.num_replicas_in_sync
 
 
 def replica_id():
@@ -82,6 +82,12 @@ def masked_mean(values, mask, mode: str, scale: float = 1.0):
     return total / tf.maximum(kept * scale, 1.0) / num_replicas()
 
 
+def share(value):
+    """Share of a value every replica computes alike (a threshold, a weight): value / R, so
+    that `totals` gives it back (global mode) or averages it over replicas (per_replica)."""
+    return tf.cast(value, tf.float32) / float(num_replicas())
+
+
 def totals(shares: dict) -> dict:
     """{tag: sum over replicas} of scalar shares, in one collective and without gradient."""
     if num_replicas() == 1:
@@ -131,8 +137,8 @@ def batch_norm(x, gamma, beta, epsilon: float, groups: int = 1):
     variance = tf.reduce_mean(variances, axis=0) + tf.reduce_mean(tf.square(means - mean_), axis=0)
     scale = tf.cast(gamma, tf.float32) * tf.math.rsqrt(variance + epsilon)   # [G, C]
     offset = tf.cast(beta, tf.float32) - mean_ * scale
-    shape = [groups] + [1] * (x.shape.rank - 1) + [channels]
-    grouped = tf.reshape(x, [groups, -1] + x.shape[1:].as_list())
+    shape = [groups] + [1] * (len(x.shape) - 1) + [channels]
+    grouped = tf.reshape(x, tf.concat([[groups, -1], tf.shape(x)[1:]], axis=0))
     y = grouped * tf.cast(tf.reshape(scale, shape), x.dtype) + tf.cast(tf.reshape(offset, shape),
                                                                         x.dtype)
     count = tf.cast(tf.shape(x32)[1] * num_replicas(), tf.float32)
