@@ -12,6 +12,8 @@ import math
 import keras
 import tensorflow as tf
 
+from libml import replicas
+
 BN_MOMENTUM = 0.999
 BN_EPSILON = 1e-3
 LEAKY_SLOPE = 0.1
@@ -40,10 +42,11 @@ class BatchNorm(keras.layers.Layer):
     Statistics are computed in float32 whatever the compute dtype. Needs NHWC input.
     """
 
-    def __init__(self, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, **kwargs):
+    def __init__(self, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, cross_replica=True, **kwargs):
         super().__init__(**kwargs)
         self.momentum = momentum
         self.epsilon = epsilon
+        self.cross_replica = bool(cross_replica)
 
     def build(self, input_shape):
         channels = (input_shape[-1],)
@@ -68,6 +71,13 @@ class BatchNorm(keras.layers.Layer):
     def call(self, x, training=False, update_stats=False, groups=1):
         if not training:
             return self._affine(x, self.moving_mean, self.moving_variance)
+        if self.cross_replica and replicas.num_replicas() > 1:
+            # Several replicas, global mode: each chunk's statistics over all replicas.
+            y, mean, unbiased_variance = replicas.batch_norm(x, self.gamma, self.beta,
+                                                             self.epsilon, groups)
+            if update_stats:
+                self._update_moving_stats(mean, unbiased_variance)
+            return y
         # The fused kernel (one op forward, one backward) is much faster than moments + affine,
         # above all in bfloat16. It returns the unbiased variance, which is what TF1's fused
         # kernel fed the moving average (spec §5).
@@ -105,15 +115,16 @@ class ResidualBlock(keras.layers.Layer):
     shortcut starts from the activated input (first stage only), else from the raw input."""
 
     def __init__(self, in_channels, filters, stride=1, activate_before_residual=False,
-                 seed=0, bn_momentum=BN_MOMENTUM, **kwargs):
+                 seed=0, bn_momentum=BN_MOMENTUM, cross_replica=True, **kwargs):
         super().__init__(**kwargs)
         self.activate_before_residual = activate_before_residual
         policy = kwargs.get("dtype")
-        self.bn1 = BatchNorm(bn_momentum, dtype=policy, name="bn1")
+        bn = dict(cross_replica=cross_replica, dtype=policy)
+        self.bn1 = BatchNorm(bn_momentum, name="bn1", **bn)
         self.conv1 = keras.layers.Conv2D(filters, 3, strides=stride, padding="same",
                                          kernel_initializer=conv_initializer(seed),
                                          dtype=policy, name="conv1")
-        self.bn2 = BatchNorm(bn_momentum, dtype=policy, name="bn2")
+        self.bn2 = BatchNorm(bn_momentum, name="bn2", **bn)
         self.conv2 = keras.layers.Conv2D(filters, 3, padding="same",
                                          kernel_initializer=conv_initializer(seed + 1),
                                          dtype=policy, name="conv2")
@@ -149,7 +160,7 @@ class WideResNet(keras.Model):
     """
 
     def __init__(self, nclass, filters=32, repeat=4, scales=3, seed=0, dtype=None,
-                 bn_momentum=BN_MOMENTUM, name="wide_resnet", **kwargs):
+                 bn_momentum=BN_MOMENTUM, cross_replica_bn=True, name="wide_resnet", **kwargs):
         super().__init__(name=name, dtype=dtype, **kwargs)
         self.nclass = nclass
         self.filters, self.repeat, self.scales = filters, repeat, scales
@@ -168,9 +179,11 @@ class WideResNet(keras.Model):
                 self.blocks.append(ResidualBlock(
                     channels, filters << scale, stride=2 if (first and scale) else 1,
                     activate_before_residual=first and scale == 0, seed=layer_seed,
-                    bn_momentum=bn_momentum, dtype=policy, name=f"block{scale}_{i}"))
+                    bn_momentum=bn_momentum, cross_replica=cross_replica_bn, dtype=policy,
+                    name=f"block{scale}_{i}"))
                 channels = filters << scale
-        self.final_bn = BatchNorm(bn_momentum, dtype=policy, name="final_bn")
+        self.final_bn = BatchNorm(bn_momentum, cross_replica=cross_replica_bn, dtype=policy,
+                                  name="final_bn")
         self.classifier = keras.layers.Dense(
             nclass, kernel_initializer=keras.initializers.GlorotNormal(seed=layer_seed + 3),
             dtype="float32", name="classifier")

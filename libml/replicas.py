@@ -100,7 +100,7 @@ def totals(shares: dict) -> dict:
 def percentile_mask(probs, gamma: float, mode: str):
     """layers.ood_mask (mask, threshold) with the percentile taken over the predictions of
     every replica ("global") or of this replica alone ("per_replica")."""
-    if not synced(mode) or gamma == 0:
+    if not synced(mode) or (isinstance(gamma, (int, float)) and gamma == 0):
         return layers.ood_mask(probs, gamma, return_threshold=True)
     probs = tf.stop_gradient(tf.cast(probs, tf.float32))
     _, threshold = layers.ood_mask(gather(probs), gamma, return_threshold=True)

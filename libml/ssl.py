@@ -20,6 +20,8 @@ A subclass implements `train_step(data)` and returns its scalars keyed by Tensor
 import keras
 import tensorflow as tf
 
+from libml import replicas
+
 from libml.config import PRECISIONS, decay, non_negative, one_of, positive
 from libml.errors import UserError
 from libml.models import WideResNet, scales_for_size
@@ -77,9 +79,10 @@ class SSLModel(keras.Model):
 
     def __init__(self, nclass, input_shape, filters=32, repeat=4, scales=0, lr=0.002, wd=0.02,
                  ema=0.999, seed=0, precision="float32", jit_compile=False, bn_momentum=0.999,
-                 name=None):
+                 replica_mode=replicas.GLOBAL, name=None):
         super().__init__(name=name or type(self).__name__.lower())
         check_settings(precision, ema, bn_momentum, lr, wd)
+        one_of(*replicas.REPLICA_MODES)("replica_mode", replica_mode)
         self.nclass = int(nclass)
         self.image_shape = tuple(int(d) for d in input_shape)
         self.filters, self.repeat = int(filters), int(repeat)
@@ -88,9 +91,11 @@ class SSLModel(keras.Model):
         self.precision = precision
         self.bn_momentum = float(bn_momentum)
         self.use_jit = bool(jit_compile)
+        self.replica_mode = replica_mode
 
         arch = dict(nclass=self.nclass, filters=self.filters, repeat=self.repeat,
-                    scales=self.scales, dtype=precision, bn_momentum=self.bn_momentum)
+                    scales=self.scales, dtype=precision, bn_momentum=self.bn_momentum,
+                    cross_replica_bn=replica_mode == replicas.GLOBAL)
         self.net = WideResNet(seed=self.seed, name="net", **arch).build_for(self.image_shape)
         self.ema_net = WideResNet(seed=self.seed, name="ema_net", **arch).build_for(
             self.image_shape)
@@ -126,20 +131,28 @@ class SSLModel(keras.Model):
     def hparams(self) -> dict:
         """Hyper-parameters that define the run (folder name, args.json). Precision and
         jit_compile are left out: they change speed, not the algorithm."""
-        return dict(filters=self.filters, repeat=self.repeat, scales=self.scales, lr=self.lr,
-                    wd=self.wd, ema=self.ema_decay, seed=self.seed)
+        hparams = dict(filters=self.filters, repeat=self.repeat, scales=self.scales, lr=self.lr,
+                       wd=self.wd, ema=self.ema_decay, seed=self.seed)
+        if self.replica_mode != replicas.GLOBAL:    # only then can several devices differ
+            hparams["replica_mode"] = self.replica_mode
+        return hparams
 
     @property
     def num_replicas(self) -> int:
         return tf.distribute.get_strategy().num_replicas_in_sync
 
     def scale_loss(self, loss):
-        """Per-replica loss to differentiate: divided by the replica count (the optimizer sums
-        gradients across replicas), and scaled by the LossScaleOptimizer under float16."""
-        loss = loss / self.num_replicas
+        """The loss to differentiate: this replica's share of the loss (libml/replicas.py: the
+        shares of all replicas sum to the loss, and the optimizer sums their gradients),
+        scaled by the LossScaleOptimizer under float16."""
         if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
             loss = self.optimizer.scale_loss(loss)
         return loss
+
+    def maybe_jit(self, fn):
+        """fn compiled with XLA under jit_compile, else fn itself, traced with the step (a
+        nested tf.function could not hold the step's cross-replica collectives)."""
+        return tf.function(fn, jit_compile=True) if self.use_jit else fn
 
     def gradients(self, tape, scaled_loss):
         """Gradients of `scaled_loss` (= self.scale_loss(loss), computed inside the tape)."""

@@ -19,7 +19,7 @@ Command line:
 import tensorflow as tf
 from absl import flags
 
-from libml import baseline_losses
+from libml import baseline_losses, replicas
 from libml.config import KIMG, finite, positive, whole_kimg
 from libml.errors import UserError
 from libml.ssl import SSLModel, check_loss_nclass, define_loss_nclass_flag
@@ -61,8 +61,7 @@ class MeanTeacher(SSLModel):
         self.consistency_weight = float(consistency_weight)
         self.warmup_pos = float(warmup_pos)
         self.train_kimg = whole_kimg(train_kimg)
-        self._losses_and_gradients = tf.function(self._losses_and_gradients_eager,
-                                                 jit_compile=self.use_jit)
+        self._losses_and_gradients = self.maybe_jit(self._losses_and_gradients_eager)
 
     @classmethod
     def check_hparams(cls, consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
@@ -105,7 +104,7 @@ class MeanTeacher(SSLModel):
         grads, scalars = self._losses_and_gradients(x, labeled["label"], u, step)
         self.apply_update(grads)
         self.count_images(x.shape[0])
-        return scalars
+        return replicas.totals(scalars)
 
     def _losses_and_gradients_eager(self, x, labels, u, step):
         teacher_view, student_view = u[:, 0], u[:, 1]
@@ -115,7 +114,7 @@ class MeanTeacher(SSLModel):
                               update_bn_stats=True, bn_groups=2)   # moving stats: labeled half
             logits_x, student_logits = tf.split(logits, 2)
             loss_xe = labeled_cross_entropy(logits_x, labels, self.nclass, self.smoothing)
-            loss_mt = baseline_losses.mean_teacher_consistency(student_logits, teacher_logits)
+            loss_mt = replicas.mean(baseline_losses.softmax_mse(student_logits, teacher_logits))
             if self.loss_nclass:
                 loss_mt = loss_mt * (self.nclass / self.loss_nclass)
             weight = self.consistency_ramp(step)
@@ -123,7 +122,7 @@ class MeanTeacher(SSLModel):
             scaled_loss = self.scale_loss(loss)
         grads = self.gradients(tape, scaled_loss)
         return grads, {"losses/xe": loss_xe, self.CONSISTENCY_TAG: loss_mt, "losses/overall": loss,
-                       "monitors/consistency_weight": weight}
+                       "monitors/consistency_weight": replicas.share(weight)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ Command line:
 import tensorflow as tf
 from absl import flags
 
-from libml import layers
+from libml import layers, replicas
 from libml.config import KIMG, finite, whole_kimg
 from libml.errors import UserError
 from libml.ssl import SSLModel, check_loss_nclass, define_loss_nclass_flag
@@ -66,12 +66,7 @@ class MixMatch(SSLModel):
         self.beta, self.w_match, self.temperature = float(beta), float(w_match), float(temperature)
         self.warmup_kimg = whole_kimg(warmup_kimg)
         self.batched_passes = bool(batched_passes)
-        # Only the XLA variant is a separate tf.function: the caller (trainer, strategy.run)
-        # traces train_step as a whole.
-        self._losses_and_gradients = self._losses_and_gradients_eager
-        if self.use_jit:
-            self._losses_and_gradients = tf.function(self._losses_and_gradients_eager,
-                                                     jit_compile=True)
+        self._losses_and_gradients = self.maybe_jit(self._losses_and_gradients_eager)
 
     @classmethod
     def check_hparams(cls, beta=0.75, w_match=75.0, warmup_kimg=1024, temperature=0.5,
@@ -99,25 +94,27 @@ class MixMatch(SSLModel):
                              f"datasets with drop_remainder=True)")
         step = tf.convert_to_tensor(self.step)
         lam_seed, perm_seed = self.step_seeds(step)
-        total = (NU + 1) * batch
-        # Drawn outside the compiled part: the Beta sampler has no XLA kernel.
+        total = replicas.MixPlan(batch, NU, self.replica_mode).global_rows
+        # Drawn outside the compiled part (the Beta sampler has no XLA kernel), for the rows of
+        # the global batch: every replica draws the same lambda and permutation.
         lam = layers.sample_mixup_lambda(total, self.beta, lam_seed)
         index = layers.sample_permutation(total, perm_seed)
         grads, scalars = self._losses_and_gradients(x, labeled["label"], u, lam, index, step)
         self.apply_update(grads)
         self.count_images(batch)
-        return scalars
+        return replicas.totals(scalars)
 
     def step_seeds(self, step):
-        """Two stateless seeds (MixUp lambda, permutation) from (seed, step, replica)."""
-        replica = tf.distribute.get_replica_context()
-        replica_id = 0 if replica is None else replica.replica_id_in_sync_group
+        """Two stateless seeds (MixUp lambda, permutation) from (seed, step): the draws of the
+        global batch. --replica_mode=per_replica: from (seed, step + replica), one per replica."""
+        replica_id = 0 if replicas.synced(self.replica_mode) else replicas.replica_id()
         base = tf.stack([tf.constant(self.seed, tf.int64),
                          tf.cast(step, tf.int64) + tf.cast(replica_id, tf.int64)])
         return tf.unstack(tf.random.experimental.stateless_split(base, 2))
 
     def _losses_and_gradients_eager(self, x, labels, u, lam, index, step):
         batch = x.shape[0]
+        plan = replicas.MixPlan(batch, NU, self.replica_mode)
         views = tf.unstack(u, axis=1)                                    # NU x [B, H, W, C]
 
         # 1. Label guessing (raw weights, batch statistics, moving stats untouched).
@@ -126,14 +123,13 @@ class MixMatch(SSLModel):
         # 2. MixUp over the concatenation of the labeled and all unlabeled views.
         inputs = tf.concat([x] + views, axis=0)
         targets = tf.concat([tf.one_hot(labels, self.nclass)] + [guess] * NU, axis=0)
-        mixed_inputs, mixed_targets = layers.mixup(inputs, targets, lam, index)
-        targets_x, targets_u = mixed_targets[:batch], mixed_targets[batch:]
+        #    With several replicas, over the rows of every replica; this one keeps its part
+        #    of each interleaved chunk (libml.replicas.MixPlan).
+        chunks, targets_x, targets_u = plan.mix(inputs, targets, lam, index)
 
         with tf.GradientTape() as tape:
             # 3. Interleaved passes; only chunk 0 updates the BN moving statistics.
-            chunks = layers.interleave(tf.split(mixed_inputs, NU + 1), batch)
-            logits = layers.interleave(self.forward(chunks, update_first=True), batch)
-            logits_x, logits_u = logits[0], tf.concat(logits[1:], axis=0)
+            logits_x, logits_u = plan.restore(self.forward(chunks, update_first=True))
 
             # 4. Losses: the two hooks, the unlabeled one weighted by the ramped w_match.
             loss_xe, labeled_scalars = self.labeled_loss(logits_x, targets_x, step)
@@ -143,19 +139,17 @@ class MixMatch(SSLModel):
             scaled_loss = self.scale_loss(loss)
         grads = self.gradients(tape, scaled_loss)
 
-        confidence = tf.reduce_max(tf.nn.softmax(logits_u), axis=-1)
-        scalars = {
+        confidence = replicas.confidence_stats(tf.nn.softmax(logits_u), self.replica_mode)
+        shares = {   # every value is this replica's share (libml.replicas.totals sums them)
             "losses/xe": loss_xe,
             "losses/l2u": loss_l2u,
             "losses/overall": loss,
-            "monitors/w_match": w_match,
+            "monitors/w_match": replicas.share(w_match),
             **labeled_scalars,
             **unlabeled_scalars,
-            "monitors/confidence_min": tf.reduce_min(confidence),
-            "monitors/confidence_mean": tf.reduce_mean(confidence),
-            "monitors/confidence_max": tf.reduce_max(confidence),
+            **{tag: replicas.share(value) for tag, value in confidence.items()},
         }
-        return grads, scalars
+        return grads, shares
 
     def forward(self, chunks, update_first):
         """Training-mode logits (float32) of each chunk, each normalised with its own batch
@@ -167,15 +161,16 @@ class MixMatch(SSLModel):
                           update_bn_stats=update_first, bn_groups=len(chunks))
         return tf.split(logits, len(chunks))
 
-    # -- the hooks: (loss, {tag: monitor scalar}) ---------------------------------------------
+    # -- the hooks: (loss, {tag: monitor}), both as this replica's share (libml/replicas.py:
+    #    the shares of all replicas sum to the value; one device: the value itself) ----------
     def labeled_loss(self, logits_x, targets_x, step):
         """Mean soft cross-entropy of the mixed labeled part."""
         del step
-        return tf.reduce_mean(layers.soft_cross_entropy(targets_x, logits_x)), {}
+        return replicas.mean(layers.soft_cross_entropy(targets_x, logits_x)), {}
 
     def unlabeled_loss(self, logits_u, targets_u):
         """Mean L2 between the mixed guesses and the predictions (over loss_nclass classes)."""
-        loss = tf.reduce_mean(layers.l2_consistency(targets_u, logits_u))
+        loss = replicas.mean(layers.l2_consistency(targets_u, logits_u))
         if self.loss_nclass:
             loss = loss * (self.nclass / self.loss_nclass)
         return loss, {}

@@ -21,7 +21,7 @@ Command line:
 import tensorflow as tf
 from absl import flags
 
-from libml import gamma_auto, layers
+from libml import gamma_auto, layers, replicas
 from libml.config import KIMG, positive, whole_kimg
 from libml.errors import UserError
 from realmix_tf import mixmatch
@@ -76,13 +76,15 @@ class RealMix(MixMatch):
         label-class probability is still under the threshold (spec §6.6)."""
         if self.tsa == "none":
             loss, _ = super().labeled_loss(logits_x, targets_x, step)
-            one = tf.constant(1.0)
+            one = replicas.share(1.0)
             return loss, {"monitors/tsa_threshold": one, "monitors/tsa_kept": one}
         progress = layers.tsa_progress(step, round(self.train_kimg * KIMG))
         threshold = layers.tsa_threshold(self.tsa, progress, self.nclass)
         keep = layers.tsa_mask(logits_x, targets_x, threshold, self.tsa_source)
-        loss = layers.masked_mean(layers.soft_cross_entropy(targets_x, logits_x), keep)
-        return loss, {"monitors/tsa_threshold": threshold, "monitors/tsa_kept": tf.reduce_mean(keep)}
+        loss = replicas.masked_mean(layers.soft_cross_entropy(targets_x, logits_x), keep,
+                                    self.replica_mode)
+        return loss, {"monitors/tsa_threshold": replicas.share(threshold),
+                      "monitors/tsa_kept": replicas.mean(keep)}
 
     def unlabeled_loss(self, logits_u, targets_u):
         """Algorithm 1, lines 23-24: with gamma > 0, the mean L2 over the rows whose confidence
@@ -91,12 +93,16 @@ class RealMix(MixMatch):
         gamma = self.gamma if self.gamma_state is None else tf.convert_to_tensor(self.gamma_state.gamma)
         if self.gamma_state is None and self.gamma <= 0:
             loss, _ = super().unlabeled_loss(logits_u, targets_u)
-            return loss, {"monitors/mask_ratio": tf.constant(1.0),
-                          "monitors/mask_threshold": tf.constant(0.0)}
+            return loss, {"monitors/mask_ratio": replicas.share(1.0),
+                          "monitors/mask_threshold": replicas.share(0.0)}
         sq_err = layers.l2_consistency(targets_u, logits_u)
-        keep, threshold = layers.ood_mask(tf.nn.softmax(logits_u), gamma, return_threshold=True)
-        return layers.masked_l2_mean(sq_err, keep, self.loss_nclass or self.nclass), {
-            "monitors/mask_ratio": tf.reduce_mean(keep), "monitors/mask_threshold": threshold}
+        # The percentile over the predictions of every replica (of this one: per_replica).
+        keep, threshold = replicas.percentile_mask(tf.nn.softmax(logits_u), gamma,
+                                                   self.replica_mode)
+        loss = replicas.masked_mean(tf.reduce_sum(sq_err, axis=-1), keep, self.replica_mode,
+                                    scale=self.loss_nclass or self.nclass)   # masked_l2_mean's
+        return loss, {"monitors/mask_ratio": replicas.mean(keep),
+                      "monitors/mask_threshold": replicas.share(threshold)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,18 +12,19 @@ Command line:
 import tensorflow as tf
 from absl import flags
 
-from libml import layers
+from libml import layers, replicas
 from libml.errors import UserError
 from libml.ssl import SSLModel
 
 
 def labeled_cross_entropy(logits, labels, nclass, smoothing=0.0):
     """Mean cross-entropy (float32 scalar) of logits [B, C] against integer labels [B], the
-    one-hot targets smoothed as libml: y - smoothing * (y - 1/C) (M:libml/models.py augment)."""
+    one-hot targets smoothed as libml: y - smoothing * (y - 1/C) (M:libml/models.py augment);
+    as this replica's share of the mean over every replica's rows (libml/replicas.py)."""
     targets = tf.one_hot(labels, nclass)
     if smoothing:
         targets = targets - smoothing * (targets - 1.0 / nclass)
-    return tf.reduce_mean(layers.soft_cross_entropy(targets, logits))
+    return replicas.mean(layers.soft_cross_entropy(targets, logits))
 
 
 def check_smoothing(smoothing) -> float:
@@ -48,8 +49,7 @@ class Supervised(SSLModel):
     def __init__(self, nclass, input_shape, smoothing=0.0, name="supervised", **kwargs):
         super().__init__(nclass, input_shape, name=name, **kwargs)
         self.smoothing = check_smoothing(smoothing)
-        self._losses_and_gradients = tf.function(self._losses_and_gradients_eager,
-                                                 jit_compile=self.use_jit)
+        self._losses_and_gradients = self.maybe_jit(self._losses_and_gradients_eager)
 
     @classmethod
     def check_hparams(cls, smoothing=0.0, **others):
@@ -67,7 +67,7 @@ class Supervised(SSLModel):
         grads, scalars = self._losses_and_gradients(x, labeled["label"])
         self.apply_update(grads)
         self.count_images(x.shape[0] if x.shape[0] is not None else tf.shape(x)[0])
-        return scalars
+        return replicas.totals(scalars)
 
     def _losses_and_gradients_eager(self, x, labels):
         with tf.GradientTape() as tape:
