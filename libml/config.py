@@ -20,6 +20,7 @@ from typing import Callable, Optional
 from absl import flags
 
 from libml import libml_flags
+from libml import distribute as devices
 from libml.checkpoint import checkpoint_exists
 from libml.errors import UserError
 from libml.names import parse_dataset_name
@@ -125,6 +126,22 @@ class TrainConfig:
                                   "(float32), bf16 or fp16.",
                                   one_of("auto", "none", "bf16", "fp16"))
     jit_compile: bool = option(False, "Compile the training step with XLA.")
+    distribute: str = option("auto", "Devices: auto (several hosts from TF_CONFIG, else all local "
+                             "GPUs, else one device), none (one device), mirrored (all local "
+                             "GPUs or --cpu_devices), multiworker (hosts from TF_CONFIG). --batch "
+                             "stays the global batch (docs/usage_distributed.md).",
+                             one_of(*devices.DISTRIBUTE_CHOICES))
+    replica_mode: str = option(devices.GLOBAL, "With several replicas: global (the step equals "
+                               "one device on the global batch: BN statistics, MixUp partners, "
+                               "OOD percentile and loss means over all replicas) or per_replica "
+                               "(each replica alone, as the released code on several GPUs; "
+                               "cheaper).", one_of(*devices.REPLICA_MODES))
+    cpu_devices: int = option(0, "Split the CPU into N logical devices (tests, trying "
+                              "--distribute on a laptop); 0 = $" + devices.CPU_DEVICES_ENV
+                              + " or off.", non_negative("use 0 (off) or a device count"))
+    worker_timeout: float = option(float(devices.DEFAULT_WORKER_TIMEOUT), "Seconds to wait "
+                                   "for the other workers at start and in each collective.",
+                                   positive)
     deterministic: bool = option(False, "Enable TF op determinism (bit-exact reruns and resumes; "
                                  "slower on GPU).")
     data_autotune: bool = option(True, "Let tf.data tune the input pipelines' parallelism and "
@@ -219,7 +236,8 @@ class TrainConfig:
         ema, bn_momentum = self.effective_decays()
         return dict(filters=self.filters, repeat=self.repeat, scales=self.scales, lr=self.lr,
                     wd=self.wd, ema=ema, bn_momentum=bn_momentum, seed=self.seed,
-                    precision=self.precision(), jit_compile=self.jit_compile, **self.algorithm)
+                    precision=self.precision(), jit_compile=self.jit_compile,
+                    replica_mode=self.replica_mode, **self.algorithm)
 
 
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,

@@ -111,7 +111,8 @@ class SSLData:
 
     def __init__(self, info: DatasetInfo, dataset: DatasetName, root: str, seed: int,
                  sources: dict, cache: Optional[bool], parallel: Optional[int],
-                 shuffle_buffer: int, options: Optional[tf.data.Options]):
+                 shuffle_buffer: int, options: Optional[tf.data.Options],
+                 shard: Tuple[int, int] = (0, 1)):
         self.info = info
         self.dataset = dataset
         self.root = root
@@ -121,6 +122,7 @@ class SSLData:
         self._parallel = parallel or tf.data.AUTOTUNE
         self._shuffle_buffer = int(shuffle_buffer)
         self._options = options
+        self._shard_index, self._shard_count = int(shard[0]), int(shard[1])
         self._cached = {}
 
     # -- public streams -----------------------------------------------------------------------
@@ -202,6 +204,8 @@ class SSLData:
     def _train(self, which: str, batch: int, views: int, stream: int) -> tf.data.Dataset:
         _check_batch(batch)
         augment_seed = _stream_seed(self.seed, stream, _AUGMENT)
+        if self._shard_count > 1:    # each worker augments its own rows with its own draws
+            augment_seed = tf.random.experimental.stateless_fold_in(augment_seed, self._shard_index)
         flip, shift = self.info.flip, self.info.shift
 
         def augment_batch(step, example):
@@ -216,7 +220,7 @@ class SSLData:
 
         if self.is_cached(which):
             images, labels = self._load(which)
-            indices = self._index_stream(int(images.shape[0]), stream)
+            indices = self._sharded(self._index_stream(int(images.shape[0]), stream))
             gather = _gatherer(images, labels)
             ds = indices.batch(batch, drop_remainder=True).map(gather)
         else:   # batch the shuffled serialized records first, then parse and decode per batch
@@ -242,6 +246,13 @@ class SSLData:
             ds = ds.filter(lambda example: example["label"] >= 0).batch(batch)
         return self._finish(ds.map(to_float, num_parallel_calls=self._parallel))
 
+    def _sharded(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+        """This worker's elements of a stream that every worker builds alike (same seed):
+        worker w of W takes elements w, w + W, ... so no record is read twice per epoch."""
+        if self._shard_count == 1:
+            return ds
+        return ds.shard(self._shard_count, self._shard_index)
+
     def _index_stream(self, size: int, stream: int) -> tf.data.Dataset:
         """Infinite shuffled indices into a cached set of `size` images."""
         if self._shuffle_buffer > 0:    # the released code: a shuffle buffer over a repeated range
@@ -261,7 +272,7 @@ class SSLData:
         source = self._sources[which]
         shuffle_seed = _stream_seed(self.seed, stream, _SHUFFLE)
         if len(source.files) == 1:
-            ds = source.records().repeat()
+            ds = self._sharded(source.records().repeat())
         else:
             files = tf.constant(list(source.files))
 
@@ -277,7 +288,7 @@ class SSLData:
             # Remote shards (gs://...) are read in parallel to hide their latency.
             remote = any("://" in path for path in source.files)
             read_buffer = max(64 << 10, min(256 << 10, SHARD_READ_BUFFER // len(source.files)))
-            ds = tf.data.Dataset.counter().flat_map(epoch).interleave(
+            ds = self._sharded(tf.data.Dataset.counter().flat_map(epoch)).interleave(
                 lambda path: tf.data.TFRecordDataset(path, buffer_size=read_buffer),
                 cycle_length=len(source.files), block_length=1,
                 num_parallel_calls=self._parallel if remote else None,
@@ -354,7 +365,7 @@ def _check_labeled_validation(name: DatasetName, root: str, unlabel_path: str) -
 def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
              unlabeled_files: Optional[Sequence[str]] = None, cache: Optional[bool] = None,
              parallel: Optional[int] = None, shuffle_buffer: int = 0,
-             options: Optional[tf.data.Options] = None) -> SSLData:
+             options: Optional[tf.data.Options] = None, shard: Tuple[int, int] = (0, 1)) -> SSLData:
     """Checks the prepared files of `dataset` under `root` and returns its streams.
 
     unlabeled_files: extension shards to read instead of `-unlabel.tfrecord` minus its first
@@ -366,6 +377,8 @@ def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
         buffer of 8192 records when streaming); N > 0 reproduces the released code's
         `range(n).repeat().shuffle(min(n, N))` (`--shuffle_buffer=8192`).
     options: tf.data.Options applied to every stream (e.g. autotune off).
+    shard: (worker, workers): the training streams of worker `worker` of `workers` (its own
+        part of every epoch, its own augmentation draws); evaluation sets are not sharded.
     """
     name = names.as_dataset_name(dataset)
     split_cmd = names.create_split_command(name, root)
@@ -398,4 +411,5 @@ def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
         "valid": _Source((unlabel_path,), take=name.nvalid, how_to_create=split_cmd),
         "test": _Source((test_path,), how_to_create=data_cmd),
     }
-    return SSLData(info, name, root, seed, sources, cache, parallel, shuffle_buffer, options)
+    return SSLData(info, name, root, seed, sources, cache, parallel, shuffle_buffer, options,
+                   shard)

@@ -1,5 +1,6 @@
 """Choosing the tf.distribute strategy, reading TF_CONFIG, and the chief/worker roles.
 
+Flags (fields of libml/config.py's TrainConfig):
     --distribute=auto|none|mirrored|multiworker
         auto:        MultiWorkerMirroredStrategy when TF_CONFIG names several tasks, else
                      MirroredStrategy when several GPUs (or --cpu_devices > 1) are visible,
@@ -9,11 +10,14 @@
         multiworker: MultiWorkerMirroredStrategy configured by TF_CONFIG (one process per host).
     --cpu_devices=N  split the CPU into N logical devices (tests, trying it on a laptop); its
                      default is the environment variable REALMIX_CPU_DEVICES (0 = off). It must
-                     act before TensorFlow initialises its devices: call `configure_devices`
-                     first thing in main.
+                     act before TensorFlow initialises its devices: `make_strategy` does it,
+                     and the trainer calls it before any other TensorFlow work.
     --worker_timeout=S  seconds to wait for the other workers at start and in each collective.
+    --replica_mode=global|per_replica  what a step with several replicas computes
+                     (libml/replicas.py).
 
-`--batch` is the global batch: each of the R replicas gets batch / R rows.
+`--batch` is the global batch: each of the W workers reads batch / W rows from its own shard
+of the data (`SSLData(shard=...)`) and `split_batch` gives each of its local replicas its part.
 
 Roles (TensorFlow's multi-worker guide): the chief (task "chief", or worker 0 when there is
 none) writes checkpoints, summaries, reports and exports; the other workers run the same code,
@@ -29,28 +33,15 @@ import time
 import tempfile
 from typing import List, Optional
 
-from absl import flags
-
 from libml.errors import UserError
 
 DISTRIBUTE_CHOICES = ("auto", "none", "mirrored", "multiworker")
+GLOBAL, PER_REPLICA = "global", "per_replica"      # --replica_mode (libml/replicas.py)
+REPLICA_MODES = (GLOBAL, PER_REPLICA)
 CPU_DEVICES_ENV = "REALMIX_CPU_DEVICES"
 DEFAULT_WORKER_TIMEOUT = 300
 TF_CONFIG_HELP = ('set TF_CONFIG to {"cluster": {"worker": ["host0:port", "host1:port"]}, '
                   '"task": {"type": "worker", "index": 0}} (docs/usage_distributed.md)')
-
-
-def define_flags(flag_values=flags.FLAGS) -> None:
-    if "distribute" in flag_values:
-        return
-    fv = dict(flag_values=flag_values)
-    flags.DEFINE_enum("distribute", "auto", DISTRIBUTE_CHOICES, "Device strategy: auto, none "
-                      "(one device), mirrored (all local GPUs / --cpu_devices), multiworker "
-                      "(hosts from TF_CONFIG). --batch stays the global batch.", **fv)
-    flags.DEFINE_integer("cpu_devices", env_cpu_devices(), "Split the CPU into N logical "
-                         f"devices (0 = off; default ${CPU_DEVICES_ENV}).", **fv)
-    flags.DEFINE_integer("worker_timeout", DEFAULT_WORKER_TIMEOUT, "Seconds to wait for the "
-                         "other workers (start-up and each collective) before failing.", **fv)
 
 
 def env_cpu_devices() -> int:
@@ -235,6 +226,27 @@ def _listening(address: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def split_batch(strategy, batch):
+    """This worker's batch (nested tensors with a static first dimension) as a per-replica
+    value: local replica i gets rows i*b .. (i+1)*b, b = rows / local replicas. The batch
+    comes from a plain tf.data iterator, which a checkpoint can hold (a distributed iterator
+    cannot: TensorFlow issue 56372)."""
+    if strategy.num_replicas_in_sync == 1:
+        return batch
+    import tensorflow as tf
+    local = len(strategy.extended.worker_devices)
+
+    def part(ctx):
+        i = ctx.replica_id_in_sync_group % local
+
+        def rows(t):
+            size = t.shape[0] // local
+            return t[i * size:(i + 1) * size]
+        return tf.nest.map_structure(rows, batch)
+
+    return strategy.experimental_distribute_values_from_function(part)
 
 
 # ---------------------------------------------------------------------------------------------

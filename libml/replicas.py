@@ -21,9 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from libml import layers
-
-GLOBAL, PER_REPLICA = "global", "per_replica"
-REPLICA_MODES = (GLOBAL, PER_REPLICA)
+from libml.distribute import GLOBAL, PER_REPLICA, REPLICA_MODES  # noqa: F401 (re-exported)
 
 
 def num_replicas() -> int:

@@ -14,8 +14,10 @@ same command resumes from the newest complete checkpoint, including the input it
 run stopped at any point ends with the same weights as an uninterrupted one (under TF op
 determinism).
 
-Devices: `make_strategy(config)` is the one place where the tf.distribute strategy is chosen,
-and `Trainer.distribute` the one place where input is split over its replicas.
+Devices: `make_strategy(config)` is the one place where the tf.distribute strategy is chosen
+(libml/distribute.py: --distribute, TF_CONFIG), and `Trainer.distribute` the one place where
+input is split over its replicas. With several workers, only the chief writes the run folder;
+the others write their (required) saves to a temporary folder (`WorkerRole`).
 """
 import contextlib
 import os
@@ -27,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from libml import console
+from libml import distribute as devices
 from libml.checkpoint import (READ_ERRORS, make_checkpoint, model_variables, read_model,
                               read_training_state, resolve_checkpoint)
 from libml.checkpoint_files import latest_checkpoint
@@ -45,10 +48,11 @@ from libml.summaries import (HISTORY_FILE, STATS_FILE, accuracy_stats, finite_or
 
 
 def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
-    """The tf.distribute strategy of a run. Today the default (one device, the first GPU if
-    any, else the CPU); multi-device training chooses its strategy here."""
-    del config
-    return tf.distribute.get_strategy()
+    """The tf.distribute strategy of a run: --distribute, TF_CONFIG, the visible GPUs and
+    --cpu_devices (libml/distribute.py). Must come before any other TensorFlow work."""
+    return devices.make_strategy(config.distribute,
+                                 config.cpu_devices or devices.env_cpu_devices(),
+                                 config.worker_timeout)
 
 
 def run_folder_name(algorithm: str, hparams: dict) -> str:
@@ -90,10 +94,15 @@ class Trainer:
         self.config = config.validate()
         self.algorithm = algorithm
         self.strategy = strategy or make_strategy(config)
+        self.role = devices.role_for(self.strategy)
         replicas = self.strategy.num_replicas_in_sync
         if config.batch % replicas:
             raise UserError(f"--batch={config.batch} does not split over {replicas} devices: use a "
                             f"multiple of {replicas}")
+        if config.jit_compile and replicas > 1 and config.replica_mode == devices.GLOBAL:
+            raise UserError(f"--jit_compile on {replicas} replicas: XLA cannot compile the "
+                            f"cross-replica BatchNorm of --replica_mode=global; drop "
+                            f"--jit_compile, or pass --replica_mode=per_replica")
         if config.deterministic:
             tf.config.experimental.enable_op_determinism()
         self.data = self._load_data(data_options if data_options is not None else
@@ -131,7 +140,8 @@ class Trainer:
             unlabeled_files = extended_unlabeled_files(c.dataset, root, c.extend, c.extend_aug,
                                                        c.extend_seed)
         return load_ssl(c.dataset, root, seed=c.seed, unlabeled_files=unlabeled_files,
-                        shuffle_buffer=c.shuffle_buffer, options=options)
+                        shuffle_buffer=c.shuffle_buffer, options=options,
+                        shard=(self.role.worker_id, self.role.num_workers))
 
     def _run_hparams(self) -> dict:
         """The model's hyper-parameters plus the trainer settings that change the result."""
@@ -147,19 +157,28 @@ class Trainer:
             hp["shuffle_buffer"] = c.shuffle_buffer
         return hp
 
-    def distribute(self, dataset: tf.data.Dataset):
-        """THE place where input meets the strategy: a dataset of global batches becomes
-        per-replica batches (training and evaluation both come through here)."""
-        return self.strategy.experimental_distribute_dataset(dataset)
+    def distribute(self, batches):
+        """THE place where input meets the strategy. Training: a batch of this worker's
+        iterator (worker_batch rows, a plain tf.data iterator that checkpoints can hold) ->
+        one part per local replica. Evaluation: a dataset of global batches -> a distributed
+        dataset (each worker evaluates its share; the counts are summed)."""
+        if isinstance(batches, tf.data.Dataset):
+            return self.strategy.experimental_distribute_dataset(batches)
+        return devices.split_batch(self.strategy, batches)
+
+    @property
+    def worker_batch(self) -> int:
+        """Rows of the global batch this worker reads (--batch / workers)."""
+        return self.config.batch // self.role.num_workers
 
     def _make_iterators(self):
-        c = self.config
-        labeled = self.data.train_labeled(c.batch)
+        batch = self.worker_batch
+        labeled = self.data.train_labeled(batch)
         if getattr(self.model, "uses_unlabeled", True):
-            unlabeled = self.data.train_unlabeled(c.batch)
+            unlabeled = self.data.train_unlabeled(batch)
         else:  # the step ignores it: a constant batch instead of decoding and augmenting images
-            unlabeled = placeholder_unlabeled(c.batch, self.info.shape)
-        return iter(self.distribute(labeled)), iter(self.distribute(unlabeled))
+            unlabeled = placeholder_unlabeled(batch, self.info.shape)
+        return iter(labeled), iter(unlabeled)
 
     # -- entry point --------------------------------------------------------------------------
     def run(self) -> dict:
@@ -175,12 +194,18 @@ class Trainer:
         one trainer per run folder, changed flags compared with args.json, checkpoints found
         from their files, never a non-finite one, disk faults and damaged records in one line."""
         c = self.config
-        folder = RunFolder(self.run_dir, keep=c.keep_ckpt).open(self._args())
+        # Every worker saves (saving reads replicated state with collectives); only the
+        # chief's saves land in the run folder, and every worker resumes from those.
+        folder = RunFolder(self.role.path(self.run_dir), keep=c.keep_ckpt).open(self._args())
         try:
             self.iterators = self._make_iterators()
             ckpt = make_checkpoint(self.model, self.iterators)
             restored = folder.restore(lambda p: read_training_state(self.model, self.iterators, p),
                                       READ_ERRORS)
+            if not self.role.is_chief:
+                restored = latest_checkpoint(self.tf_dir) or ""
+                if restored:
+                    read_training_state(self.model, self.iterators, restored)
             start = "fresh start"
             if restored:
                 start = f"resuming from {restored}"
@@ -198,11 +223,13 @@ class Trainer:
                 return self._train_loop(folder, ckpt, start)
         finally:
             folder.close()
+            self.role.discard()        # a non-chief worker's temporary folder
 
     def _train_loop(self, folder: RunFolder, ckpt, start: str) -> dict:
         c = self.config
         self._load_history(int(self.model.step.numpy()))
-        writer = tf.summary.create_file_writer(self.tf_dir)
+        writer = (tf.summary.create_file_writer(self.tf_dir) if self.role.is_chief
+                  else tf.summary.create_noop_writer())
         step = int(self.model.step.numpy())
         finished_before = step >= c.train_nimg
         if finished_before:
@@ -222,7 +249,8 @@ class Trainer:
         writer.close()
         if c.export and not (finished_before and os.path.isdir(self.export_dir)):
             with disk_errors(self.export_dir, what="the export"):
-                export_model(self.model, self.info, self.export_dir, self._export_meta())
+                export_model(self.model, self.info, self.role.path(self.export_dir),
+                             self._export_meta())
         stats = accuracy_stats(self.history)
         if stats.get("reports"):
             window = min(20, stats["reports"])
@@ -297,7 +325,8 @@ class Trainer:
             nonfinite = self._nonfinite
 
             def train_fn():
-                labeled, unlabeled = next(labeled_it), next(unlabeled_it)
+                labeled = self.distribute(next(labeled_it))
+                unlabeled = self.distribute(next(unlabeled_it))
                 outputs = strategy.run(model.train_step, args=((labeled, unlabeled),))
                 outputs = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                            for k, v in outputs.items()}
@@ -388,6 +417,8 @@ class Trainer:
         writer.flush()
         self.history = [h for h in self.history if h["step"] < step]
         self.history.append(dict(step=step, kimg=kimg, **{k: finite_or_none(v) for k, v in accuracy.items()}))
+        if not self.role.is_chief:
+            return
         write_json(os.path.join(self.run_dir, HISTORY_FILE), self.history, overwrite=True)
         write_json(os.path.join(self.run_dir, STATS_FILE), accuracy_stats(self.history), overwrite=True)
         self._bar.write(f"kimg {kimg:<8g} accuracy train/valid/test  {accuracy['train_labeled']:.2f}  "
@@ -433,7 +464,8 @@ class Trainer:
             print(f"{label:8s} {_pct(r['valid']):>8s} {_pct(r['test']):>8s}")
         run_dir = os.path.dirname(os.path.dirname(prefix))
         out = os.path.join(run_dir, "stats", f"eval-{os.path.basename(prefix)}.json")
-        write_json(out, result, overwrite=True)
+        write_json(self.role.path(out), result, overwrite=True)
+        self.role.discard()
         print(f"wrote {out}")
         result["output"] = out
         return result
@@ -444,10 +476,12 @@ class Trainer:
         if not prefix:
             raise UserError(f"{self.run_dir} has no complete checkpoint to export: train first "
                             f"(the same command without --export_only)")
-        with RunLock(self.run_dir):
+        with RunLock(self.role.path(self.run_dir)):
             read_model(self.model, prefix)
             with disk_errors(self.export_dir, what="the export"):
-                paths = export_model(self.model, self.info, self.export_dir, self._export_meta())
+                paths = export_model(self.model, self.info, self.role.path(self.export_dir),
+                                     self._export_meta())
+        self.role.discard()
         print(f"exported {prefix} to {self.export_dir}")
         return paths
 
