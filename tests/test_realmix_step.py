@@ -246,25 +246,28 @@ lab = tf.data.Dataset.from_tensor_slices({"image": rng.uniform(-1, 1, (32, 8, 8,
                                           "label": rng.randint(0, 4, 32)})
 unl = tf.data.Dataset.from_tensor_slices({"image": rng.uniform(-1, 1, (32, 2, 8, 8, 3)).astype("f4")})
 data = tf.data.Dataset.zip((lab, unl)).repeat().batch(8, drop_remainder=True)
-with strategy.scope():
-    model = RealMix(4, (8, 8, 3), filters=4, repeat=1, warmup_kimg=0, gamma=0.5, tsa="linear")
-batches = iter(strategy.experimental_distribute_dataset(data))
-step = tf.function(lambda d: strategy.run(model.train_step, args=(d,)))
-for _ in range(2):
-    out = step(next(batches))
-kernel = model.net.trainable_variables[0].value.values
-shadow = model.ema_net.trainable_variables[0].value.values
-bn = model.net.final_bn.moving_mean.value.values
-print("RESULT", int(model.step.numpy()), float(out["losses/xe"].values[0]),
-      np.array_equal(kernel[0].numpy(), kernel[1].numpy()),
-      np.array_equal(shadow[0].numpy(), shadow[1].numpy()),
-      np.array_equal(bn[0].numpy(), bn[1].numpy()))
+for mode in ("per_replica", "global"):
+    with strategy.scope():
+        model = RealMix(4, (8, 8, 3), filters=4, repeat=1, warmup_kimg=0, gamma=0.5, tsa="linear",
+                        replica_mode=mode)
+    batches = iter(strategy.experimental_distribute_dataset(data))
+    step = tf.function(lambda d: strategy.run(model.train_step, args=(d,)))
+    for _ in range(2):
+        out = step(next(batches))
+    kernel = model.net.trainable_variables[0].value.values
+    shadow = model.ema_net.trainable_variables[0].value.values
+    bn = model.net.final_bn.moving_mean.value.values
+    print("RESULT", int(model.step.numpy()), float(out["losses/xe"].values[0]),
+          np.array_equal(kernel[0].numpy(), kernel[1].numpy()),
+          np.array_equal(shadow[0].numpy(), shadow[1].numpy()),
+          np.array_equal(bn[0].numpy(), bn[1].numpy()))
 """
 
 
 def test_two_replica_mirrored_strategy(tmp_path):
-    """Gradients summed over replicas, weights/EMA equal on both, BN statistics per replica,
-    the step counts the global batch (2 steps x 8 images)."""
+    """Gradients summed over replicas, weights/EMA equal on both, the step counts the global
+    batch (2 steps x 8 images); BN moving statistics per replica with --replica_mode=per_replica,
+    the same on both (cross-replica batch statistics) by default."""
     import os
     import subprocess
     import sys
@@ -274,7 +277,9 @@ def test_two_replica_mirrored_strategy(tmp_path):
                                             "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
     assert lines, result.stderr[-2000:]
-    _, images, xe, kernels_equal, shadows_equal, bn_equal = lines[0].split()
-    assert int(images) == 16 and np.isfinite(float(xe))
-    assert kernels_equal == "True" and shadows_equal == "True"
-    assert bn_equal == "False"                  # each replica normalised its own half batch
+    assert len(lines) == 2, result.stderr[-2000:]
+    for line, bn_expected in zip(lines, ("False", "True")):
+        _, images, xe, kernels_equal, shadows_equal, bn_equal = line.split()
+        assert int(images) == 16 and np.isfinite(float(xe))
+        assert kernels_equal == "True" and shadows_equal == "True"
+        assert bn_equal == bn_expected    # per_replica: each replica normalised its own half
