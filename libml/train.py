@@ -127,7 +127,8 @@ class Trainer:
         self.gamma_hook = None
         if getattr(self.model, "gamma_state", None) is not None:      # --gamma=auto
             from libml.gamma_auto import GammaAutoHook
-            self.gamma_hook = GammaAutoHook(self.model, self.info.nclass, self.run_dir)
+            self.gamma_hook = GammaAutoHook(self.model, self.info.nclass,
+                                            self.role.path(self.run_dir))
 
     # -- construction -------------------------------------------------------------------------
     def _load_data(self, options):
