@@ -24,7 +24,7 @@ Command line:
 import tensorflow as tf
 from absl import flags
 
-from libml import baseline_losses, vat_ops
+from libml import baseline_losses, replicas, vat_ops
 from libml.config import KIMG, positive, whole_kimg
 from libml.errors import UserError
 from libml.ssl import SSLModel
@@ -65,8 +65,7 @@ class VAT(SSLModel):
         self.entmin_weight, self.warmup_pos = float(entmin_weight), float(warmup_pos)
         self.train_kimg = whole_kimg(train_kimg)
         self.smoothing = check_smoothing(smoothing)
-        self._losses_and_gradients = tf.function(self._losses_and_gradients_eager,
-                                                 jit_compile=self.use_jit)
+        self._losses_and_gradients = self.maybe_jit(self._losses_and_gradients_eager)
 
     @classmethod
     def check_hparams(cls, vat=vat_ops.VAT_WEIGHT, vat_eps=vat_ops.VAT_EPSILON,
@@ -109,7 +108,7 @@ class VAT(SSLModel):
                                                     self.noise_seed(step))
         self.apply_update(grads)
         self.count_images(x.shape[0])
-        return scalars
+        return replicas.totals(scalars)
 
     def noise_seed(self, step):
         """Stateless seed of the power iteration's random start: (seed, step + replica)."""
@@ -133,14 +132,15 @@ class VAT(SSLModel):
                 delta = vat_ops.virtual_adversarial_perturbation(
                     y, forward(y), forward, self.vat_eps, noise, self.vat_xi)
             loss_xe = labeled_cross_entropy(logits_x, labels, self.nclass, self.smoothing)
-            loss_vat = vat_ops.vat_loss(forward(y + delta), logits_y)
-            loss_entmin = tf.reduce_mean(vat_ops.entropy_from_logits(logits_y))
+            # Means over this replica's rows, as shares of the mean over all replicas' rows.
+            loss_vat = replicas.share(vat_ops.vat_loss(forward(y + delta), logits_y))
+            loss_entmin = replicas.mean(vat_ops.entropy_from_logits(logits_y))
             weight = self.vat_ramp(step)
             loss = loss_xe + weight * loss_vat + self.entmin_weight * loss_entmin
             scaled_loss = self.scale_loss(loss)
         grads = self.gradients(tape, scaled_loss)
         return grads, {"losses/xe": loss_xe, "losses/vat": loss_vat, "losses/entmin": loss_entmin,
-                       "losses/overall": loss, "monitors/vat_weight": weight}
+                       "losses/overall": loss, "monitors/vat_weight": replicas.share(weight)}
 
 
 # ---------------------------------------------------------------------------------------------
