@@ -59,6 +59,7 @@ def checkpoint_values(folder):
             if k.startswith("variables/")}
 
 
+@pytest.mark.slow
 def test_two_devices_cli_to_the_end_sigkill_resume_and_evaluation(toy, tmp_path):
     two = dict(REALMIX_CPU_DEVICES="2")
     reference = run(command(toy, tmp_path / "ref"), **two)
@@ -105,6 +106,7 @@ def test_two_devices_cli_to_the_end_sigkill_resume_and_evaluation(toy, tmp_path)
     assert results[0]["ema"]["test"] is not None
 
 
+@pytest.mark.slow
 def test_two_workers_chief_writes_the_run_folder_and_relaunch_resumes(toy, tmp_path):
     scratch = tmp_path / "scratch"           # the workers' temporary folders go here
     scratch.mkdir()

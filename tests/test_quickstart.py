@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -12,6 +14,7 @@ def quickstart(work_dir, *extra):
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_quickstart_prepares_data_trains_both_and_prints_the_table(tmp_path):
     result = quickstart(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
