@@ -77,8 +77,8 @@ flags.DEFINE_integer("batch", 64, "Labeled batch (unlabeled: the same number of 
 flags.DEFINE_integer("extend", 10, "RealMix's Extend: augmented copies of the unlabeled set "
                      "(paper: 50; 0 = off).", flag_values=FLAGS)
 flags.DEFINE_string("extend_aug", "erase", "Augmentation of the Extend copies.", flag_values=FLAGS)
-flags.DEFINE_string("mixed_precision", "bf16", "none, bf16, fp16 or auto (see the trainer).",
-                    flag_values=FLAGS)
+flags.DEFINE_string("mixed_precision", "auto", "auto, none, bf16 or fp16 (see the trainer; auto "
+                    "is float32 on CPUs without AMX).", flag_values=FLAGS)
 flags.DEFINE_string("work_dir", "./miniature", "Holds ML_DATA/ (the data), train_dir/ (the runs) "
                     "and results/ (one cached result per finished run).", flag_values=FLAGS)
 flags.DEFINE_string("output", "docs/miniature", "Folder of results.md, results.json and the PNG "
@@ -137,7 +137,7 @@ class Settings:
     batch: int = 64
     extend: int = 10
     extend_aug: str = "erase"
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"
     data_autotune: bool = True
 
     @property
