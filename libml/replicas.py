@@ -14,8 +14,9 @@ one-device computation when there is one replica. Two modes (`--replica_mode`):
 
 Losses are returned as this replica's *share*: the shares of all replicas sum to the loss, so
 the per-replica gradients (which the optimizer sums) sum to the gradient of the loss. The
-collectives are differentiable (the gradient of an all-sum is an all-sum), so gradients through
-cross-replica BatchNorm statistics are exact. `totals` turns shares into reportable values.
+collectives are differentiable (the gradient of an all-sum is an all-sum), and the gradient
+through cross-replica BatchNorm statistics is written by hand (`_normalize`), so gradients are
+exact. `totals` turns shares into reportable values.
 """
 import numpy as np
 import tensorflow as tf
@@ -121,27 +122,71 @@ def confidence_stats(probs, mode: str) -> dict:
 # BatchNorm statistics over replicas
 
 def batch_norm(x, gamma, beta, epsilon: float, groups: int = 1):
-    """Training-mode batch normalisation of x [N, ..., C] made of `groups` equal chunks, each
-    chunk normalised with the statistics of that chunk on every replica (float32 maths, output
-    in x's dtype). Returns (y, mean of chunk 0, unbiased variance of chunk 0) like the fused
-    kernel. Equal row counts per replica: the global variance is the mean of the replica
-    variances plus the variance of the replica means (no E[x^2] - E[x]^2 cancellation)."""
+    """Training-mode batch normalisation of x [N, H, W, C] (NHWC) made of `groups` equal chunks,
+    each chunk normalised with the statistics of that chunk on every replica. Returns
+    (y in x's dtype, mean of chunk 0, unbiased variance of chunk 0) like the fused kernel.
+
+    Statistics in float32; equal row counts per replica, so the global variance is the mean of
+    the replica variances plus the variance of the replica means (no E[x^2] - E[x]^2
+    cancellation): one all-gather of [2, G, C] floats. The normalisation runs the fused kernel
+    with these statistics, and its gradient is written by hand (`_normalize`): one all-sum of
+    [2, G, C] floats in the backward pass instead of differentiating the unfused ops."""
     channels = x.shape[-1]
-    x32 = tf.reshape(tf.cast(x, tf.float32), [groups, -1, channels])
-    local_mean, local_var = tf.nn.moments(x32, axes=[1])                      # [G, C]
+    local_mean, local_var = tf.nn.moments(tf.reshape(tf.cast(x, tf.float32),
+                                                     [groups, -1, channels]), axes=[1])  # [G, C]
     stats = gather(tf.stack([local_mean, local_var])[None])                   # [R, 2, G, C]
     means, variances = stats[:, 0], stats[:, 1]
     mean_ = tf.reduce_mean(means, axis=0)
     variance = tf.reduce_mean(variances, axis=0) + tf.reduce_mean(tf.square(means - mean_), axis=0)
-    scale = tf.cast(gamma, tf.float32) * tf.math.rsqrt(variance + epsilon)   # [G, C]
-    offset = tf.cast(beta, tf.float32) - mean_ * scale
-    shape = [groups] + [1] * (len(x.shape) - 1) + [channels]
-    grouped = tf.reshape(x, tf.concat([[groups, -1], tf.shape(x)[1:]], axis=0))
-    y = grouped * tf.cast(tf.reshape(scale, shape), x.dtype) + tf.cast(tf.reshape(offset, shape),
-                                                                        x.dtype)
-    count = tf.cast(tf.shape(x32)[1] * num_replicas(), tf.float32)
+    mean_, variance = tf.stop_gradient(mean_), tf.stop_gradient(variance)   # _normalize's job
+    y = _normalize(x, tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32), mean_, variance,
+                   epsilon, groups)
+    count = tf.cast(tf.size(x) // (groups * channels) * num_replicas(), tf.float32)
     unbiased = variance[0] * count / tf.maximum(count - 1.0, 1.0)
-    return tf.reshape(y, tf.shape(x)), mean_[0], unbiased
+    return y, mean_[0], unbiased
+
+
+def _normalize(x, gamma, beta, mean, variance, epsilon, groups):
+    """y = gamma * (x - mean) / sqrt(variance + epsilon) + beta per chunk, with the global
+    statistics mean, variance [G, C] of x; the gradient includes their dependence on x over
+    every replica (synchronised BatchNorm):
+        dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)),
+    the means over the chunk's rows on all replicas. The fused kernel gives the local sums
+    (d beta = sum dy, d gamma = sum dy * xhat) and the first term; one all-sum makes them global.
+    """
+    @tf.custom_gradient
+    def forward(x, gamma, beta):
+        chunks = tf.split(x, groups) if groups > 1 else [x]
+        ys = [tf.compat.v1.nn.fused_batch_norm(c, gamma, beta, mean=mean[g], variance=variance[g],
+                                               epsilon=epsilon, is_training=False)[0]
+              for g, c in enumerate(chunks)]
+
+        def backward(dy):
+            parts = [tf.raw_ops.FusedBatchNormGradV3(
+                y_backprop=d, x=c, scale=gamma, reserve_space_1=mean[g],
+                reserve_space_2=variance[g], reserve_space_3=tf.zeros([0], tf.float32),
+                epsilon=epsilon, is_training=False)[:3]
+                for g, (d, c) in enumerate(zip(tf.split(dy, groups) if groups > 1 else [dy],
+                                               chunks))]
+            dx_local = tf.concat([p[0] for p in parts], axis=0) if groups > 1 else parts[0][0]
+            dgamma = tf.stack([p[1] for p in parts])                          # [G, C] local
+            dbeta = tf.stack([p[2] for p in parts])
+            sums = all_sum(tf.stack([dbeta, dgamma]))                          # [2, G, C] global
+            count = tf.cast(tf.size(x) // (groups * x.shape[-1]) * num_replicas(), tf.float32)
+            rstd = tf.math.rsqrt(variance + epsilon)
+            mean_dy, mean_dy_xhat = sums[0] / count, sums[1] / count
+            slope = gamma * tf.square(rstd) * mean_dy_xhat                   # [G, C]
+            intercept = gamma * rstd * mean_dy - slope * mean
+            shape = [groups] + [1] * (len(x.shape) - 1) + [x.shape[-1]]
+            grouped = tf.reshape(x, tf.concat([[groups, -1], tf.shape(x)[1:]], axis=0))
+            correction = (grouped * tf.cast(tf.reshape(slope, shape), x.dtype)
+                          + tf.cast(tf.reshape(intercept, shape), x.dtype))
+            dx = dx_local - tf.reshape(correction, tf.shape(x))
+            return dx, tf.reduce_sum(dgamma, 0), tf.reduce_sum(dbeta, 0)
+
+        return (tf.concat(ys, axis=0) if groups > 1 else ys[0]), backward
+
+    return forward(x, gamma, beta)
 
 
 # ---------------------------------------------------------------------------------------------
