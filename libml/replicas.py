@@ -132,8 +132,14 @@ def batch_norm(x, gamma, beta, epsilon: float, groups: int = 1):
     with these statistics, and its gradient is written by hand (`_normalize`): one all-sum of
     [2, G, C] floats in the backward pass instead of differentiating the unfused ops."""
     channels = x.shape[-1]
-    local_mean, local_var = tf.nn.moments(tf.reshape(tf.cast(x, tf.float32),
-                                                     [groups, -1, channels]), axes=[1])  # [G, C]
+    rows = tf.size(x) // (groups * channels)
+    local = [tf.compat.v1.nn.fused_batch_norm(tf.stop_gradient(c), tf.ones([channels]),
+                                              tf.zeros([channels]), epsilon=epsilon,
+                                              is_training=True)[1:]
+             for c in (tf.split(x, groups) if groups > 1 else [x])]
+    local_mean = tf.stack([m for m, _ in local])
+    bessel = tf.cast(rows - 1, tf.float32) / tf.cast(rows, tf.float32)
+    local_var = tf.stack([v for _, v in local]) * bessel
     stats = gather(tf.stack([local_mean, local_var])[None])                   # [R, 2, G, C]
     means, variances = stats[:, 0], stats[:, 1]
     mean_ = tf.reduce_mean(means, axis=0)
