@@ -44,8 +44,8 @@ class DatasetInfo:
 REGISTRY = {
     "cifar10": DatasetInfo("cifar10", 10, 32, 32, 3, True, CIFAR10_CLASSES),
     "cifar100": DatasetInfo("cifar100", 100, 32, 32, 3, True),
-    "svhn": DatasetInfo("svhn", 10, 32, 32, 3, False, DIGITS),
-    "svhn_noextra": DatasetInfo("svhn_noextra", 10, 32, 32, 3, False, DIGITS),
+    "svhn": DatasetInfo("svhn", 10, 32, 32, 3, False, SVHN_CLASSES),
+    "svhn_noextra": DatasetInfo("svhn_noextra", 10, 32, 32, 3, False, SVHN_CLASSES),
     "mnist5k": DatasetInfo("mnist5k", 10, 32, 32, 1, False, DIGITS),
     "stl10": DatasetInfo("stl10", 10, 96, 96, 3, True, STL10_CLASSES, shift=12),
 }

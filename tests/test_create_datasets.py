@@ -74,6 +74,10 @@ def test_svhn_mat_files_labels_minus_one_and_noextra_copy(tmp_path):
         assert a.read() == b.read()
     meta = read_meta(out, "svhn")
     assert meta["flip"] is False and meta["class_names"][0] == "1" and meta["class_names"][9] == "0"
+    # Records without a meta.json (e.g. made by the released code) get the same names.
+    from libml import datasets
+    for name in ("svhn", "svhn_noextra"):
+        assert list(datasets.REGISTRY[name].class_names) == meta["class_names"]
 
 
 def test_tfds_examples_restored_to_file_order():
