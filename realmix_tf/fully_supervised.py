@@ -14,7 +14,6 @@ import re
 from typing import Optional, Union
 
 import tensorflow as tf
-from absl import flags
 
 from libml import data as ssl_data
 from libml import datasets, records, train
@@ -22,7 +21,8 @@ from libml.config import TrainConfig, option
 from libml.errors import UserError
 from libml.names import data_dir, test_path, train_path
 from libml.train import placeholder_unlabeled
-from realmix_tf.supervised import Supervised, define_smoothing_flag
+from realmix_tf import supervised
+from realmix_tf.supervised import Supervised
 
 _NAME = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*)(?:-(?P<nvalid>\d+))?$")
 NAME_HELP = "expected {name}-{nvalid} (e.g. cifar10-1 or cifar10-5000) or {name}"
@@ -120,20 +120,10 @@ class Trainer(train.Trainer):
                                      shuffle_buffer=c.shuffle_buffer, options=options)
 
 
-REFUSED_FLAGS = ("extend",)    # trainer flags this command refuses when set
-
-
-def define_flags(flag_values=flags.FLAGS) -> None:
-    """--smoothing (libml's fully supervised runs: 0.001 CIFAR, 0.01 SVHN); --dataset comes
-    from Config."""
-    define_smoothing_flag(flag_values)
-
-
-def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
-    if flag_values.extend:
-        raise UserError("--extend is set but fully supervised training has no unlabeled images: "
-                        "drop --extend")
-    return dict(smoothing=flag_values.smoothing)
+# The supervised command's flags: --smoothing (libml's fully supervised runs: 0.001 CIFAR,
+# 0.01 SVHN), --extend refused; --dataset comes from Config.
+REFUSED_FLAGS, define_flags, hparams_from_flags = (supervised.REFUSED_FLAGS, supervised.define_flags,
+                                                   supervised.hparams_from_flags)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ def define_flags(flag_values=flags.FLAGS) -> None:
 
 def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
     if flag_values.extend:
-        raise UserError("--extend is set but the supervised baseline does not read unlabeled "
+        raise UserError("--extend is set but supervised training does not read unlabeled "
                         "images: drop --extend")
     return dict(smoothing=flag_values.smoothing)
 
