@@ -3,13 +3,15 @@
 A model that masks by gamma (RealMix) creates a `GammaState` in its constructor (under the
 strategy scope) when gamma is "auto" and reads `state.gamma` in its step: a variable, so the
 traced step never changes and every replica reads the same value. At each report the trainer
-calls `GammaAutoHook.report(...)`, which scores one window of `--eval_batch` un-augmented
-unlabeled images with the EMA model (the only extra forward pass), estimates their
-out-of-distribution share against the held-out in-distribution reference the evaluation has
-already scored (libml/ood_share.py), updates the smoothed estimate and gamma, logs them to
-TensorBoard (`monitors/gamma`, `monitors/ood_share_estimate`, `monitors/ood_share_raw`,
-`monitors/gamma_trusted`) and to `stats/gamma_auto.json`. The estimate, the trust streak and
-the trust flag are model variables, so they are in every checkpoint (exact resume).
+calls `GammaAutoHook.report(...)` with the EMA model's pooled features of one window of
+`--eval_batch` un-augmented unlabeled images (the only extra forward pass) and of the labeled
+and validation images (the evaluation's own pass); the hook scores them by the cosine
+similarity to the nearest labeled image, estimates the window's out-of-distribution share
+against the in-distribution reference (libml/ood_share.py), updates the smoothed estimate and
+gamma, logs them to TensorBoard (`monitors/gamma`, `monitors/ood_share_estimate`,
+`monitors/ood_share_raw`, `monitors/gamma_trusted`) and to `stats/gamma_auto.json`. The
+estimate, the trust streak and the trust flag are model variables, so they are in every
+checkpoint (exact resume).
 """
 import os
 from typing import Dict, List, Optional
@@ -63,11 +65,6 @@ def parse_gamma(value):
         raise UserError(f"--gamma={value!r} is not a number: use a fraction in [0, 1) or auto") from None
 
 
-def probs_score(probs) -> np.ndarray:
-    """The log-odds confidence score from probabilities (softmax(log p) = p; zeros floored)."""
-    return ood_share.confidence_score(np.log(np.maximum(np.asarray(probs, np.float64), 1e-38)))
-
-
 class GammaAutoHook:
     """The trainer's report hook for a model with a `gamma_state` (GammaState)."""
 
@@ -88,25 +85,30 @@ class GammaAutoHook:
         """Where this report's window starts: consecutive reports read consecutive windows."""
         return (step // max(report_nimg, 1)) * size
 
-    def report(self, step: int, window_probs, probs: Dict[str, np.ndarray],
+    def report(self, step: int, window_features, kept: Dict[str, dict],
                accuracy: Dict[str, float]) -> dict:
-        """One report, inside the trainer's TensorBoard writer context. probs: the EMA model's
-        class probabilities of 'valid' (the validation images with a label) and
-        'train_labeled'; accuracy: the trainer's, in %."""
-        ref_scores, ref_name = ood_share.choose_reference(probs_score(probs["valid"]),
-                                                          probs_score(probs["train_labeled"]))
-        ref_accuracy = accuracy["valid" if ref_name == "valid" else "train_labeled"] / 100.0
-        window = probs_score(window_probs)
+        """One report, inside the trainer's TensorBoard writer context. window_features: the
+        EMA model's pooled features of the window; kept: the evaluation's outputs of 'valid'
+        and 'train_labeled' ({"features", "labels", ...}, Trainer.evaluate); accuracy: the
+        trainer's, in %."""
+        labeled, valid = kept["train_labeled"], kept["valid"]
+        valid_known = valid["features"][valid["labels"] >= 0]
+        trust_set = ood_share.trust_set(len(valid_known))
+        ref_accuracy = accuracy[trust_set] / 100.0
         raw: Optional[float] = None
-        if len(window) and len(ref_scores) >= 5:
-            raw = ood_share.estimate_share(ref_scores, window).share
+        reference, ref_name = np.zeros(0), "labeled"
+        if len(window_features) and len(labeled["features"]) >= 2:
+            reference, window, ref_name = ood_share.feature_scores(
+                labeled["features"], window_features, valid_known)
+            if len(reference) >= 5:
+                raw = ood_share.estimate_share(reference, window).share
         self.state.load(self.auto)
         gamma = self.auto.update(raw, ref_accuracy if np.isfinite(ref_accuracy) else 0.0)
         self.state.store(self.auto)
         record = dict(step=step, kimg=step / 1024, gamma=gamma, ood_share_estimate=self.auto.estimate,
                       ood_share_raw=raw, trusted=self.auto.trusted, reference=ref_name,
-                      n_reference=int(len(ref_scores)), n_window=int(len(window)),
-                      reference_accuracy=ref_accuracy)
+                      n_reference=int(len(reference)), n_window=int(len(window_features)),
+                      trust_set=trust_set, reference_accuracy=ref_accuracy)
         write_scalar("monitors/gamma", gamma)
         write_scalar("monitors/ood_share_estimate", self.auto.estimate)
         write_scalar("monitors/ood_share_raw", float("nan") if raw is None else raw)

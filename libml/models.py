@@ -189,6 +189,11 @@ class WideResNet(keras.Model):
             dtype="float32", name="classifier")
 
     def call(self, x, training=False, update_bn_stats=None, bn_groups=1):
+        return self.features_and_logits(x, training, update_bn_stats, bn_groups)[1]
+
+    def features_and_logits(self, x, training=False, update_bn_stats=None, bn_groups=1):
+        """(pooled features [N, filters << (scales - 1)], logits): the classifier's input too,
+        from the same pass (the OOD score of --gamma=auto, libml/ood_share.py)."""
         if update_bn_stats is None:
             update_bn_stats = training
         bn = dict(training=training, update_bn_stats=update_bn_stats, bn_groups=bn_groups)
@@ -198,7 +203,7 @@ class WideResNet(keras.Model):
         y = leaky_relu(self.final_bn(y, training=training, update_stats=update_bn_stats,
                                      groups=bn_groups))
         y = tf.reduce_mean(y, axis=[1, 2])
-        return self.classifier(y)
+        return y, self.classifier(y)
 
     def kernels(self):
         """The variables decoupled weight decay applies to: conv and dense kernels only."""

@@ -1,5 +1,5 @@
 """The share of out-of-distribution images in the unlabeled set, estimated from the model's own
-scores (`--gamma=auto`, `python -m realmix_tf.inspect`). Pure NumPy, no TensorFlow.
+features (`--gamma=auto`, `python -m realmix_tf.inspect`). Pure NumPy, no TensorFlow.
 
 Method (docs/usage_gamma_auto.md): mixture-proportion estimation by the best bin, "BBE"
 (Garg, Wu, Smola, Balakrishnan, Lipton: "Mixture Proportion Estimation and PU Learning: A
@@ -9,15 +9,17 @@ highest are (almost) all in-distribution, so above a high threshold t
 
     P_unlabeled(score >= t) ~= (1 - pi) * P_reference(score >= t),
 
-where the reference is a sample of in-distribution images (held-out labeled images). BBE
-takes the threshold that minimises an upper confidence bound of the ratio and returns the
-ratio there as 1 - pi. It needs no second network and no model of F_out, and it is right at
-0 % and 100 % mismatch, where a two-component mixture fit or an Otsu threshold (MTC) must
-still split the scores in two.
+where the reference is a sample of in-distribution images. BBE takes the threshold that
+minimises an upper confidence bound of the ratio and returns the ratio there as 1 - pi.
 
-The score is the log-odds of the top class, log p_max - log(1 - p_max), computed from the
-logits: it orders images exactly as RealMix's mask does (by max softmax confidence) but does
-not saturate at p_max = 1.0 in float32, so the most confident images stay distinguishable.
+The score is the deep nearest-neighbour score (Sun, Ming, Zhu, Li: "Out-of-Distribution
+Detection with Deep Nearest Neighbors", ICML 2022): the cosine similarity of an image's pooled
+features (the classifier's input, same forward pass) to its nearest labeled image. The
+reference is every labeled image scored against the other labeled images (leave one out) and
+every validation image with a class label scored against the labeled images. The classifier's
+confidence (`confidence_score`, `energy_score`, kept for comparison) separated in- from
+out-of-distribution images at chance level on the miniature's models (AUROC 0.41-0.57): MixMatch's
+sharpening makes the model confident on outliers too.
 """
 import dataclasses
 import math
@@ -26,12 +28,14 @@ from typing import Optional
 import numpy as np
 
 SCORES = ("confidence", "energy")
-MIN_REFERENCE = 20      # held-out labeled images needed to use them as the reference
+MIN_REFERENCE = 20      # validation images with a label needed to judge trust on them
+MAX_BANK = 2048         # labeled images in the nearest-neighbour bank at most
+MIN_FRACTION = 0.5      # BBE's bin holds at least this share of the reference
 MAX_GAMMA = 0.95        # the mask needs gamma < 1
 
 
 # ---------------------------------------------------------------------------------------------
-# Scores (higher = more in-distribution)
+# Scores (higher = more in-distribution): the classifier's confidence (for comparison)
 
 def confidence_score(logits) -> np.ndarray:
     """log p_max - log(1 - p_max) of each row of logits [N, C] (C >= 2), exact for any
@@ -69,7 +73,7 @@ def _logsumexp(z: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# The estimate
+# The estimate, and the nearest-neighbour score it runs on
 
 @dataclasses.dataclass(frozen=True)
 class ShareEstimate:
@@ -81,15 +85,18 @@ class ShareEstimate:
     n_mixture: int
 
 
-def estimate_share(reference, mixture, delta: float = 0.1, min_reference: int = 5) -> ShareEstimate:
+def estimate_share(reference, mixture, delta: float = 0.1, min_reference: int = 5,
+                   min_fraction: float = MIN_FRACTION) -> ShareEstimate:
     """BBE estimate of the out-of-distribution share of `mixture` (1-D scores, higher = more
     in-distribution) given in-distribution `reference` scores.
 
     For every candidate threshold t (the reference scores), with q_r(t), q_m(t) the fractions
     scoring >= t and eps_n = sqrt(log(4 / delta) / (2 n)), takes the t minimising the upper
     confidence bound (q_m(t) + eps_m) / (q_r(t) - eps_r) of the in-distribution share, over
-    thresholds with at least `min_reference` reference images above them, and returns
-    share = 1 - q_m(t) / q_r(t), clipped to [0, 1]."""
+    thresholds with at least `min_reference` reference images and at least `min_fraction` of
+    the reference above them, and returns share = 1 - q_m(t) / q_r(t), clipped to [0, 1].
+    min_fraction keeps the bin from shrinking to the few top images, where the ratio of two
+    small fractions is noisy and its minimum biased low (the share high)."""
     ref = np.sort(np.asarray(reference, np.float64).ravel())
     mix = np.sort(np.asarray(mixture, np.float64).ravel())
     if not (np.all(np.isfinite(ref)) and np.all(np.isfinite(mix))):
@@ -103,7 +110,7 @@ def estimate_share(reference, mixture, delta: float = 0.1, min_reference: int = 
     thresholds = np.unique(ref)
     q_r = (n_r - np.searchsorted(ref, thresholds, side="left")) / n_r
     q_m = (n_m - np.searchsorted(mix, thresholds, side="left")) / n_m
-    usable = (q_r * n_r >= min_reference) & (q_r > eps_r)
+    usable = (q_r * n_r >= min_reference) & (q_r > eps_r) & (q_r >= min_fraction)
     if not usable.any():          # a tiny reference: all of it (t = its minimum)
         usable = thresholds == thresholds[0]
     bound = np.where(usable, (q_m + eps_m) / np.maximum(q_r - eps_r, 1e-12), np.inf)
@@ -126,19 +133,60 @@ def auroc(in_scores, out_scores) -> Optional[float]:
     return float((rank_sum - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
 
 
-def choose_reference(valid_scores, labeled_scores):
-    """(reference scores, name): the scores of the validation images that carry a class label
-    (held out from training, so scored like unseen in-distribution images) when there are at
-    least MIN_REFERENCE of them, else those of the labeled training images ("labeled": the
-    model has fitted them, so they look more in-distribution than unseen images and the share
-    comes out high)."""
-    if len(valid_scores) >= MIN_REFERENCE:
-        return np.asarray(valid_scores), "valid"
-    return np.asarray(labeled_scores), "labeled"
+def _unit_rows(features) -> np.ndarray:
+    f = np.asarray(features, np.float32)
+    if f.ndim != 2:
+        raise ValueError(f"features must be [N, D], got shape {f.shape}")
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def bank_rows(n: int) -> np.ndarray:
+    """Which of n labeled images form the nearest-neighbour bank: all, or MAX_BANK spread
+    evenly over the file (its class round-robin order) when there are more."""
+    return np.arange(n) if n <= MAX_BANK else np.linspace(0, n - 1, MAX_BANK).round().astype(np.int64)
+
+
+def knn_similarity(features, bank, leave_one_out: bool = False, chunk: int = 1024) -> np.ndarray:
+    """Cosine similarity of each row of `features` [N, D] to its nearest row of `bank` [M, D]
+    (higher = more in-distribution). leave_one_out: `features` is the bank itself and each
+    row's own entry is skipped (needs M >= 2)."""
+    f, b = _unit_rows(features), _unit_rows(bank)
+    if len(b) < (2 if leave_one_out else 1) or (len(f) and f.shape[1] != b.shape[1]):
+        raise ValueError(f"need a bank of [M, {f.shape[1]}] with M >= {2 if leave_one_out else 1}, "
+                         f"got {b.shape}")
+    out = np.empty(len(f), np.float64)
+    for start in range(0, len(f), chunk):
+        sim = f[start:start + chunk] @ b.T
+        if leave_one_out:
+            rows = np.arange(len(sim))
+            sim[rows, start + rows] = -np.inf
+        out[start:start + chunk] = sim.max(axis=1)
+    return out
+
+
+def feature_scores(labeled_features, unlabeled_features, valid_features=None):
+    """(reference scores, unlabeled scores, reference name) of the nearest-neighbour score.
+    Bank: the labeled images (bank_rows). Reference: the bank's images leave-one-out, plus
+    the validation images with a class label (`valid_features`, may be empty), which the model
+    has not trained on. Name: "labeled+valid" or "labeled"."""
+    labeled = np.asarray(labeled_features, np.float32)
+    bank = labeled[bank_rows(len(labeled))]
+    reference = knn_similarity(bank, bank, leave_one_out=True)
+    name = "labeled"
+    if valid_features is not None and len(valid_features):
+        reference = np.concatenate([reference, knn_similarity(valid_features, bank)])
+        name = "labeled+valid"
+    return reference, knn_similarity(unlabeled_features, bank), name
 
 
 # ---------------------------------------------------------------------------------------------
 # Over a run: trust rule and smoothing (the state is checkpointed by the trainer)
+
+def trust_set(n_valid_known: int) -> str:
+    """The set whose accuracy decides trust: the validation images with a label when there are
+    at least MIN_REFERENCE of them (held out), else the labeled images."""
+    return "valid" if n_valid_known >= MIN_REFERENCE else "train_labeled"
+
 
 def trust_accuracy(nclass: int) -> float:
     """Reference accuracy from which the model is trusted: half-way from chance to perfect."""
@@ -148,11 +196,11 @@ def trust_accuracy(nclass: int) -> float:
 @dataclasses.dataclass
 class AutoGamma:
     """gamma chosen from the data. `update` once per report with the raw share estimate and
-    the EMA model's accuracy on the reference images; `gamma` is what the mask uses.
+    the EMA model's accuracy on held-out images (`trust_set`); `gamma` is what the mask uses.
 
-    - The estimate starts at 0 and stays 0 until the model is trusted: its accuracy on the
-      held-out reference images has reached trust_accuracy(nclass) at `trust_reports`
-      consecutive reports (once trusted, always trusted: a resumed run keeps it).
+    - The estimate starts at 0 and stays 0 until the model is trusted: its accuracy has
+      reached trust_accuracy(nclass) at `trust_reports` consecutive reports (once trusted,
+      always trusted: a resumed run keeps it).
     - Then it follows the raw estimates with an exponential moving average,
       estimate += rate * (raw - estimate), so gamma rises from 0 over a few reports.
     - gamma = min(estimate, max_gamma) (the mask needs gamma < 1).

@@ -127,8 +127,15 @@ class LogitsNet:
     (for tools written against the WideResNet, e.g. realmix_tf.inspect)."""
 
     def __init__(self, plain: keras.Model):
-        self.model = keras.Model(plain.input, plain.get_layer(LOGITS_NAME).output)
+        head = plain.get_layer(LOGITS_NAME)
+        self.model = keras.Model(plain.input, head.output)
+        self.both = keras.Model(plain.input, [head.input, head.output])
         self.nclass = int(self.model.output_shape[-1])
 
     def __call__(self, x, training=False):
         return self.model((x + 1.0) * (255.0 / 2), training=training)
+
+    def features_and_logits(self, x, training=False):
+        """(the classifier's input, logits), as WideResNet.features_and_logits."""
+        features, logits = self.both((x + 1.0) * (255.0 / 2), training=training)
+        return features, logits

@@ -190,11 +190,14 @@ class SSLModel(keras.Model):
         """Adds the global batch (per-replica batch x replicas) to `step`."""
         self.step.assign_add(tf.cast(batch * self.num_replicas, tf.int64))
 
-    def classify(self, images, ema: bool = True):
+    def classify(self, images, ema: bool = True, features: bool = False):
         """Float32 class probabilities for images in [-1, 1]: inference-mode BN with the live
-        moving statistics, and the EMA weights unless ema=False."""
+        moving statistics, and the EMA weights unless ema=False. features: (probabilities,
+        the net's pooled features) from the same pass."""
         net = self.ema_net if ema else self.net
-        return tf.nn.softmax(tf.cast(net(images, training=False), tf.float32))
+        pooled, logits = net.features_and_logits(images, training=False)
+        probs = tf.nn.softmax(tf.cast(logits, tf.float32))
+        return (probs, tf.cast(pooled, tf.float32)) if features else probs
 
     def call(self, images, training=False):
         return self.ema_net(images, training=False)

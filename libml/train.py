@@ -358,17 +358,19 @@ class Trainer:
             strategy, model = self.strategy, self.model
 
             def replica(batch):
-                probs = model.classify(batch["image"], ema=ema)
+                probs, features = model.classify(batch["image"], ema=ema, features=True)
                 labels = tf.cast(batch["label"], tf.int64)
                 known = labels >= 0
                 hit = tf.logical_and(known, tf.argmax(probs, axis=-1) == labels)
-                return tf.reduce_sum(tf.cast(hit, tf.int64)), tf.reduce_sum(tf.cast(known, tf.int64)), probs
+                return (tf.reduce_sum(tf.cast(hit, tf.int64)), tf.reduce_sum(tf.cast(known, tf.int64)),
+                        probs, features, labels)
 
             def evaluate(batch):
-                hits, known, probs = strategy.run(replica, args=(batch,))
+                hits, known, probs, features, labels = strategy.run(replica, args=(batch,))
                 total = tf.distribute.ReduceOp.SUM
                 return (strategy.reduce(total, hits, axis=None), strategy.reduce(total, known, axis=None),
-                        strategy.gather(probs, axis=0))
+                        strategy.gather(probs, axis=0), strategy.gather(features, axis=0),
+                        strategy.gather(labels, axis=0))
 
             self._eval_fns[ema] = tf.function(evaluate)
         return self._eval_fns[ema]
@@ -382,26 +384,33 @@ class Trainer:
         return self._eval_datasets
 
     def evaluate(self, ema: bool = True, sets=("train_labeled", "valid", "test"), keep=("valid",)):
-        """{set: accuracy %} over records with a known label (label >= 0), and {set: class
-        probabilities [N, K]} of the sets in `keep`."""
+        """{set: accuracy %} over records with a known label (label >= 0), and for the sets in
+        `keep` {set: {"probs": [N, K], "features": [N, D] (pooled), "labels": [N]}}."""
         fn = self._eval_fn(ema)
         result, kept = {}, {}
         for name in sets:
             hits = known = 0
-            probs = []
+            parts = []
             for batch in self._eval_sets()[name]:
-                h, k, p = fn(batch)
+                h, k, *outputs = fn(batch)
                 hits, known = hits + int(h), known + int(k)
                 if name in keep:
-                    probs.append(p.numpy())
+                    parts.append([o.numpy() for o in outputs])
             result[name] = 100.0 * hits / known if known else float("nan")
             if name in keep:
-                kept[name] = np.concatenate(probs) if probs else np.zeros([0, self.info.nclass], np.float32)
+                kept[name] = self._stack_outputs(parts)
         return result, kept
 
+    def _stack_outputs(self, parts) -> dict:
+        if not parts:
+            return dict(probs=np.zeros([0, self.info.nclass], np.float32),
+                        features=np.zeros([0, 0], np.float32), labels=np.zeros([0], np.int64))
+        return {key: np.concatenate([p[i] for p in parts]) for i, key in
+                enumerate(("probs", "features", "labels"))}
+
     def _report(self, writer, step: int, means: dict) -> None:
-        accuracy, probs = self.evaluate(ema=True, keep=("valid", "train_labeled"))
-        confidence = probs["valid"].max(axis=1) if len(probs["valid"]) else None
+        accuracy, kept = self.evaluate(ema=True, keep=("valid", "train_labeled"))
+        confidence = kept["valid"]["probs"].max(axis=1) if len(kept["valid"]["probs"]) else None
         kimg = step / KIMG
         with writer.as_default(step=step):
             write_scalar("accuracy/train_labeled", accuracy["train_labeled"])
@@ -414,7 +423,7 @@ class Trainer:
             if confidence is not None:
                 write_histogram("monitors/unlabeled_confidence", confidence)
             if self.gamma_hook is not None:
-                self._report_gamma(step, probs, accuracy)
+                self._report_gamma(step, kept, accuracy)
         writer.flush()
         self.history = [h for h in self.history if h["step"] < step]
         self.history.append(dict(step=step, kimg=kimg, **{k: finite_or_none(v) for k, v in accuracy.items()}))
@@ -427,16 +436,15 @@ class Trainer:
                         f"{means.get('monitors/img_per_sec', 0):.0f} img/s")
         self._bar.report(step, accuracy["test"])
 
-    def _report_gamma(self, step: int, probs: dict, accuracy: dict) -> None:
-        """--gamma=auto: the EMA model scores one window of unlabeled images (one extra pass of
-        --eval_batch images); the hook updates gamma (libml/gamma_auto.py)."""
+    def _report_gamma(self, step: int, kept: dict, accuracy: dict) -> None:
+        """--gamma=auto: the EMA model's pooled features of one window of unlabeled images (one
+        extra pass of --eval_batch images); the hook updates gamma (libml/gamma_auto.py)."""
         c, hook = self.config, self.gamma_hook
         offset = hook.window_offset(step, c.report_nimg, c.eval_batch)
         fn = self._eval_fn(True)
         window = self.distribute(self.data.unlabeled_window(c.eval_batch, offset))
-        parts = [fn(batch)[2].numpy() for batch in window]
-        window_probs = np.concatenate(parts) if parts else np.zeros([0, self.info.nclass], np.float32)
-        record = hook.report(step, window_probs, probs, accuracy)
+        outputs = self._stack_outputs([[o.numpy() for o in fn(batch)[2:]] for batch in window])
+        record = hook.report(step, outputs["features"], kept, accuracy)
         raw = "n/a" if record["ood_share_raw"] is None else f"{record['ood_share_raw']:.3f}"
         self._bar.write(f"kimg {step / KIMG:<8g} gamma {record['gamma']:.3f}  OOD share estimate "
                         f"{record['ood_share_estimate']:.3f} (raw {raw}, reference {record['reference']}"

@@ -7,13 +7,14 @@
 file. --dataset defaults to the one the model was trained on. Writes to --output (default
 {run}/inspect/{dataset}/):
   unlabeled.csv      one row per record of the -unlabel.tfrecord (validation records first):
-                     index, split, predicted class and name, confidence, ood_score, decision
-                     (mask/keep under the estimated gamma) and, for the mismatch sets,
-                     origin_class and in_distribution
+                     index, split, predicted class and name, confidence, ood_score (cosine
+                     distance to the nearest labeled image), decision (mask/keep: whether
+                     RealMix's mask, which drops the least confident, would drop it under the
+                     estimated gamma) and, for the mismatch sets, origin_class and in_distribution
   summary.json       estimated OOD share and gamma, the reference used, and with ground truth
-                     the true share, the error and the AUROC of the score
+                     the true share, the error and the AUROCs of the score
   histogram.png      the scores of the unlabeled images (split by the truth when known) and of
-                     the reference, with the gamma threshold
+                     the reference, with the estimate's threshold
   contact_sheet.png  the --sheet most and least in-distribution-looking training images
 The score and the estimate are those of --gamma=auto (libml/ood_share.py).
 """
@@ -83,12 +84,17 @@ def _read_json(path: str) -> dict:
     return read_json(path, "re-create it (train or export again)") if os.path.isfile(path) else {}
 
 
-def logits_of(net, images: np.ndarray, batch: int) -> np.ndarray:
+def features_and_logits_of(net, images: np.ndarray, batch: int):
+    """(pooled features [N, D], logits [N, K]) of uint8 images, from one pass."""
     import tensorflow as tf
     from libml.export import normalize
-    call = tf.function(lambda x: tf.cast(net(normalize(x), training=False), tf.float32))
-    out = [call(tf.constant(images[i:i + batch])).numpy() for i in range(0, len(images), batch)]
-    return np.concatenate(out) if out else np.zeros([0, int(net.nclass)], np.float32)
+    call = tf.function(lambda x: [tf.cast(t, tf.float32) for t in
+                                  net.features_and_logits(normalize(x), training=False)])
+    out = [[t.numpy() for t in call(tf.constant(images[i:i + batch]))]
+           for i in range(0, len(images), batch)]
+    if not out:
+        return np.zeros([0, 0], np.float32), np.zeros([0, int(net.nclass)], np.float32)
+    return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,23 +114,21 @@ def load_split(dataset, root: str):
     return xl, xu, yu, truth
 
 
-def reference_scores(scores, labels_unlabeled, nvalid: int, logits_labeled):
-    """The in-distribution reference of --gamma=auto: validation records with a class label."""
+def analyse(features_labeled, features_unlabeled, logits_unlabeled, labels_unlabeled, nvalid: int,
+            truth=None) -> dict:
+    """Scores, estimate and per-image decisions, as --gamma=auto makes them at a report (on the
+    whole unlabeled set instead of one window, without smoothing)."""
+    nvalid = min(nvalid, len(features_unlabeled))
     known = np.asarray(labels_unlabeled[:nvalid]) >= 0
-    return ood_share.choose_reference(scores[:nvalid][known], ood_share.confidence_score(logits_labeled))
-
-
-def analyse(logits_labeled, logits_unlabeled, labels_unlabeled, nvalid: int, truth=None) -> dict:
-    """Scores, estimate and per-image decisions, as --gamma=auto makes them at a report."""
-    nvalid = min(nvalid, len(logits_unlabeled))
-    scores = ood_share.confidence_score(logits_unlabeled)
-    reference, reference_name = reference_scores(scores, labels_unlabeled, nvalid, logits_labeled)
+    reference, scores, reference_name = ood_share.feature_scores(
+        features_labeled, features_unlabeled, features_unlabeled[:nvalid][known])
     train_scores = scores[nvalid:]
     estimate = ood_share.estimate_share(reference, train_scores)
     gamma = min(estimate.share, ood_share.MAX_GAMMA)
-    # The mask drops the gamma least confident: the gamma-quantile of the training images.
-    cut = float(np.quantile(train_scores, gamma)) if gamma > 0 else -np.inf
-    summary = dict(estimated_ood_share=estimate.share, gamma=gamma, score_threshold=cut,
+    # RealMix's mask drops the gamma least confident: the gamma-quantile of the confidence.
+    confidence = ood_share.confidence_score(logits_unlabeled)
+    cut = float(np.quantile(confidence[nvalid:], gamma)) if gamma > 0 and len(train_scores) else -np.inf
+    summary = dict(estimated_ood_share=estimate.share, gamma=gamma, score="knn_cosine",
                    reference=reference_name, n_reference=estimate.n_reference,
                    n_unlabeled=int(len(train_scores)), n_valid=nvalid,
                    bbe_threshold=estimate.threshold, bbe_reference_above=estimate.reference_above,
@@ -134,14 +138,18 @@ def analyse(logits_labeled, logits_unlabeled, labels_unlabeled, nvalid: int, tru
         true_share = float(1.0 - inside.mean()) if len(inside) else None
         summary.update(true_ood_share=true_share,
                        share_error=None if true_share is None else estimate.share - true_share,
-                       auroc=ood_share.auroc(train_scores[inside], train_scores[~inside]))
-    return dict(summary=summary, scores=scores, masked=scores <= cut)
+                       auroc=ood_share.auroc(train_scores[inside], train_scores[~inside]),
+                       auroc_reference=ood_share.auroc(reference, train_scores[~inside]),
+                       auroc_confidence=ood_share.auroc(confidence[nvalid:][inside],
+                                                        confidence[nvalid:][~inside]))
+    return dict(summary=summary, scores=scores, reference=reference, masked=confidence <= cut)
 
 
 # ---------------------------------------------------------------------------------------------
 # Outputs
 
 def write_csv(path: str, result: dict, logits, nvalid: int, class_names, truth) -> None:
+    """ood_score = 1 - the similarity score: the cosine distance to the nearest labeled image."""
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     predicted = probs.argmax(1)
@@ -154,7 +162,7 @@ def write_csv(path: str, result: dict, logits, nvalid: int, class_names, truth) 
         for i, k in enumerate(predicted):
             row = [i, "valid" if i < nvalid else "train", int(k),
                    class_names[k] if k < len(class_names) else "", f"{probs[i, k]:.6f}",
-                   f"{-result['scores'][i]:.6f}", "mask" if result["masked"][i] else "keep"]
+                   f"{1.0 - result['scores'][i]:.6f}", "mask" if result["masked"][i] else "keep"]
             if truth is not None:
                 c = int(truth["origin_class"][i])
                 names = truth["origin_names"]
@@ -169,26 +177,27 @@ def _pyplot():
     return plt
 
 
-def write_histogram(path: str, result: dict, reference_scores, nvalid: int, truth) -> None:
+def write_histogram(path: str, result: dict, nvalid: int, truth) -> None:
     plt = _pyplot()
-    ood = -result["scores"][nvalid:]
+    ood, reference = 1.0 - result["scores"][nvalid:], 1.0 - result["reference"]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    bins = np.histogram_bin_edges(np.r_[ood, -np.asarray(reference_scores)], bins=40)
+    bins = np.histogram_bin_edges(np.r_[ood, reference], bins=40)
     if truth is not None:
         inside = truth["in_distribution"][nvalid:]
         ax.hist([ood[inside], ood[~inside]], bins=bins, stacked=True,
                 label=["unlabeled, in distribution", "unlabeled, out of distribution"])
     else:
         ax.hist(ood, bins=bins, label="unlabeled")
-    ax.hist(-np.asarray(reference_scores), bins=bins, histtype="step", color="k", density=False,
+    ax.hist(reference, bins=bins, histtype="step", color="k", density=False,
             label=f"reference ({result['summary']['reference']})")
     s = result["summary"]
-    if s["gamma"] > 0:
-        ax.axvline(-s["score_threshold"], color="r", ls="--", label=f"gamma = {s['gamma']:.2f}: masked to the right")
+    ax.axvline(1.0 - s["bbe_threshold"], color="r", ls="--",
+               label="estimate's threshold: left of it counted as in-distribution")
     title = f"estimated OOD share {s['estimated_ood_share']:.2f}"
     if s.get("true_ood_share") is not None:
         title += f" (true {s['true_ood_share']:.2f}, AUROC {s['auroc'] if s['auroc'] is None else round(s['auroc'], 3)})"
-    ax.set(xlabel="OOD score = -log(p_max / (1 - p_max))", ylabel="images", title=title)
+    ax.set(xlabel="OOD score = cosine distance to the nearest labeled image", ylabel="images",
+           title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, format="png")
@@ -217,7 +226,7 @@ def write_contact_sheet(path: str, images: np.ndarray, result: dict, nvalid: int
                 ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
                           vmin=0, vmax=255)
                 head = f"{label}:\n" if j == 0 else "\n"
-                ax.set_title(f"{head}#{i} {-scores[i]:.1f}", fontsize=6, loc="left" if j == 0 else "center")
+                ax.set_title(f"{head}#{i} {1 - scores[i]:.2f}", fontsize=6, loc="left" if j == 0 else "center")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -243,15 +252,15 @@ def inspect(model: str, dataset: str = "", root: str = "", output: str = "", bat
     if None not in shape and tuple(xu.shape[1:]) != tuple(shape):
         raise UserError(f"{name} holds {'x'.join(map(str, xu.shape[1:]))} images, the model takes "
                         f"{'x'.join(map(str, shape))}: pass the dataset the model was trained on")
-    logits_u, logits_l = logits_of(net, xu, batch), logits_of(net, xl, batch)
-    result = analyse(logits_l, logits_u, yu, name.nvalid, truth)
-    reference = reference_scores(result["scores"], yu, name.nvalid, logits_l)[0]
+    features_u, logits_u = features_and_logits_of(net, xu, batch)
+    features_l = features_and_logits_of(net, xl, batch)[0]
+    result = analyse(features_l, features_u, logits_u, yu, name.nvalid, truth)
     os.makedirs(output, exist_ok=True)
     class_names = list(meta.get("class_names", []))
     summary = dict(result["summary"], dataset=str(name), model=model)
     writers = {"unlabeled.csv": lambda p: write_csv(p, result, logits_u, name.nvalid, class_names, truth),
                "summary.json": lambda p: write_json(p, summary, overwrite=True),
-               "histogram.png": lambda p: write_histogram(p, result, reference, name.nvalid, truth),
+               "histogram.png": lambda p: write_histogram(p, result, name.nvalid, truth),
                "contact_sheet.png": lambda p: write_contact_sheet(p, xu, result, name.nvalid, sheet)}
     for key, write in writers.items():
         with atomic_path(paths[key], overwrite) as tmp:

@@ -373,7 +373,9 @@ def ood_share(run_dir: str, root: str) -> dict:
     summary = inspect.inspect(run_dir, root=root, overwrite=True)
     return dict(gamma_final=last["gamma"], estimate_final=last["ood_share_estimate"],
                 estimate_inspect=summary["estimated_ood_share"],
-                true_share=summary.get("true_ood_share"), auroc=summary.get("auroc"))
+                true_share=summary.get("true_ood_share"), auroc=summary.get("auroc"),
+                auroc_reference=summary.get("auroc_reference"),
+                auroc_confidence=summary.get("auroc_confidence"))
 
 
 def run_all(runs: Sequence[Run], s: Settings, root: str, train_dir: str,
@@ -434,7 +436,9 @@ SHARE_ROWS = {"true_share": "true OOD share (training unlabeled images)",
               "estimate_final": "estimate at the last report (smoothed)",
               "gamma_final": "γ used after the last report",
               "estimate_inspect": "estimate of the final model on all unlabeled images (inspect)",
-              "auroc": "AUROC of the confidence score, in vs out (inspect)"}
+              "auroc": "AUROC of the nearest-neighbour score, unlabeled in vs out (inspect)",
+              "auroc_reference": "AUROC of the nearest-neighbour score, reference vs unlabeled out (inspect)",
+              "auroc_confidence": "AUROC of the confidence (the mask's ranking), unlabeled in vs out (inspect)"}
 
 
 TITLES = {

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -117,12 +118,50 @@ def test_run_logs_gamma_and_estimate_at_every_report(toy, tmp_path, quick_trust)
             estimate += 0.3 * (min(max(r["ood_share_raw"], 0.0), 1.0) - estimate)
         assert r["ood_share_estimate"] == pytest.approx(estimate, abs=1e-6)
         assert r["gamma"] == pytest.approx(min(estimate, 0.95) if r["trusted"] else 0.0, abs=1e-6)
-        assert r["reference"] == "labeled" and r["n_window"] == 16 and r["n_reference"] == 16
+        # 16 labeled images (leave one out) + 8 validation images with a label; trust on the
+        # labeled images (fewer than 20 validation images)
+        assert r["reference"] == "labeled+valid" and r["n_window"] == 16 and r["n_reference"] == 24
+        assert r["trust_set"] == "train_labeled"
     tb = dict(events["monitors/gamma"])
     assert [float(tb[s]) for s in REPORTS] == pytest.approx([r["gamma"] for r in records], abs=1e-6)
     assert state(trainer)[0] == pytest.approx(records[-1]["gamma"], abs=1e-6)
     # gamma is a variable read by the step: one trace for the whole run
     assert trainer._train_fn.experimental_get_tracing_count() == 1
+
+
+class _Model:
+    def __init__(self):
+        self.gamma_state = gamma_auto.GammaState()
+
+
+def test_hook_estimates_the_window_share_from_features(tmp_path):
+    """One report on synthetic pooled features: 3 in-distribution classes, outliers pointing
+    elsewhere; the window holds 40 % outliers; validation images without a label (outliers)
+    stay out of the reference."""
+    rng = np.random.default_rng(0)
+    centres = rng.uniform(0, 1, (5, 16)) ** 4
+
+    def images(classes, n):
+        return np.abs(centres[rng.choice(classes, n)] + rng.normal(0, 0.02, (n, 16))).astype("f4")
+
+    window = np.concatenate([images([3, 4], 200), images([0, 1, 2], 300)])
+    kept = {"train_labeled": dict(features=images([0, 1, 2], 60), labels=np.arange(60) % 3),
+            "valid": dict(features=np.concatenate([images([0, 1, 2], 40), images([3, 4], 10)]),
+                          labels=np.r_[np.arange(40) % 3, -np.ones(10, np.int64)])}
+    hook = gamma_auto.GammaAutoHook(_Model(), nclass=3, run_dir=str(tmp_path))
+    hook.auto.trusted = True
+    hook.state.store(hook.auto)
+    record = hook.report(512, window, kept, dict(valid=90.0, train_labeled=100.0))
+    reference, scores, name = ood_share.feature_scores(kept["train_labeled"]["features"], window,
+                                                       kept["valid"]["features"][:40])
+    assert name == "labeled+valid" and record["reference"] == name and record["n_reference"] == 100
+    assert record["trust_set"] == "valid" and record["reference_accuracy"] == 0.9
+    assert record["ood_share_raw"] == ood_share.estimate_share(reference, scores).share
+    # 0.46: with 100 reference images, BBE's minimum over thresholds errs high by a few points
+    assert record["ood_share_raw"] == pytest.approx(0.4, abs=0.1)
+    assert record["gamma"] == pytest.approx(0.3 * record["ood_share_raw"])   # smoothed from 0
+    assert float(hook.state.gamma.numpy()) == pytest.approx(record["gamma"])
+    assert history(types.SimpleNamespace(run_dir=str(tmp_path))) == [json.loads(json.dumps(record))]
 
 
 def test_resume_keeps_the_estimate(toy, tmp_path, quick_trust):
@@ -180,3 +219,26 @@ def test_two_replica_mirrored_strategy_reads_gamma_without_retracing(tmp_path):
         assert len(ratios) == 2
         for ratio in ratios:
             assert ratio == 1.0 if gamma == 0 else 1 - gamma - 1 / 16 - 1e-6 <= ratio <= 1 - gamma + 1e-6
+
+
+@pytest.mark.slow
+def test_two_devices_cli_gathers_window_and_reference_features(toy, tmp_path):
+    """--gamma=auto on 2 logical CPU devices: every report estimates from the whole window and
+    the whole reference, gathered from both replicas."""
+    args = [sys.executable, "-m", "realmix_tf.realmix", f"--dataset={toy.name}",
+            f"--data_dir={toy.root}", f"--train_dir={tmp_path}", "--batch=8", "--filters=8",
+            "--repeat=1", "--train_kimg=0.125", "--report_kimg=0.0625", "--save_kimg=0.0625",
+            "--eval_batch=16", "--noprogress", "--short_run_scaling", "--nodata_autotune",
+            "--noexport", "--gamma=auto"]
+    result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=400,
+                            env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2",
+                                 "REALMIX_CPU_DEVICES": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 x CPU" in result.stderr
+    (path,) = [os.path.join(r, f) for r, _, fs in os.walk(tmp_path) for f in fs if f == "gamma_auto.json"]
+    with open(path) as f:
+        records = json.load(f)
+    assert [r["step"] for r in records] == [64, 128]
+    for r in records:
+        assert r["n_window"] == 16 and r["n_reference"] == 24 and r["reference"] == "labeled+valid"
+        assert 0.0 <= r["ood_share_raw"] <= 1.0

@@ -59,21 +59,36 @@ def test_run_folder_writes_csv_summary_and_pngs(tiny_run):
     assert all(r["class_name"] == f"class{r['predicted_class']}" for r in rows)
     confidence = np.array([float(r["confidence"]) for r in rows])
     ood = np.array([float(r["ood_score"]) for r in rows])
-    np.testing.assert_allclose(ood, -np.log(confidence / (1 - confidence)), rtol=1e-4, atol=1e-4)
-    # The decision masks the gamma least confident training images (and no others).
+    # ood_score: the cosine distance of the EMA net's pooled features to the nearest labeled
+    # image's, computed here independently of libml.ood_share.
+    net = trainer.model.ema_net
+    pooled = lambda x: net.features_and_logits(x.astype(np.float32) * (2 / 255) - 1)[0].numpy()
+    unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)
+    fl, fu = unit(pooled(toy.labeled[0])), unit(pooled(toy.unlabeled[0]))
+    np.testing.assert_allclose(ood, 1 - (fu @ fl.T).max(1), atol=1e-4)
+    # The decision: RealMix's mask drops the gamma least confident training images.
     train_rows = [r for r in rows if r["split"] == "train"]
     masked = sum(r["decision"] == "mask" for r in train_rows)
     assert abs(masked - s["gamma"] * len(train_rows)) <= 1 + 0.05 * len(train_rows)
-    cut = max((float(r["ood_score"]) for r in train_rows if r["decision"] == "keep"), default=-np.inf)
-    assert all(float(r["ood_score"]) >= cut for r in train_rows if r["decision"] == "mask")
+    cut = max((float(r["confidence"]) for r in train_rows if r["decision"] == "mask"), default=-np.inf)
+    assert all(float(r["confidence"]) >= cut for r in train_rows if r["decision"] == "keep")
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert summary["n_unlabeled"] == NUNLABELED - NVALID and summary["n_valid"] == NVALID
-    assert summary["reference"] == "labeled"      # 8 validation images < MIN_REFERENCE
+    # Reference: the 16 labeled images (leave one out) + the validation images with a label.
+    valid_known = int((~outliers[:NVALID]).sum())
+    assert summary["reference"] == "labeled+valid" and summary["n_reference"] == 16 + valid_known
+    assert summary["score"] == "knn_cosine"
     assert summary["true_ood_share"] == pytest.approx(outliers[NVALID:].mean())
     assert summary["share_error"] == pytest.approx(summary["estimated_ood_share"] - summary["true_ood_share"])
-    in_scores = -ood[NVALID:][~outliers[NVALID:]]
-    assert summary["auroc"] == pytest.approx(ood_share.auroc(in_scores, -ood[NVALID:][outliers[NVALID:]]))
+    similarity, inside = 1 - ood[NVALID:], ~outliers[NVALID:]
+    assert summary["auroc"] == pytest.approx(ood_share.auroc(similarity[inside], similarity[~inside]))
+    sl = fl @ fl.T
+    np.fill_diagonal(sl, -np.inf)
+    reference = np.r_[sl.max(1), (fu[:NVALID][~outliers[:NVALID]] @ fl.T).max(1)]
+    assert summary["auroc_reference"] == pytest.approx(ood_share.auroc(reference, similarity[~inside]), abs=1e-3)
+    assert summary["estimated_ood_share"] == pytest.approx(
+        ood_share.estimate_share(reference, similarity).share, abs=0.02)
     for png in ("histogram.png", "contact_sheet.png"):
         with Image.open(os.path.join(out, png)) as image:
             assert image.format == "PNG" and min(image.size) > 100

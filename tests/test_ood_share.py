@@ -1,5 +1,6 @@
-"""libml.ood_share: scores, the share estimate on synthetic mixtures with a known share, AUROC,
-and the trust / smoothing rule of --gamma=auto."""
+"""libml.ood_share: scores, the nearest-neighbour feature score, the share estimate on synthetic
+mixtures with a known share (scores and features), AUROC, and the trust / smoothing rule of
+--gamma=auto."""
 import itertools
 
 import numpy as np
@@ -55,6 +56,75 @@ def test_estimate_worked_examples():
     assert e.share == pytest.approx(0.5) and (e.n_reference, e.n_mixture) == (1000, 2000)
 
 
+def test_min_fraction_ignores_a_thin_top_bin():
+    # Reference 0..9, 100 each. Mixture: the reference with its 100 nines moved to 8.5, plus
+    # 1000 outliers at -1 (in-distribution share 0.5). The top bin t = 9 holds 10 % of the
+    # reference and none of the mixture: bound 0.0304 / (0.1 - 0.0430) = 0.53 beats t = 0's
+    # (0.5 + 0.0304) / (1 - 0.0430) = 0.55, and plain BBE answers share 1. With the bin
+    # holding at least half the reference (t <= 5), t = 0 wins: share 0.5.
+    reference = np.repeat(np.arange(10.0), 100)
+    mixture = np.r_[np.where(reference == 9, 8.5, reference), -np.ones(1000)]
+    thin = ood_share.estimate_share(reference, mixture, min_fraction=0.0)
+    assert (thin.threshold, thin.share) == (9.0, 1.0)
+    e = ood_share.estimate_share(reference, mixture)
+    assert ood_share.MIN_FRACTION == 0.5 and (e.threshold, e.share) == (0.0, 0.5)
+
+
+def test_knn_similarity_worked_values():
+    bank = np.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    queries = np.array([[3.0, 0.0], [1.0, 3.0], [-1.0, 0.0]])
+    # cosines to the bank: [1, 0, .707], [.316, .949, .894], [-1, 0, -.707]
+    np.testing.assert_allclose(ood_share.knn_similarity(queries, bank),
+                               [1.0, 3 / np.sqrt(10), 0.0], rtol=1e-6)
+    # leave one out: each bank row's best other row is the diagonal (1, 1): cos 45 degrees
+    np.testing.assert_allclose(ood_share.knn_similarity(bank, bank, leave_one_out=True),
+                               [np.sqrt(0.5), np.sqrt(0.5), np.sqrt(0.5)], rtol=1e-6)
+    chunked = ood_share.knn_similarity(queries, bank, chunk=1)
+    np.testing.assert_allclose(chunked, ood_share.knn_similarity(queries, bank))
+    with pytest.raises(ValueError, match="bank"):
+        ood_share.knn_similarity(queries, bank[:1], leave_one_out=True)
+    with pytest.raises(ValueError, match="bank"):
+        ood_share.knn_similarity(queries, np.ones((3, 5)))
+    assert len(ood_share.bank_rows(10)) == 10
+    rows = ood_share.bank_rows(5000)
+    assert len(rows) == ood_share.MAX_BANK and rows[0] == 0 and rows[-1] == 4999
+
+
+def test_feature_scores_reference_is_labeled_leave_one_out_plus_valid():
+    rng = np.random.default_rng(5)
+    labeled, valid, unlabeled = rng.normal(size=(12, 4)), rng.normal(size=(5, 4)), rng.normal(size=(7, 4))
+    reference, scores, name = ood_share.feature_scores(labeled, unlabeled, valid)
+    assert name == "labeled+valid" and reference.shape == (17,) and scores.shape == (7,)
+    np.testing.assert_allclose(reference[:12], ood_share.knn_similarity(labeled, labeled, leave_one_out=True))
+    np.testing.assert_allclose(reference[12:], ood_share.knn_similarity(valid, labeled))
+    np.testing.assert_allclose(scores, ood_share.knn_similarity(unlabeled, labeled))
+    assert ood_share.feature_scores(labeled, unlabeled, valid[:0])[2] == "labeled"
+    assert ood_share.feature_scores(labeled, unlabeled)[0].shape == (12,)
+
+
+def _clusters(rng, centres, n, spread=0.1):
+    picks = rng.integers(0, len(centres), n)
+    return np.abs(centres[picks] + rng.normal(0.0, spread, (n, centres.shape[1])))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_estimate_on_synthetic_features_with_a_known_share(share):
+    """Pooled features of 6 in-distribution classes and 4 outlier classes (non-negative, like
+    the WRN's after its final ReLU): 60 labeled images, 200 validation images, a mixture of
+    1360; the nearest-neighbour score and BBE recover the share within 0.05."""
+    rng = np.random.default_rng(int(share * 100) + 11)
+    centres = rng.uniform(0.0, 1.0, (10, 32)) ** 4     # peaked: classes point different ways
+    labeled = _clusters(rng, centres[:6], 60)
+    valid = _clusters(rng, centres[:6], 200)
+    n_out = int(round(share * 1360))
+    mixture = np.concatenate([_clusters(rng, centres[6:], n_out), _clusters(rng, centres[:6], 1360 - n_out)])
+    reference, scores, _ = ood_share.feature_scores(labeled, mixture, valid)
+    assert abs(ood_share.estimate_share(reference, scores).share - share) <= 0.05
+    truth = np.r_[np.zeros(n_out, bool), np.ones(1360 - n_out, bool)]
+    if 0 < n_out < 1360:
+        assert ood_share.auroc(scores[truth], scores[~truth]) > 0.99
+
+
 def test_estimate_rejects_bad_input():
     with pytest.raises(ValueError, match="at least 5 reference"):
         ood_share.estimate_share([1.0, 2.0], [1.0])
@@ -96,6 +166,7 @@ def test_auroc_matches_pairwise_counting_with_ties():
 
 
 def test_auto_gamma_waits_for_trust_then_smooths():
+    assert ood_share.trust_set(20) == "valid" and ood_share.trust_set(19) == "train_labeled"
     auto = ood_share.AutoGamma(nclass=6, rate=0.5, trust_reports=2)
     assert ood_share.trust_accuracy(6) == pytest.approx(7 / 12)
     assert auto.update(0.8, reference_accuracy=0.9) == 0.0      # 1 report above: not yet
