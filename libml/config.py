@@ -72,6 +72,16 @@ def decay(name, value):
         raise UserError(f"--{name}={value} is out of range: use a decay in [0, 1)")
 
 
+def fraction(released: str) -> Callable:
+    """A check of a fraction of the run in [0, 1]; `released`: the released default (text)."""
+    def check(name, value):
+        finite(name, value)
+        if not 0 <= value <= 1:
+            raise UserError(f"--{name}={value} is out of range: use a fraction of the run in "
+                            f"[0, 1] ({released})")
+    return check
+
+
 def one_of(*choices) -> Callable:
     def check(name, value):
         if value not in choices:

@@ -20,7 +20,7 @@ import tensorflow as tf
 from absl import flags
 
 from libml import baseline_losses, replicas
-from libml.config import KIMG, finite, positive, whole_kimg
+from libml.config import KIMG, finite, fraction, positive, whole_kimg
 from libml.errors import UserError
 from libml.ssl import SSLModel, check_loss_nclass, define_loss_nclass_flag
 from realmix_tf.supervised import (check_smoothing, define_smoothing_flag, labeled_cross_entropy,
@@ -30,13 +30,10 @@ from realmix_tf.supervised import (check_smoothing, define_smoothing_flag, label
 def check_mean_teacher(consistency_weight, warmup_pos, train_kimg):
     """Mean Teacher's arguments, checked once (UserError naming the flag and the fix)."""
     finite("consistency_weight", consistency_weight)
-    finite("warmup_pos", warmup_pos)
     if consistency_weight < 0:
         raise UserError(f"--consistency_weight={consistency_weight} is negative: use a "
                         f"weight >= 0 (the released default is 50)")
-    if not 0 <= warmup_pos <= 1:
-        raise UserError(f"--warmup_pos={warmup_pos} is out of range: use a fraction of the "
-                        f"run in [0, 1] (the released default is 0.4)")
+    fraction("the released default is 0.4")("warmup_pos", warmup_pos)
     positive("train_kimg", train_kimg)
 
 

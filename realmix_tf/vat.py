@@ -25,7 +25,7 @@ import tensorflow as tf
 from absl import flags
 
 from libml import baseline_losses, replicas, vat_ops
-from libml.config import KIMG, positive, whole_kimg
+from libml.config import KIMG, fraction, positive, whole_kimg
 from libml.errors import UserError
 from libml.ssl import SSLModel
 from realmix_tf import mean_teacher
@@ -39,9 +39,7 @@ def check_vat(vat, vat_eps, vat_xi, entmin_weight, warmup_pos, train_kimg):
         raise UserError(f"--vat={vat}, --vat_eps={vat_eps}, --vat_xi={vat_xi}, "
                         f"--entmin_weight={entmin_weight}: use weights >= 0 and eps, xi > 0 "
                         f"(libml: 0.3, 6, 1e-6, 0.06)")
-    if not 0 <= warmup_pos <= 1:
-        raise UserError(f"--warmup_pos={warmup_pos} is out of range: use a fraction of the run "
-                        f"in [0, 1] (libml: 0.4)")
+    fraction("libml: 0.4")("warmup_pos", warmup_pos)
     positive("train_kimg", train_kimg)
 
 
