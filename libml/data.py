@@ -150,17 +150,19 @@ class SSLData:
                 return bad.error(source.how_to_create, after)
         return None
 
-    def unlabeled_window(self, size: int, offset: int) -> tf.data.Dataset:
+    def unlabeled_window(self, size: int, index: int) -> tf.data.Dataset:
         """One batch {'image': f32[n,H,W,C], 'label': i64[n]} of the training unlabeled images
-        of the split file (never the Extend copies), un-augmented: `size` records from
-        position `offset` on, wrapping round (--gamma=auto scores one window per report)."""
+        of the split file (never the Extend copies), un-augmented (--gamma=auto scores one
+        window per report): every stride-th record, stride = ceil(records / size), from record
+        `index` mod stride on. A window spreads over the whole file, whose records may be
+        grouped by class, and `stride` consecutive windows read every record once."""
         _check_batch(size)
         source = dataclasses.replace(self._sources["valid"], skip=self.dataset.nvalid, take=-1)
         if getattr(self, "_window_count", None) is None:     # counted once per run
             self._window_count = int(source.records().reduce(tf.constant(0, tf.int64),
                                                              lambda n, _: n + 1))
-        count = self._window_count
-        ds = source.records().repeat().skip(int(offset) % max(count, 1)).take(min(int(size), count))
+        stride = max(1, -(-self._window_count // int(size)))
+        ds = source.records().skip(int(index) % stride).shard(stride, 0).take(int(size))
         ds = ds.map(_decoder(self.info)).batch(int(size))
         return self._finish(ds.map(lambda e: {"image": augment.to_float(e["image"]), "label": e["label"]}))
 

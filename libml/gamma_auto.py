@@ -81,9 +81,10 @@ class GammaAutoHook:
         self.history = [h for h in history if h["step"] <= step]
 
     @staticmethod
-    def window_offset(step: int, report_nimg: int, size: int) -> int:
-        """Where this report's window starts: consecutive reports read consecutive windows."""
-        return (step // max(report_nimg, 1)) * size
+    def window_index(step: int, report_nimg: int) -> int:
+        """This report's window (SSLData.unlabeled_window): consecutive reports read
+        interleaved windows that together cover the unlabeled set."""
+        return step // max(report_nimg, 1)
 
     def report(self, step: int, window_features, kept: Dict[str, dict],
                accuracy: Dict[str, float]) -> dict:

@@ -440,9 +440,9 @@ class Trainer:
         """--gamma=auto: the EMA model's pooled features of one window of unlabeled images (one
         extra pass of --eval_batch images); the hook updates gamma (libml/gamma_auto.py)."""
         c, hook = self.config, self.gamma_hook
-        offset = hook.window_offset(step, c.report_nimg, c.eval_batch)
         fn = self._eval_fn(True)
-        window = self.distribute(self.data.unlabeled_window(c.eval_batch, offset))
+        window = self.distribute(self.data.unlabeled_window(c.eval_batch,
+                                                            hook.window_index(step, c.report_nimg)))
         outputs = self._stack_outputs([[o.numpy() for o in fn(batch)[2:]] for batch in window])
         record = hook.report(step, outputs["features"], kept, accuracy)
         raw = "n/a" if record["ood_share_raw"] is None else f"{record['ood_share_raw']:.3f}"

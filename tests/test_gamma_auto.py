@@ -13,9 +13,10 @@ from tensorflow.python.framework import config as tf_config
 
 from libml import gamma_auto, layers, ood_share, summaries, train
 from libml.config import TrainConfig
+from libml.data import load_ssl
 from libml.errors import UserError
 from realmix_tf.realmix import RealMix
-from tests.fixtures_data import make_ssl_dataset, test_options
+from tests.fixtures_data import make_ssl_dataset, test_options, toy_images, write_set
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORTS = [32, 64, 96, 128]
@@ -47,6 +48,17 @@ def test_gamma_flag_accepts_auto_and_rejects_words():
 def toy(tmp_path_factory):
     return make_ssl_dataset(tmp_path_factory.mktemp("data"), nlabeled=16, nunlabeled=48, nvalid=8,
                             ntest=16, size=8)
+
+
+@pytest.fixture(scope="module")
+def toy_ood(tmp_path_factory):
+    """The toy with 40 % of its unlabeled images in two colours no labeled class has (label -1)."""
+    toy = make_ssl_dataset(tmp_path_factory.mktemp("data_ood"), nlabeled=16, nunlabeled=48,
+                           nvalid=8, ntest=16, size=8)
+    colours = np.arange(48) % 5                     # 3, 4: outliers (palette rows 0-2 = classes)
+    images, _ = toy_images(48, 5, 8, 3, seed=4, labels=colours)
+    write_set(toy.unlabel_path, images, np.where(colours >= 3, -1, colours), overwrite=True)
+    return toy
 
 
 @pytest.fixture
@@ -120,13 +132,30 @@ def test_run_logs_gamma_and_estimate_at_every_report(toy, tmp_path, quick_trust)
         assert r["gamma"] == pytest.approx(min(estimate, 0.95) if r["trusted"] else 0.0, abs=1e-6)
         # 16 labeled images (leave one out) + 8 validation images with a label; trust on the
         # labeled images (fewer than 20 validation images)
-        assert r["reference"] == "labeled+valid" and r["n_window"] == 16 and r["n_reference"] == 24
+        # window = every 3rd of the 40 training unlabeled records (eval_batch 16), from report % 3
+        assert r["n_window"] == len(range(r["step"] // 32 % 3, 40, 3))
+        assert r["reference"] == "labeled+valid" and r["n_reference"] == 24
         assert r["trust_set"] == "train_labeled"
     tb = dict(events["monitors/gamma"])
     assert [float(tb[s]) for s in REPORTS] == pytest.approx([r["gamma"] for r in records], abs=1e-6)
     assert state(trainer)[0] == pytest.approx(records[-1]["gamma"], abs=1e-6)
     # gamma is a variable read by the step: one trace for the whole run
     assert trainer._train_fn.experimental_get_tracing_count() == 1
+
+
+def test_windows_interleave_and_cover_the_unlabeled_set(toy):
+    """40 training unlabeled records (48 minus 8 validation), windows of 16: stride 3, so
+    windows 0, 1, 2 read records 0, 3, 6, ... / 1, 4, ... / 2, 5, ...; window 3 = window 0."""
+    data = load_ssl(toy.name, toy.root, options=test_options())
+    images = toy.unlabeled[0][8:].astype(np.float32) * (2 / 255) - 1
+    seen = []
+    for index in range(4):
+        (batch,) = list(data.unlabeled_window(16, index))
+        rows = np.arange(index % 3, 40, 3)[:16]
+        np.testing.assert_allclose(batch["image"].numpy(), images[rows], atol=1e-6)
+        seen += rows.tolist() if index < 3 else []
+    assert sorted(seen) == list(range(40))
+    assert gamma_auto.GammaAutoHook.window_index(96, 32) == 3
 
 
 class _Model:
@@ -164,19 +193,22 @@ def test_hook_estimates_the_window_share_from_features(tmp_path):
     assert history(types.SimpleNamespace(run_dir=str(tmp_path))) == [json.loads(json.dumps(record))]
 
 
-def test_resume_keeps_the_estimate(toy, tmp_path, quick_trust):
+def test_resume_keeps_the_estimate(toy_ood, tmp_path, quick_trust):
     tf_config.enable_op_determinism()
     try:
-        reference = run(tiny_config(toy, tmp_path / "ref"))
+        reference = run(tiny_config(toy_ood, tmp_path / "ref"))
         # 10 steps = 80 images: reports at 32 and 64 and their checkpoints survive.
-        stopped = run(tiny_config(toy, tmp_path / "cut"), stop_after_steps=10)
+        stopped = run(tiny_config(toy_ood, tmp_path / "cut"), stop_after_steps=10)
         assert [r["step"] for r in history(stopped)] == [32, 64]
-        resumed = run(tiny_config(toy, tmp_path / "cut"))
+        resumed = run(tiny_config(toy_ood, tmp_path / "cut"))
     finally:
         tf_config.disable_op_determinism()
     assert state(resumed) == state(reference)
     assert history(resumed) == history(reference)
-    assert any(r["ood_share_raw"] for r in history(reference))   # a non-trivial estimate
+    # a real estimate: 16 of the 40 training unlabeled images are outliers (0.38-0.59 here)
+    raw = [r["ood_share_raw"] for r in history(reference)]
+    assert all(abs(r - 0.4) <= 0.2 for r in raw), raw
+    assert all(r["n_reference"] == 16 + 6 for r in history(reference))   # 6 of 8 valid labeled
 
 
 MIRRORED_SCRIPT = """
@@ -240,5 +272,5 @@ def test_two_devices_cli_gathers_window_and_reference_features(toy, tmp_path):
         records = json.load(f)
     assert [r["step"] for r in records] == [64, 128]
     for r in records:
-        assert r["n_window"] == 16 and r["n_reference"] == 24 and r["reference"] == "labeled+valid"
+        assert r["n_window"] == 13 and r["n_reference"] == 24 and r["reference"] == "labeled+valid"
         assert 0.0 <= r["ood_share_raw"] <= 1.0
