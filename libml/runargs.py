@@ -8,7 +8,8 @@ When a run resumes, some settings may change and some may not:
 - START_ONLY: read only when the run starts from scratch (--load_checkpoint). A resumed run
   ignores a new value; the recorded one stays.
 - everything else is fixed: precision (a float16 run's checkpoints hold the loss scale; bf16
-  and float32 compute different numbers), architecture, dataset and its classes, algorithm and
+  and float32 compute different numbers; --mixed_precision itself may change when the
+  precision it resolves to does not, e.g. auto -> none where auto means float32), architecture, dataset and its classes, algorithm and
   its hyper-parameters (most of these are in the run folder's name as well).
 
 `resume_args(recorded, current, run_dir)` returns the settings to record and the notes to
@@ -34,10 +35,11 @@ class Difference:
     name: str
     recorded: object
     current: object
+    resumable: bool = False       # resumable here although not in RESUMABLE (see differences)
 
     @property
     def kind(self) -> str:
-        if self.name in RESUMABLE:
+        if self.name in RESUMABLE or self.resumable:
             return "resumable"
         return "start_only" if self.name in START_ONLY else "fixed"
 
@@ -70,8 +72,13 @@ def same_value(a, b) -> bool:
 
 def differences(recorded: dict, current: dict) -> List[Difference]:
     """Settings present in both whose values differ, sorted by name. A setting missing from
-    the record (written by an older version) cannot be compared and is not reported."""
-    return [Difference(k, recorded[k], current[k]) for k in sorted(set(recorded) & set(current))
+    the record (written by an older version) cannot be compared and is not reported.
+    --mixed_precision may change when both record the precision it resolved to and that is
+    the same (e.g. auto -> none on a CPU where auto means float32): the precision is fixed."""
+    same_precision = ("precision" in recorded and "precision" in current
+                      and same_value(recorded["precision"], current["precision"]))
+    return [Difference(k, recorded[k], current[k], k == "mixed_precision" and same_precision)
+            for k in sorted(set(recorded) & set(current))
             if not same_value(recorded[k], current[k])]
 
 

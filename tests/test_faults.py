@@ -289,6 +289,18 @@ def test_resume_with_a_fixed_flag_changed_names_it_and_never_says_delete():
     assert "re-run with the recorded values" in message and "another --train_dir" in message
 
 
+def test_resume_with_another_mixed_precision_flag_for_the_same_precision():
+    recorded = dict(RECORDED, mixed_precision="auto", precision="float32")
+    merged, notes = runargs.resume_args(recorded, dict(recorded, mixed_precision="none"), "runs/x")
+    assert merged["mixed_precision"] == "none" and merged["precision"] == "float32"
+    assert notes == ["resuming runs/x with changed settings: --mixed_precision=none (recorded auto)"]
+    # auto resolving to another precision (another machine) is refused, both named.
+    with pytest.raises(UserError, match=r"--mixed_precision=bf16 \(recorded auto\), "
+                                        r"precision=mixed_bfloat16 \(recorded float32\)"):
+        runargs.resume_args(recorded, dict(recorded, mixed_precision="bf16",
+                                           precision="mixed_bfloat16"), "runs/x")
+
+
 def test_resume_with_permitted_changes_records_them():
     current = dict(RECORDED, report_kimg=0.5, train_kimg=128, load_checkpoint="other/run",
                    eval_batch=256)
