@@ -539,7 +539,7 @@ def plot(name: str, t: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
-def write_outputs(output: str, cells, results, s: Settings, meta: dict) -> dict:
+def write_outputs(output: str, cells, results, s: Settings, meta: dict, work_dir: str) -> dict:
     os.makedirs(output, exist_ok=True)
     tables = aggregate(cells, results, s)
     text = markdown_report(tables, s, meta)
@@ -549,7 +549,9 @@ def write_outputs(output: str, cells, results, s: Settings, meta: dict) -> dict:
     os.replace(tmp, os.path.join(output, "results.md"))
     for name, t in tables.items():
         plot(name, t, os.path.join(output, f"{name}.png"))
-    runs = [dict(results[r], key=r.key(s)) for r in unique_runs(cells)]
+    # Run folders relative to --work_dir: results.json names no path of the machine it ran on.
+    runs = [dict(results[r], key=r.key(s), run_dir=os.path.relpath(results[r]["run_dir"], work_dir))
+            for r in unique_runs(cells)]
     for r in runs:
         r["error"] = median_error(r["test"], s.median_last)
     write_json(os.path.join(output, "results.json"),
@@ -636,7 +638,7 @@ def miniature(s: Settings, work_dir: str, output: str, command: str) -> dict:
                 machine=f"{os.cpu_count()} CPUs, no GPU" if not _has_gpu() else "GPU",
                 load_start=load_start, load_end=load_average(),
                 finished=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
-    tables = write_outputs(output, cells, results, s, meta)
+    tables = write_outputs(output, cells, results, s, meta, work_dir)
     print(f"wrote {os.path.join(output, 'results.md')} ({len(runs)} runs, "
           f"{meta['wall_minutes']:.1f} min)")
     return dict(tables=tables, meta=meta, cells=cells, results=results)

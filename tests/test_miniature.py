@@ -110,7 +110,8 @@ def test_quick_run_writes_table_and_plot(tmp_path):
     assert [r["method"] for r in result["runs"]] == ["Supervised", "RealMix"]
     for r in result["runs"]:
         assert len(r["test"]) == 2 and r["error"] == pytest.approx(100 - r["test"][-1])
-        history = json.loads((open(os.path.join(r["run_dir"], "stats", "accuracy_history.json"))).read())
+        assert not os.path.isabs(r["run_dir"])            # relative to --work_dir
+        history = json.loads((open(os.path.join(work, r["run_dir"], "stats", "accuracy_history.json"))).read())
         assert [h["test"] for h in history] == r["test"]
     assert result["runs"][1]["extend"] == 2 and "extend2" in result["runs"][1]["run_dir"]
     assert result["tables"]["sizes"]["errors"]["Supervised"]["50 labels"] == [result["runs"][0]["error"]]
