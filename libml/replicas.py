@@ -145,16 +145,16 @@ def batch_norm(x, gamma, beta, epsilon: float, groups: int = 1):
     mean_ = tf.reduce_mean(means, axis=0)
     variance = tf.reduce_mean(variances, axis=0) + tf.reduce_mean(tf.square(means - mean_), axis=0)
     mean_, variance = tf.stop_gradient(mean_), tf.stop_gradient(variance)   # _normalize's job
+    count = tf.cast(rows * num_replicas(), tf.float32)                       # rows per chunk
     y = _normalize(x, tf.cast(gamma, tf.float32), tf.cast(beta, tf.float32), mean_, variance,
-                   epsilon, groups)
-    count = tf.cast(tf.size(x) // (groups * channels) * num_replicas(), tf.float32)
+                   count, epsilon, groups)
     unbiased = variance[0] * count / tf.maximum(count - 1.0, 1.0)
     return y, mean_[0], unbiased
 
 
-def _normalize(x, gamma, beta, mean, variance, epsilon, groups):
+def _normalize(x, gamma, beta, mean, variance, count, epsilon, groups):
     """y = gamma * (x - mean) / sqrt(variance + epsilon) + beta per chunk, with the global
-    statistics mean, variance [G, C] of x; the gradient includes their dependence on x over
+    statistics mean, variance [G, C] of x over `count` rows per chunk; the gradient includes their dependence on x over
     every replica (synchronised BatchNorm):
         dx = gamma * rstd * (dy - mean(dy) - xhat * mean(dy * xhat)),
     the means over the chunk's rows on all replicas. The fused kernel gives the local sums
@@ -178,7 +178,6 @@ def _normalize(x, gamma, beta, mean, variance, epsilon, groups):
             dgamma = tf.stack([p[1] for p in parts])                          # [G, C] local
             dbeta = tf.stack([p[2] for p in parts])
             sums = all_sum(tf.stack([dbeta, dgamma]))                          # [2, G, C] global
-            count = tf.cast(tf.size(x) // (groups * x.shape[-1]) * num_replicas(), tf.float32)
             rstd = tf.math.rsqrt(variance + epsilon)
             mean_dy, mean_dy_xhat = sums[0] / count, sums[1] / count
             slope = gamma * tf.square(rstd) * mean_dy_xhat                   # [G, C]

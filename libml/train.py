@@ -365,12 +365,15 @@ class Trainer:
                 return (tf.reduce_sum(tf.cast(hit, tf.int64)), tf.reduce_sum(tf.cast(known, tf.int64)),
                         probs, features, labels)
 
-            def evaluate(batch):
+            def evaluate(batch, outputs: bool):
+                """Counts; with outputs (a trace-time bool), also the gathered per-image outputs."""
                 hits, known, probs, features, labels = strategy.run(replica, args=(batch,))
                 total = tf.distribute.ReduceOp.SUM
-                return (strategy.reduce(total, hits, axis=None), strategy.reduce(total, known, axis=None),
-                        strategy.gather(probs, axis=0), strategy.gather(features, axis=0),
-                        strategy.gather(labels, axis=0))
+                counts = (strategy.reduce(total, hits, axis=None), strategy.reduce(total, known, axis=None))
+                if not outputs:
+                    return counts
+                return counts + (strategy.gather(probs, axis=0), strategy.gather(features, axis=0),
+                                 strategy.gather(labels, axis=0))
 
             self._eval_fns[ema] = tf.function(evaluate)
         return self._eval_fns[ema]
@@ -392,7 +395,7 @@ class Trainer:
             hits = known = 0
             parts = []
             for batch in self._eval_sets()[name]:
-                h, k, *outputs = fn(batch)
+                h, k, *outputs = fn(batch, name in keep)
                 hits, known = hits + int(h), known + int(k)
                 if name in keep:
                     parts.append([o.numpy() for o in outputs])
@@ -443,7 +446,7 @@ class Trainer:
         fn = self._eval_fn(True)
         window = self.distribute(self.data.unlabeled_window(c.eval_batch,
                                                             hook.window_index(step, c.report_nimg)))
-        outputs = self._stack_outputs([[o.numpy() for o in fn(batch)[2:]] for batch in window])
+        outputs = self._stack_outputs([[o.numpy() for o in fn(batch, True)[2:]] for batch in window])
         record = hook.report(step, outputs["features"], kept, accuracy)
         raw = "n/a" if record["ood_share_raw"] is None else f"{record['ood_share_raw']:.3f}"
         self._bar.write(f"kimg {step / KIMG:<8g} gamma {record['gamma']:.3f}  OOD share estimate "
