@@ -45,8 +45,14 @@ def class_fractions(counts: np.ndarray) -> np.ndarray:
 
 
 def _most_behind(fractions: np.ndarray, npos: np.ndarray) -> int:
-    """The class whose drawn share lags its size the most; ties go to the lowest index."""
-    return int(np.argmax(fractions - npos / max(npos.max(), 1)))
+    """The class whose drawn share lags its size the most; ties go to the lowest index.
+
+    A class id with no image (a gap in the ids, e.g. the 4 CIFAR-10 classes of a mismatch
+    set) is never chosen: the released code let it win the ties, which ended the
+    interleaving of the unlabeled file and failed the labeled draw (docs/fidelity.md).
+    """
+    lag = fractions - npos / max(npos.max(), 1)
+    return int(np.argmax(np.where(fractions > 0, lag, -np.inf)))
 
 
 def choose_labeled(labels: np.ndarray, size: int, seed: int) -> np.ndarray:

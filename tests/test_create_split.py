@@ -80,6 +80,17 @@ def test_class_balance_and_round_robin():
         assert len(set(labels[order[start:start + 10]].tolist())) >= 8
 
 
+def test_class_ids_with_gaps_interleave_and_draw():
+    """Ids 2, 3, 8, 9 only (a mismatch set's 4 classes): the absent ids 0, 1, 4-7 are never
+    picked, so the write order keeps cycling (the released code stopped after one round and
+    wrote the rest class by class) and the labeled draw does not fail on an empty class."""
+    labels = np.repeat([2, 3, 8, 9], 3)
+    assert cs.unlabeled_order(labels, ()) == [0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11]
+    assert reference_split(labels.tolist(), 0, 0)[1] == [0, 3, 6, 9, 1, 2, 4, 5, 7, 8, 10, 11]
+    labeled = cs.choose_labeled(np.repeat([0, 2], 5), 4, seed=0)
+    assert labeled.tolist() == [0, 5, 1, 6]
+
+
 def test_unknown_labels_are_never_labeled():
     labels = np.array([0, -1, 1, -1, 0, 1, -1, -1, 0, 1])
     labeled = cs.choose_labeled(labels, 6, seed=2)
