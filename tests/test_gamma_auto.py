@@ -11,12 +11,14 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from libml import gamma_auto, layers, ood_share, summaries, train
+from libml import gamma_auto, layers, ood_share, summaries
 from libml.config import TrainConfig
 from libml.data import load_ssl
 from libml.errors import UserError
 from realmix_tf.realmix import RealMix
 from tests.fixtures_data import make_ssl_dataset, test_options, toy_images, write_set
+from tests.fixtures_train import run
+from tests.two_devices import run_script, toy_mirrored
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORTS = [32, 64, 96, 128]
@@ -74,33 +76,6 @@ def tiny_config(toy, train_dir, **overrides):
                   short_run_scaling=True, algorithm=dict(gamma="auto"))
     values.update(overrides)
     return TrainConfig(**values)
-
-
-class Stopped(Exception):
-    pass
-
-
-def run(config, stop_after_steps=None):
-    trainer = train.Trainer(config, RealMix.from_config, "RealMix", data_options=test_options())
-    if stop_after_steps is not None:    # a crash after this many steps: no final save
-        make = trainer._get_train_fn
-        calls = {"n": 0}
-
-        def crashing():
-            inner = make()
-
-            def step():
-                if calls["n"] == stop_after_steps:
-                    raise Stopped()
-                calls["n"] += 1
-                return inner()
-            return step
-        trainer._get_train_fn = crashing
-    try:
-        trainer.run()
-    except Stopped:
-        pass
-    return trainer
 
 
 def state(trainer):
@@ -213,16 +188,6 @@ def test_resume_keeps_the_estimate(toy_ood, tmp_path, quick_trust):
 
 MIRRORED_SCRIPT = """
 import json
-import numpy as np, tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from realmix_tf.realmix import RealMix
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-rng = np.random.RandomState(0)
-lab = tf.data.Dataset.from_tensor_slices({"image": rng.uniform(-1, 1, (32, 8, 8, 3)).astype("f4"),
-                                          "label": rng.randint(0, 4, 32)})
-unl = tf.data.Dataset.from_tensor_slices({"image": rng.uniform(-1, 1, (32, 2, 8, 8, 3)).astype("f4")})
-data = tf.data.Dataset.zip((lab, unl)).repeat().batch(16, drop_remainder=True)
 with strategy.scope():
     model = RealMix(4, (8, 8, 3), filters=4, repeat=1, warmup_kimg=0, gamma="auto")
 batches = iter(strategy.experimental_distribute_dataset(data))
@@ -239,11 +204,8 @@ print("RESULT", json.dumps(dict(ratios=ratios, traces=step.experimental_get_trac
 
 def test_two_replica_mirrored_strategy_reads_gamma_without_retracing(tmp_path):
     """gamma set from the host between steps reaches both replicas' masks; one trace."""
-    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "2"})
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
-    assert lines, result.stderr[-3000:]
+    stdout = run_script(toy_mirrored(16) + MIRRORED_SCRIPT)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT")]
     out = json.loads(lines[0].split(" ", 1)[1])
     assert out["traces"] == 1 and out["replicas"] == [0.25, 0.25]
     # Each replica masks floor(gamma * 16) + ties of its 16 mixed unlabeled rows (2 views x 8).

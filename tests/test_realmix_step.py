@@ -8,6 +8,7 @@ from libml.errors import UserError
 from libml.ssl import SSLModel
 from realmix_tf.realmix import RealMix
 from tests.reference import clone_network, softmax
+from tests.two_devices import run_script, toy_mirrored
 
 B, SIZE, NCLASS = 8, 16, 4
 TINY = dict(filters=8, repeat=1)
@@ -236,16 +237,6 @@ def test_dynamic_batch_is_refused():
 
 
 MIRRORED_SCRIPT = """
-import numpy as np, tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from realmix_tf.realmix import RealMix
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-rng = np.random.RandomState(0)
-lab = tf.data.Dataset.from_tensor_slices({"image": rng.uniform(-1, 1, (32, 8, 8, 3)).astype("f4"),
-                                          "label": rng.randint(0, 4, 32)})
-unl = tf.data.Dataset.from_tensor_slices({"image": rng.uniform(-1, 1, (32, 2, 8, 8, 3)).astype("f4")})
-data = tf.data.Dataset.zip((lab, unl)).repeat().batch(8, drop_remainder=True)
 for mode in ("per_replica", "global"):
     with strategy.scope():
         model = RealMix(4, (8, 8, 3), filters=4, repeat=1, warmup_kimg=0, gamma=0.5, tsa="linear",
@@ -268,16 +259,9 @@ def test_two_replica_mirrored_strategy(tmp_path):
     """Gradients summed over replicas, weights/EMA equal on both, the step counts the global
     batch (2 steps x 8 images); BN moving statistics per replica with --replica_mode=per_replica,
     the same on both (cross-replica batch statistics) by default."""
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT], cwd=root, capture_output=True,
-                            text=True, env={**os.environ, "PYTHONPATH": root,
-                                            "TF_CPP_MIN_LOG_LEVEL": "2"}, timeout=300)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
-    assert lines, result.stderr[-2000:]
-    assert len(lines) == 2, result.stderr[-2000:]
+    stdout = run_script(toy_mirrored(8) + MIRRORED_SCRIPT)
+    lines = [line for line in stdout.splitlines() if line.startswith("RESULT")]
+    assert len(lines) == 2, stdout
     for line, bn_expected in zip(lines, ("False", "True")):
         _, images, xe, kernels_equal, shadows_equal, bn_equal = line.split()
         assert int(images) == 16 and np.isfinite(float(xe))

@@ -11,15 +11,11 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from libml import config as train_config, train
-from realmix_tf.realmix import RealMix
-from tests.fixtures_data import make_ssl_dataset, test_options
+from libml import config as train_config
+from tests.fixtures_data import make_ssl_dataset
+from tests.fixtures_train import run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Stopped(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -42,30 +38,6 @@ def tiny_config(toy, train_dir, **overrides):
                   algorithm=dict(tsa="linear", gamma=0.25))
     values.update(overrides)
     return train_config.TrainConfig(**values)
-
-
-def run(config, stop_after_steps=None, data_options="test"):
-    options = test_options() if data_options == "test" else data_options
-    trainer = train.Trainer(config, RealMix.from_config, "RealMix", data_options=options)
-    if stop_after_steps is not None:    # a crash: no final save, no clean-up
-        fn = trainer._get_train_fn
-        calls = {"n": 0}
-
-        def crashing():
-            inner = fn()
-
-            def step():
-                if calls["n"] == stop_after_steps:
-                    raise Stopped()
-                calls["n"] += 1
-                return inner()
-            return step
-        trainer._get_train_fn = crashing
-    try:
-        trainer.run()
-    except Stopped:
-        pass
-    return trainer
 
 
 def all_weights(trainer):
