@@ -25,7 +25,6 @@ import sys
 import time
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import tensorflow as tf
 
 from libml import console
@@ -35,6 +34,7 @@ from libml.checkpoint import (READ_ERRORS, make_checkpoint, model_variables, rea
 from libml.checkpoint_files import latest_checkpoint
 from libml.config import KIMG, TrainConfig
 from libml.errors import UserError, first_line
+from libml.evaluate import Evaluator
 from libml.export import export_model, transfer_weights
 from libml.finite import FirstNonFinite, all_finite, loss_values
 from libml.io import write_json
@@ -119,7 +119,7 @@ class Trainer:
         self.tf_dir = os.path.join(self.run_dir, "tf")
         self.stats_dir = os.path.join(self.run_dir, "stats")
         self.export_dir = os.path.join(self.run_dir, "export")
-        self._eval_fns = {}
+        self.evaluator = Evaluator(self.strategy, self.model, self._eval_sets, self.info.nclass)
         self._train_fn = None
         self._nonfinite = FirstNonFinite()      # the step whose loss first went non-finite
         self._bar = console.RunProgress(0, 0, 1, enabled=False)   # the run's bar, set by train()
@@ -353,63 +353,14 @@ class Trainer:
                     image_shape=list(self.info.shape), class_names=list(self.info.class_names))
 
     # -- evaluation and reporting -------------------------------------------------------------
-    def _eval_fn(self, ema: bool):
-        if ema not in self._eval_fns:
-            strategy, model = self.strategy, self.model
-
-            def replica(batch):
-                probs, features = model.classify(batch["image"], ema=ema, features=True)
-                labels = tf.cast(batch["label"], tf.int64)
-                known = labels >= 0
-                hit = tf.logical_and(known, tf.argmax(probs, axis=-1) == labels)
-                return (tf.reduce_sum(tf.cast(hit, tf.int64)), tf.reduce_sum(tf.cast(known, tf.int64)),
-                        probs, features, labels)
-
-            def evaluate(batch, outputs: bool):
-                """Counts; with outputs (a trace-time bool), also the gathered per-image outputs."""
-                hits, known, probs, features, labels = strategy.run(replica, args=(batch,))
-                total = tf.distribute.ReduceOp.SUM
-                counts = (strategy.reduce(total, hits, axis=None), strategy.reduce(total, known, axis=None))
-                if not outputs:
-                    return counts
-                return counts + (strategy.gather(probs, axis=0), strategy.gather(features, axis=0),
-                                 strategy.gather(labels, axis=0))
-
-            self._eval_fns[ema] = tf.function(evaluate)
-        return self._eval_fns[ema]
-
-    def _eval_sets(self):
-        if not hasattr(self, "_eval_datasets"):
-            b, d = self.config.eval_batch, self.data
-            self._eval_datasets = {"train_labeled": self.distribute(d.eval_labeled(b)),
-                                   "valid": self.distribute(d.valid(b)),
-                                   "test": self.distribute(d.test(b))}
-        return self._eval_datasets
+    def _eval_sets(self) -> dict:
+        b, d = self.config.eval_batch, self.data
+        return {"train_labeled": self.distribute(d.eval_labeled(b)),
+                "valid": self.distribute(d.valid(b)), "test": self.distribute(d.test(b))}
 
     def evaluate(self, ema: bool = True, sets=("train_labeled", "valid", "test"), keep=("valid",)):
-        """{set: accuracy %} over records with a known label (label >= 0), and for the sets in
-        `keep` {set: {"probs": [N, K], "features": [N, D] (pooled), "labels": [N]}}."""
-        fn = self._eval_fn(ema)
-        result, kept = {}, {}
-        for name in sets:
-            hits = known = 0
-            parts = []
-            for batch in self._eval_sets()[name]:
-                h, k, *outputs = fn(batch, name in keep)
-                hits, known = hits + int(h), known + int(k)
-                if name in keep:
-                    parts.append([o.numpy() for o in outputs])
-            result[name] = 100.0 * hits / known if known else float("nan")
-            if name in keep:
-                kept[name] = self._stack_outputs(parts)
-        return result, kept
-
-    def _stack_outputs(self, parts) -> dict:
-        if not parts:
-            return dict(probs=np.zeros([0, self.info.nclass], np.float32),
-                        features=np.zeros([0, 0], np.float32), labels=np.zeros([0], np.int64))
-        return {key: np.concatenate([p[i] for p in parts]) for i, key in
-                enumerate(("probs", "features", "labels"))}
+        """libml.evaluate.Evaluator.evaluate on this run's evaluation sets."""
+        return self.evaluator.evaluate(ema, sets, keep)
 
     def _report(self, writer, step: int, means: dict) -> None:
         accuracy, kept = self.evaluate(ema=True, keep=("valid", "train_labeled"))
@@ -443,10 +394,9 @@ class Trainer:
         """--gamma=auto: the EMA model's pooled features of one window of unlabeled images (one
         extra pass of --eval_batch images); the hook updates gamma (libml/gamma_auto.py)."""
         c, hook = self.config, self.gamma_hook
-        fn = self._eval_fn(True)
         window = self.distribute(self.data.unlabeled_window(c.eval_batch,
                                                             hook.window_index(step, c.report_nimg)))
-        outputs = self._stack_outputs([[o.numpy() for o in fn(batch, True)[2:]] for batch in window])
+        outputs = self.evaluator.outputs(window)
         record = hook.report(step, outputs["features"], kept, accuracy)
         raw = "n/a" if record["ood_share_raw"] is None else f"{record['ood_share_raw']:.3f}"
         self._bar.write(f"kimg {step / KIMG:<8g} gamma {record['gamma']:.3f}  OOD share estimate "
