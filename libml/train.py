@@ -34,7 +34,7 @@ from libml.checkpoint import (READ_ERRORS, make_checkpoint, model_variables, rea
 from libml.checkpoint_files import latest_checkpoint
 from libml.config import KIMG, TrainConfig
 from libml.errors import UserError, first_line
-from libml.evaluate import Evaluator
+from libml.evaluate import SETS as EVAL_SETS, Evaluator
 from libml.export import export_model, transfer_weights
 from libml.finite import FirstNonFinite, all_finite, loss_values
 from libml.io import write_json
@@ -358,7 +358,7 @@ class Trainer:
         return {"train_labeled": self.distribute(d.eval_labeled(b)),
                 "valid": self.distribute(d.valid(b)), "test": self.distribute(d.test(b))}
 
-    def evaluate(self, ema: bool = True, sets=("train_labeled", "valid", "test"), keep=("valid",)):
+    def evaluate(self, ema: bool = True, sets=EVAL_SETS, keep=("valid",)):
         """libml.evaluate.Evaluator.evaluate on this run's evaluation sets."""
         return self.evaluator.evaluate(ema, sets, keep)
 
