@@ -50,10 +50,13 @@ def checkpoint_key(path: str) -> str:
 
 
 def make_checkpoint(model, iterators=None) -> tf.train.Checkpoint:
-    """The model's variables, plus the (labeled, unlabeled) input iterators if given."""
+    """The model's variables, plus the (labeled, unlabeled) input iterators if given (unlabeled
+    None: an algorithm without unlabeled data)."""
     parts = dict(variables=model_variables(model))
     if iterators is not None:
-        parts.update(labeled_iterator=iterators[0], unlabeled_iterator=iterators[1])
+        parts.update(labeled_iterator=iterators[0])
+        if iterators[1] is not None:
+            parts.update(unlabeled_iterator=iterators[1])
     return tf.train.Checkpoint(**parts)
 
 

@@ -182,6 +182,25 @@ class TrainConfig:
         """The parsed --dataset; trainers with other naming schemes (fully supervised) override it."""
         return parse_dataset_name(self.dataset)
 
+    def data_root(self) -> str:
+        """--data_dir, else $ML_DATA."""
+        from libml.names import data_dir
+        return data_dir(self.data_dir)
+
+    def load_data(self, options=None, shard=(0, 1)):
+        """The run's streams (libml.data.load_ssl; with --extend, the extension shards as the
+        unlabeled set); configs with another kind of dataset (fully supervised) override it.
+        shard: (worker, workers)."""
+        from libml.data import load_ssl
+        root = self.data_root()
+        unlabeled_files = None
+        if self.extend:
+            from libml.extend import extended_unlabeled_files
+            unlabeled_files = extended_unlabeled_files(self.dataset, root, self.extend,
+                                                       self.extend_aug, self.extend_seed)
+        return load_ssl(self.dataset, root, seed=self.seed, unlabeled_files=unlabeled_files,
+                        shuffle_buffer=self.shuffle_buffer, options=options, shard=shard)
+
     def validate(self) -> "TrainConfig":
         """Each field's check, then the combinations; raises UserError with one line naming the fix."""
         self.dataset_name()
@@ -252,6 +271,11 @@ class TrainConfig:
 
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
            str: flags.DEFINE_string}
+
+
+def define_flag(name: str, default, help: str, flag_values=flags.FLAGS) -> None:
+    """One absl flag, its kind from the default's type (bool, int, float, str)."""
+    _DEFINE[type(default)](name, default, help, flag_values=flag_values)
 
 
 def define_train_flags(flag_values=flags.FLAGS, config_class=TrainConfig) -> None:

@@ -4,7 +4,9 @@
 pipelines:
 
 - ``train_labeled(B)``:   infinite, shuffled, one augmented view   {'image': f32[B,H,W,C]}
-- ``train_unlabeled(B)``: infinite, shuffled, two independent views {'image': f32[B,2,H,W,C]}
+- ``train_unlabeled(B, Unlabeled(views, ratio))``: infinite, shuffled, the views an algorithm
+  declares (``SSLModel.unlabeled``): {'image': f32[B*ratio,V,H,W,C]}, each view augmented by
+  its libml.augment name ("weak" = flip + translate, "strong" = + RandAugment + Cutout)
 - ``eval_labeled(B)``, ``valid(B)``, ``test(B)``: finite, in file order, no augmentation.
 
 Validation is the first ``nvalid`` records of ``-unlabel.tfrecord``; the unlabeled training
@@ -106,6 +108,25 @@ _SHUFFLE, _AUGMENT = 0, 1
 _LABELED, _UNLABELED = 1, 2
 
 
+@dataclasses.dataclass(frozen=True)
+class Unlabeled:
+    """What an algorithm reads of the unlabeled set (its `SSLModel.unlabeled`): `ratio`
+    unlabeled images per labeled one (FixMatch's uratio), each given in the `views` named
+    (libml.augment names, in order: axis 1 of the batch). MixMatch: two weak views, ratio 1."""
+    views: Tuple[str, ...] = ("weak", "weak")
+    ratio: int = 1
+
+    def __post_init__(self):
+        if not self.views or int(self.ratio) < 1:
+            raise UserError(f"unlabeled stream {self}: declare at least one view and a ratio >= 1")
+        for name in self.views:
+            augment.check_view(name)
+
+    def rows(self, batch: int) -> int:
+        """Unlabeled images of a batch of `batch` labeled images."""
+        return int(batch) * int(self.ratio)
+
+
 class SSLData:
     """The SSL streams of one dataset. Build it with `load_ssl`."""
 
@@ -127,12 +148,17 @@ class SSLData:
 
     # -- public streams -----------------------------------------------------------------------
     def train_labeled(self, batch: int) -> tf.data.Dataset:
-        """Infinite {'image': f32[B,H,W,C] in [-1,1], 'label': i64[B]}, one augmented view."""
-        return self._train("labeled", batch, views=1, stream=_LABELED)
+        """Infinite {'image': f32[B,H,W,C] in [-1,1], 'label': i64[B]}, one weak view."""
+        return self._train("labeled", batch, views=None, stream=_LABELED)
 
-    def train_unlabeled(self, batch: int) -> tf.data.Dataset:
-        """Infinite {'image': f32[B,2,H,W,C], 'label': i64[B]}: two independent views per image."""
-        return self._train("unlabeled", batch, views=2, stream=_UNLABELED)
+    def train_unlabeled(self, batch: int, spec: Unlabeled = Unlabeled()) -> tf.data.Dataset:
+        """Infinite {'image': f32[B*ratio,V,H,W,C], 'label': i64[B*ratio]}: the declared
+        views of B*ratio unlabeled images, each view an independent draw."""
+        if self._sources["unlabeled"] is None:
+            raise UserError(f"{self.dataset} has no unlabeled set (a fully supervised dataset): "
+                            f"train a supervised algorithm on it, or use an SSL split name")
+        return self._train("unlabeled", spec.rows(batch), views=tuple(spec.views),
+                           stream=_UNLABELED)
 
     def eval_labeled(self, batch: int) -> tf.data.Dataset:
         return self._eval("labeled", batch)
@@ -142,7 +168,7 @@ class SSLData:
         unlabeled or Extend shards, validation, test: file, record index, cause), or None.
         Reads every file: call it only after a read error."""
         seen = set()
-        for source in self._sources.values():
+        for source in filter(None, self._sources.values()):
             files = [path for path in source.files if path not in seen]
             seen.update(files)
             bad = records.find_bad_record(files, self.info.shape)
@@ -183,7 +209,9 @@ class SSLData:
         for which, name in (("labeled", "labeled"), ("unlabeled", "unlabeled"), ("valid", "valid"),
                             ("test", "test")):
             source = self._sources[which]
-            if source.take >= 0:
+            if source is None:      # a labeled-only dataset (load_supervised)
+                result[name] = 0
+            elif source.take >= 0:
                 result[name] = source.take
             elif not self.is_cached(which):
                 result[name] = None
@@ -203,7 +231,9 @@ class SSLData:
         ds = ds.prefetch(tf.data.AUTOTUNE)
         return ds.with_options(self._options) if self._options is not None else ds
 
-    def _train(self, which: str, batch: int, views: int, stream: int) -> tf.data.Dataset:
+    def _train(self, which: str, batch: int, views: Optional[Tuple[str, ...]],
+               stream: int) -> tf.data.Dataset:
+        """views None: one weak view [B,H,W,C]; else the named views [B,V,H,W,C]."""
         _check_batch(batch)
         augment_seed = _stream_seed(self.seed, stream, _AUGMENT)
         if self._shard_count > 1:    # each worker augments its own rows with its own draws
@@ -211,14 +241,9 @@ class SSLData:
         flip, shift = self.info.flip, self.info.shift
 
         def augment_batch(step, example):
-            image = example["image"]
-            if views > 1:    # [B,...] -> [B*views,...], each copy gets its own draw
-                image = tf.repeat(image, views, axis=0)
             seed = tf.random.experimental.stateless_fold_in(augment_seed, step)
-            image = augment.to_float(augment.augment(image, seed, flip=flip, shift=shift))
-            if views > 1:
-                image = tf.reshape(image, [-1, views, *self.info.shape])
-            return {"image": image, "label": example["label"]}
+            image = _augment_views(example["image"], views, seed, flip, shift)
+            return {"image": augment.to_float(image), "label": example["label"]}
 
         if self.is_cached(which):
             images, labels = self._load(which)
@@ -312,6 +337,20 @@ class SSLData:
                 self._cached[which] = (tf.constant(np.concatenate(images)),
                                        tf.constant(np.concatenate(labels)))
         return self._cached[which]
+
+
+def _augment_views(images, views, seed, flip, shift):
+    """uint8 [B,...] -> the named views. One name for every view: the B*V copies are augmented
+    in one call (image-major, each copy its own draw), so two weak views are the draws they
+    always were; several names: view v from its own seed, fold_in(seed, v)."""
+    if views is None:
+        return augment.view("weak", images, seed, flip, shift)
+    count, shape = len(views), images.shape[1:]
+    if len(set(views)) == 1:    # [B,...] -> [B*V,...] -> [B,V,...]
+        copies = augment.view(views[0], tf.repeat(images, count, axis=0), seed, flip, shift)
+        return tf.reshape(copies, [-1, count, *shape])
+    return tf.stack([augment.view(name, images, tf.random.experimental.stateless_fold_in(seed, v),
+                                  flip, shift) for v, name in enumerate(views)], axis=1)
 
 
 def _decode_all(source: _Source, info: DatasetInfo):
@@ -414,4 +453,35 @@ def load_ssl(dataset: Union[str, DatasetName], root: str, seed: int = 0,
         "test": _Source((test_path,), how_to_create=data_cmd),
     }
     return SSLData(info, name, root, seed, sources, cache, parallel, shuffle_buffer, options,
+                   shard)
+
+
+def load_supervised(name: str, nvalid: int, root: str, seed: int = 0,
+                    cache: Optional[bool] = None, parallel: Optional[int] = None,
+                    shuffle_buffer: int = 0, options: Optional[tf.data.Options] = None,
+                    shard: Tuple[int, int] = (0, 1), dataset=None) -> SSLData:
+    """The streams of a labeled-only dataset (libml's fully supervised runs): labeled = all of
+    `{root}/{name}-train.tfrecord` but its first `nvalid` records, valid = those, test =
+    `{name}-test.tfrecord`; there is no unlabeled set (`train_unlabeled` refuses). `dataset`:
+    the name shown in messages and banners (default `{name}-{nvalid}`). Other arguments as
+    load_ssl."""
+    how_to_create = f"python -m data_prep.create_datasets {name}"
+    train_file = records.require_file(names.train_path(root, name), how_to_create)
+    test_file = records.require_file(names.test_path(root, name), how_to_create)
+    info = dataset_info(name, root)
+    for path in (train_file, test_file):
+        require_shape(info, root, path, how_to_create)
+    count = records.count_at_most(train_file, nvalid + 1, how_to_create)
+    shown = dataset if dataset is not None else f"{name}-{nvalid}"
+    if count <= nvalid:
+        raise UserError(f"{shown} asks for {nvalid} validation images but {train_file} holds "
+                        f"only {count} records and none would be left to train on: use a "
+                        f"smaller validation size ({name}-1)")
+    sources = {
+        "labeled": _Source((train_file,), skip=nvalid, how_to_create=how_to_create),
+        "unlabeled": None,
+        "valid": _Source((train_file,), take=nvalid, how_to_create=how_to_create),
+        "test": _Source((test_file,), how_to_create=how_to_create),
+    }
+    return SSLData(info, shown, root, seed, sources, cache, parallel, shuffle_buffer, options,
                    shard)

@@ -38,7 +38,6 @@ from libml.evaluate import SETS as EVAL_SETS, Evaluator
 from libml.export import export_model, transfer_weights
 from libml.finite import FirstNonFinite, all_finite, loss_values
 from libml.io import write_json
-from libml.names import data_dir
 from libml.platform import cpu_info, isa_line, onednn_enabled
 from libml.runfolder import RunFolder
 from libml.runlock import RunLock
@@ -74,13 +73,6 @@ def _data_options(config: TrainConfig) -> Optional[tf.data.Options]:
     options = tf.data.Options()
     options.autotune.enabled = False
     return options
-
-
-def placeholder_unlabeled(batch: int, shape) -> tf.data.Dataset:
-    """Endless all-zero unlabeled batches (label -1) for algorithms that use no unlabeled data."""
-    element = {"image": tf.zeros([batch, 2, *shape], tf.float32),
-               "label": tf.fill([batch], tf.constant(-1, tf.int64))}
-    return tf.data.Dataset.from_tensors(element).repeat()
 
 
 class Trainer:
@@ -124,25 +116,13 @@ class Trainer:
         self._nonfinite = FirstNonFinite()      # the step whose loss first went non-finite
         self._bar = console.RunProgress(0, 0, 1, enabled=False)   # the run's bar, set by train()
         self.history: List[dict] = []
-        self.gamma_hook = None
-        if getattr(self.model, "gamma_state", None) is not None:      # --gamma=auto
-            from libml.gamma_auto import GammaAutoHook
-            self.gamma_hook = GammaAutoHook(self.model, self.info.nclass,
-                                            self.role.path(self.run_dir))
+        # The algorithm's report hooks (RealMix's --gamma=auto): load_history(step) on resume,
+        # report(trainer, step, kept, accuracy) -> a line to print, at each report.
+        self.hooks = self.model.report_hooks(self.role.path(self.run_dir))
 
     # -- construction -------------------------------------------------------------------------
     def _load_data(self, options):
-        from libml.data import load_ssl
-        c = self.config
-        root = data_dir(c.data_dir)
-        unlabeled_files = None
-        if c.extend:
-            from libml.extend import extended_unlabeled_files
-            unlabeled_files = extended_unlabeled_files(c.dataset, root, c.extend, c.extend_aug,
-                                                       c.extend_seed)
-        return load_ssl(c.dataset, root, seed=c.seed, unlabeled_files=unlabeled_files,
-                        shuffle_buffer=c.shuffle_buffer, options=options,
-                        shard=(self.role.worker_id, self.role.num_workers))
+        return self.config.load_data(options, shard=(self.role.worker_id, self.role.num_workers))
 
     def _run_hparams(self) -> dict:
         """The model's hyper-parameters plus the trainer settings that change the result."""
@@ -173,13 +153,11 @@ class Trainer:
         return self.config.batch // self.role.num_workers
 
     def _make_iterators(self):
-        batch = self.worker_batch
-        labeled = self.data.train_labeled(batch)
-        if getattr(self.model, "uses_unlabeled", True):
-            unlabeled = self.data.train_unlabeled(batch)
-        else:  # the step ignores it: a constant batch instead of decoding and augmenting images
-            unlabeled = placeholder_unlabeled(batch, self.info.shape)
-        return iter(labeled), iter(unlabeled)
+        """(labeled, unlabeled) iterators of this worker; unlabeled is None when the algorithm
+        declares no unlabeled data (`model.unlabeled`)."""
+        batch, spec = self.worker_batch, self.model.unlabeled
+        labeled = iter(self.data.train_labeled(batch))
+        return labeled, None if spec is None else iter(self.data.train_unlabeled(batch, spec))
 
     # -- entry point --------------------------------------------------------------------------
     def run(self) -> dict:
@@ -327,7 +305,7 @@ class Trainer:
 
             def train_fn():
                 labeled = self.distribute(next(labeled_it))
-                unlabeled = self.distribute(next(unlabeled_it))
+                unlabeled = None if unlabeled_it is None else self.distribute(next(unlabeled_it))
                 outputs = strategy.run(model.train_step, args=((labeled, unlabeled),))
                 outputs = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
                            for k, v in outputs.items()}
@@ -376,8 +354,7 @@ class Trainer:
             write_scalar("monitors/kimg", kimg)
             if confidence is not None:
                 write_histogram("monitors/unlabeled_confidence", confidence)
-            if self.gamma_hook is not None:
-                self._report_gamma(step, kept, accuracy)
+            lines = [hook.report(self, step, kept, accuracy) for hook in self.hooks]
         writer.flush()
         self.history = [h for h in self.history if h["step"] < step]
         self.history.append(dict(step=step, kimg=kimg, **{k: finite_or_none(v) for k, v in accuracy.items()}))
@@ -389,25 +366,14 @@ class Trainer:
                         f"{accuracy['valid']:.2f}  {accuracy['test']:.2f}   "
                         f"{means.get('monitors/img_per_sec', 0):.0f} img/s")
         self._bar.report(step, accuracy["test"])
-
-    def _report_gamma(self, step: int, kept: dict, accuracy: dict) -> None:
-        """--gamma=auto: the EMA model's pooled features of one window of unlabeled images (one
-        extra pass of --eval_batch images); the hook updates gamma (libml/gamma_auto.py)."""
-        c, hook = self.config, self.gamma_hook
-        window = self.distribute(self.data.unlabeled_window(c.eval_batch,
-                                                            hook.window_index(step, c.report_nimg)))
-        outputs = self.evaluator.outputs(window)
-        record = hook.report(step, outputs["features"], kept, accuracy)
-        raw = "n/a" if record["ood_share_raw"] is None else f"{record['ood_share_raw']:.3f}"
-        self._bar.write(f"kimg {step / KIMG:<8g} gamma {record['gamma']:.3f}  OOD share estimate "
-                        f"{record['ood_share_estimate']:.3f} (raw {raw}, reference {record['reference']}"
-                        f"{', trusted' if record['trusted'] else ''})")
+        for line in filter(None, lines):
+            self._bar.write(line)
 
     def _load_history(self, step: int) -> None:
         """Report history up to the restored step (reports after it will be redone)."""
         self.history = [h for h in read_history(self.run_dir) if h["step"] <= step]
-        if self.gamma_hook is not None:
-            self.gamma_hook.load_history(step)
+        for hook in self.hooks:
+            hook.load_history(step)
 
     # -- evaluation only / export -------------------------------------------------------------
     def evaluate_checkpoint(self, path: str) -> dict:

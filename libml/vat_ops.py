@@ -43,18 +43,21 @@ def entropy_from_logits(logits):
     return -tf.reduce_sum(tf.exp(log_p) * log_p, axis=-1)
 
 
-def virtual_adversarial_perturbation(x, logits, forward, epsilon, noise, xi=VAT_XI):
+def virtual_adversarial_perturbation(x, logits, forward, epsilon, noise, xi=VAT_XI,
+                                     mean=tf.reduce_mean):
     """The adversarial direction of x found by one power iteration, scaled to L2 norm epsilon
     per example; no gradient flows through it.
 
     x: inputs [B, ...]; logits: forward(x) [B, C] (its gradient is not used); forward: callable
     x -> logits; noise: the random start [B, ...] (the caller draws it, N(0, 1)); xi: the
-    finite-difference step of the power iteration."""
+    finite-difference step of the power iteration; mean: how the per-example divergences are
+    averaged (several replicas: libml.replicas.mean, this replica's share of the global mean,
+    so that the direction's scale is one device's)."""
     target = tf.stop_gradient(logits)
     d = xi * normalize_perturbation(tf.cast(noise, x.dtype))
     with tf.GradientTape() as tape:
         tape.watch(d)
-        distance = tf.reduce_mean(kl_divergence_from_logits(target, forward(x + d)))
+        distance = mean(kl_divergence_from_logits(target, forward(x + d)))
     grad = tf.stop_gradient(tape.gradient(distance, d))
     return epsilon * normalize_perturbation(grad)
 

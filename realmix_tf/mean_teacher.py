@@ -17,24 +17,16 @@ Command line:
     python -m realmix_tf.mean_teacher --dataset=cifar10.3@250-5000 [--consistency_weight=50]
 """
 import tensorflow as tf
-from absl import flags
 
 from libml import baseline_losses, replicas
-from libml.config import KIMG, finite, fraction, positive, whole_kimg
-from libml.errors import UserError
-from libml.ssl import SSLModel, check_loss_nclass, define_loss_nclass_flag
-from realmix_tf.supervised import (check_smoothing, define_smoothing_flag, labeled_cross_entropy,
-                                   smoothing_hparams)
+from libml.config import KIMG, fraction, non_negative
+from libml.data import Unlabeled
+from libml.ssl import LOSS_NCLASS, TRAIN_KIMG, SSLModel, hparam
+from realmix_tf.supervised import SMOOTHING, labeled_cross_entropy, smoothing_hparams
 
-
-def check_mean_teacher(consistency_weight, warmup_pos, train_kimg):
-    """Mean Teacher's arguments, checked once (UserError naming the flag and the fix)."""
-    finite("consistency_weight", consistency_weight)
-    if consistency_weight < 0:
-        raise UserError(f"--consistency_weight={consistency_weight} is negative: use a "
-                        f"weight >= 0 (the released default is 50)")
-    fraction("the released default is 0.4")("warmup_pos", warmup_pos)
-    positive("train_kimg", train_kimg)
+WARMUP_POS = hparam(baseline_losses.WARMUP_POS, "Fraction of --train_kimg over which the "
+                    "unlabeled-loss weight ramps up linearly from 0.",
+                    fraction("the released default is 0.4"), float)
 
 
 class MeanTeacher(SSLModel):
@@ -45,33 +37,22 @@ class MeanTeacher(SSLModel):
     behaviour); loss_nclass: the class count the consistency loss divides by (0 = nclass).
     Other arguments as SSLModel."""
 
+    HPARAMS = dict(
+        consistency_weight=hparam(baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
+                                  "Weight of the teacher-student consistency loss (ramped over "
+                                  "--warmup_pos).",
+                                  non_negative("use a weight >= 0 (the released default is 50)"),
+                                  float),
+        warmup_pos=WARMUP_POS,
+        train_kimg=TRAIN_KIMG,
+        smoothing=SMOOTHING,
+        loss_nclass=LOSS_NCLASS,
+    )
+    unlabeled = Unlabeled(views=("weak", "weak"))    # view 0: teacher, view 1: student
     CONSISTENCY_TAG = "losses/mt"
 
-    def __init__(self, nclass, input_shape,
-                 consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
-                 warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, smoothing=0.0,
-                 loss_nclass=0, name="mean_teacher", **kwargs):
-        check_mean_teacher(consistency_weight, warmup_pos, train_kimg)
-        loss_nclass = check_loss_nclass(loss_nclass, nclass)
+    def __init__(self, nclass, input_shape, name="mean_teacher", **kwargs):
         super().__init__(nclass, input_shape, name=name, **kwargs)
-        self.smoothing, self.loss_nclass = check_smoothing(smoothing), loss_nclass
-        self.consistency_weight = float(consistency_weight)
-        self.warmup_pos = float(warmup_pos)
-        self.train_kimg = whole_kimg(train_kimg)
-        self._losses_and_gradients = self.maybe_jit(self._losses_and_gradients_eager)
-
-    @classmethod
-    def check_hparams(cls, consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
-                      warmup_pos=baseline_losses.WARMUP_POS, train_kimg=65536, smoothing=0.0,
-                      loss_nclass=0, **others):
-        check_mean_teacher(consistency_weight, warmup_pos, train_kimg)
-        check_smoothing(smoothing)
-        check_loss_nclass(loss_nclass)
-        super().check_hparams(**others)
-
-    @classmethod
-    def from_config(cls, info, config, **kwargs):
-        return super().from_config(info, config, train_kimg=config.train_kimg, **kwargs)
 
     def hparams(self) -> dict:
         return dict(super().hparams(), consistency_weight=self.consistency_weight,
@@ -88,68 +69,22 @@ class MeanTeacher(SSLModel):
         ramp = baseline_losses.linear_warmup(step, self.warmup_pos, self.train_kimg * KIMG)
         return self.consistency_weight * ramp
 
-    def train_step(self, data):
-        """data = (labeled, unlabeled): labeled['image'] f32[B,H,W,C], labeled['label'] int[B],
-        unlabeled['image'] f32[B,2,H,W,C]. Returns scalar float32 tensors keyed by tag."""
-        labeled, unlabeled = data
-        x, u = labeled["image"], unlabeled["image"]
-        if x.shape[0] is None or u.shape[0] != x.shape[0] or u.shape[1] != 2:
-            raise ValueError(f"MeanTeacher needs static, equal batch sizes and 2 unlabeled views: "
-                             f"got labeled {x.shape}, unlabeled {u.shape} (batch the datasets "
-                             f"with drop_remainder=True)")
-        step = tf.convert_to_tensor(self.step)
-        grads, scalars = self._losses_and_gradients(x, labeled["label"], u, step)
-        self.apply_update(grads)
-        self.count_images(x.shape[0])
-        return replicas.totals(scalars)
-
-    def _losses_and_gradients_eager(self, x, labels, u, step):
-        teacher_view, student_view = u[:, 0], u[:, 1]
-        teacher_logits = self.teacher_net()(teacher_view, training=True, update_bn_stats=False)
-        with tf.GradientTape() as tape:
-            logits = self.net(tf.concat([x, student_view], axis=0), training=True,
-                              update_bn_stats=True, bn_groups=2)   # moving stats: labeled half
-            logits_x, student_logits = tf.split(logits, 2)
-            loss_xe = labeled_cross_entropy(logits_x, labels, self.nclass, self.smoothing)
-            loss_mt = replicas.mean(baseline_losses.softmax_mse(student_logits, teacher_logits))
-            if self.loss_nclass:
-                loss_mt = loss_mt * (self.nclass / self.loss_nclass)
-            weight = self.consistency_ramp(step)
-            loss = loss_xe + weight * loss_mt
-            scaled_loss = self.scale_loss(loss)
-        grads = self.gradients(tape, scaled_loss)
-        return grads, {"losses/xe": loss_xe, self.CONSISTENCY_TAG: loss_mt, "losses/overall": loss,
-                       "monitors/consistency_weight": replicas.share(weight)}
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: the shared main is realmix_tf.registry.
-
-def define_warmup_pos_flag(flag_values=flags.FLAGS) -> None:
-    """--warmup_pos (idempotent), shared with realmix_tf.vat."""
-    if "warmup_pos" not in flag_values:
-        flags.DEFINE_float("warmup_pos", baseline_losses.WARMUP_POS,
-                           "Fraction of --train_kimg over which the unlabeled-loss weight ramps "
-                           "up linearly from 0.", flag_values=flag_values)
-
-
-def define_flags(flag_values=flags.FLAGS,
-                 consistency_weight=baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT) -> None:
-    """Mean Teacher's flags (defaults: M:mean_teacher.py; the Π-model passes its weight)."""
-    if "consistency_weight" in flag_values:
-        return
-    flags.DEFINE_float("consistency_weight", consistency_weight,
-                       "Weight of the teacher-student consistency loss (ramped over --warmup_pos).",
-                       flag_values=flag_values)
-    define_warmup_pos_flag(flag_values)
-    define_smoothing_flag(flag_values)
-    define_loss_nclass_flag(flag_values)
-
-
-def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
-    return dict(consistency_weight=flag_values.consistency_weight,
-                warmup_pos=flag_values.warmup_pos, smoothing=flag_values.smoothing,
-                loss_nclass=flag_values.loss_nclass)
+    def train_loss(self, labeled, unlabeled, step, draws):
+        x, labels = labeled["image"], labeled["label"]
+        teacher_view, student_view = unlabeled["image"][:, 0], unlabeled["image"][:, 1]
+        teacher_logits = tf.stop_gradient(
+            self.teacher_net()(teacher_view, training=True, update_bn_stats=False))
+        logits = self.net(tf.concat([x, student_view], axis=0), training=True,
+                          update_bn_stats=True, bn_groups=2)   # moving stats: labeled half
+        logits_x, student_logits = tf.split(logits, 2)
+        loss_xe = labeled_cross_entropy(logits_x, labels, self.nclass, self.smoothing)
+        loss_mt = replicas.mean(baseline_losses.softmax_mse(student_logits, teacher_logits))
+        if self.loss_nclass:
+            loss_mt = loss_mt * (self.nclass / self.loss_nclass)
+        weight = self.consistency_ramp(step)
+        loss = loss_xe + weight * loss_mt
+        return loss, {"losses/xe": loss_xe, self.CONSISTENCY_TAG: loss_mt, "losses/overall": loss,
+                      "monitors/consistency_weight": replicas.share(weight)}
 
 
 if __name__ == "__main__":

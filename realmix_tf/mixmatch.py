@@ -1,6 +1,7 @@
 """MixMatch (Berthelot et al., 2019) as the original (M:mixmatch.py), and the base of RealMix.
 
-One step (`train_step`), with B labeled images x and B unlabeled images u in NU = 2 views:
+One step (`train_loss`; libml.ssl.SSLModel.train_step does the rest), with B labeled images x and B
+unlabeled images u in NU = 2 weak views (declared: `unlabeled`):
   1. guess labels of u: softmax of each view (raw weights, batch-statistics BN, no moving-
      statistics update, no gradient), averaged over the views and sharpened with T;
   2. MixUp of the 3B labeled + unlabeled examples with one shuffle of the same 3B
@@ -25,27 +26,11 @@ Command line:
     python -m realmix_tf.mixmatch --dataset=cifar10.3@250-5000 [--beta=0.75 --w_match=75]
 """
 import tensorflow as tf
-from absl import flags
 
 from libml import layers, replicas
-from libml.config import KIMG, finite, whole_kimg
-from libml.errors import UserError
-from libml.ssl import SSLModel, check_loss_nclass, define_loss_nclass_flag
-
-NU = 2    # views per unlabeled image: the input pipeline always gives 2
-
-
-def check_mixmatch(beta, w_match, warmup_kimg, temperature):
-    """MixMatch's arguments, checked once (UserError naming the flag and the fix)."""
-    for name, value in (("beta", beta), ("w_match", w_match), ("warmup_kimg", warmup_kimg),
-                        ("temperature", temperature)):
-        finite(name, value)
-    if beta <= 0:
-        raise UserError(f"--beta={beta} must be positive: the paper uses 0.75")
-    if w_match < 0 or warmup_kimg < 0:
-        raise UserError(f"--w_match={w_match}, --warmup_kimg={warmup_kimg}: both must be >= 0")
-    if temperature <= 0:
-        raise UserError(f"temperature={temperature} must be positive: the paper uses 0.5")
+from libml.config import KIMG, non_negative, positive, whole_kimg
+from libml.data import Unlabeled
+from libml.ssl import LOSS_NCLASS, SSLModel, hparam
 
 
 class MixMatch(SSLModel):
@@ -53,94 +38,67 @@ class MixMatch(SSLModel):
     w_match: lambda_U, ramped linearly over warmup_kimg; temperature: sharpening T;
     batched_passes: run the chunks of a pass as one call (same arithmetic); loss_nclass: the
     class count the unlabeled L2 divides by (0 = nclass; 10 on a 6-way mismatch head = the
-    released scale, docs/fidelity.md). The seed also
-    draws the per-step lambda and permutation (stateless functions of (seed, step)). Other
-    arguments as SSLModel."""
+    released scale, docs/fidelity.md). The seed also draws the per-step lambda and permutation
+    (stateless functions of (seed, step)). Other arguments as SSLModel."""
 
-    def __init__(self, nclass, input_shape, beta=0.75, w_match=75.0, warmup_kimg=1024,
-                 temperature=0.5, batched_passes=True, loss_nclass=0, name="mixmatch", **kwargs):
-        check_mixmatch(beta, w_match, warmup_kimg, temperature)
-        loss_nclass = check_loss_nclass(loss_nclass, nclass)
-        super().__init__(nclass, input_shape, name=name, **kwargs)
-        self.loss_nclass = loss_nclass
-        self.beta, self.w_match, self.temperature = float(beta), float(w_match), float(temperature)
-        self.warmup_kimg = whole_kimg(warmup_kimg)
-        self.batched_passes = bool(batched_passes)
-        self._losses_and_gradients = self.maybe_jit(self._losses_and_gradients_eager)
+    HPARAMS = dict(
+        beta=hparam(0.75, "MixUp Beta(beta, beta) parameter (the paper's alpha).",
+                    positive, float),
+        w_match=hparam(75.0, "Unlabeled-loss weight lambda_U (ramped over --warmup_kimg).",
+                       non_negative("use a weight >= 0 (the paper: 75)"), float),
+        warmup_kimg=hparam(1024.0, "Linear ramp-up of w_match, in kimg (fractions allowed).",
+                           non_negative("use a ramp length >= 0 kimg"), whole_kimg),
+        temperature=hparam(0.5, check=positive, parse=float, flag=False),
+        batched_passes=hparam(True, parse=bool, flag=False),
+        loss_nclass=LOSS_NCLASS,
+    )
+    unlabeled = Unlabeled(views=("weak", "weak"))    # NU = 2 views of each unlabeled image
 
-    @classmethod
-    def check_hparams(cls, beta=0.75, w_match=75.0, warmup_kimg=1024, temperature=0.5,
-                      loss_nclass=0, **others):
-        check_mixmatch(beta, w_match, warmup_kimg, temperature)
-        check_loss_nclass(loss_nclass)
-        super().check_hparams(**others)
+    @property
+    def nu(self) -> int:
+        return len(self.unlabeled.views)
 
     def hparams(self) -> dict:
         return dict(super().hparams(), beta=self.beta, w_match=self.w_match,
-                    warmup_kimg=self.warmup_kimg, nu=NU, temperature=self.temperature,
+                    warmup_kimg=self.warmup_kimg, nu=self.nu, temperature=self.temperature,
                     **({"loss_nclass": self.loss_nclass} if self.loss_nclass else {}))
 
     # ----------------------------------------------------------------------------------------
-    def train_step(self, data):
-        """One step on one replica's batch. data = (labeled, unlabeled): labeled['image']
-        f32[B,H,W,C], labeled['label'] int[B], unlabeled['image'] f32[B,NU,H,W,C]; B must be
-        static. Returns scalar float32 tensors keyed by TensorBoard tag."""
-        labeled, unlabeled = data
-        x, u = labeled["image"], unlabeled["image"]
-        batch = x.shape[0]
-        if batch is None or u.shape[0] != batch or u.shape[1] != NU:
-            raise ValueError(f"{type(self).__name__} needs static, equal batch sizes and {NU} "
-                             f"views: got labeled {x.shape}, unlabeled {u.shape} (batch the "
-                             f"datasets with drop_remainder=True)")
-        step = tf.convert_to_tensor(self.step)
+    def draws(self, step, batch):
+        """MixUp's lambda and permutation for the rows of the global batch (stateless in
+        (seed, step)): every replica draws the same ones."""
         lam_seed, perm_seed = self.step_seeds(step)
-        total = replicas.MixPlan(batch, NU, self.replica_mode).global_rows
-        # Drawn outside the compiled part (the Beta sampler has no XLA kernel), for the rows of
-        # the global batch: every replica draws the same lambda and permutation.
-        lam = layers.sample_mixup_lambda(total, self.beta, lam_seed)
-        index = layers.sample_permutation(total, perm_seed)
-        grads, scalars = self._losses_and_gradients(x, labeled["label"], u, lam, index, step)
-        self.apply_update(grads)
-        self.count_images(batch)
-        return replicas.totals(scalars)
+        total = replicas.MixPlan(batch, self.nu, self.replica_mode).global_rows
+        return dict(lam=layers.sample_mixup_lambda(total, self.beta, lam_seed),
+                    index=layers.sample_permutation(total, perm_seed))
 
-    def step_seeds(self, step):
-        """Two stateless seeds (MixUp lambda, permutation) from (seed, step): the draws of the
-        global batch. --replica_mode=per_replica: from (seed, step + replica), one per replica."""
-        replica_id = 0 if replicas.synced(self.replica_mode) else replicas.replica_id()
-        base = tf.stack([tf.constant(self.seed, tf.int64),
-                         tf.cast(step, tf.int64) + tf.cast(replica_id, tf.int64)])
-        return tf.unstack(tf.random.experimental.stateless_split(base, 2))
-
-    def _losses_and_gradients_eager(self, x, labels, u, lam, index, step):
-        batch = x.shape[0]
-        plan = replicas.MixPlan(batch, NU, self.replica_mode)
-        views = tf.unstack(u, axis=1)                                    # NU x [B, H, W, C]
+    def train_loss(self, labeled, unlabeled, step, draws):
+        x, labels = labeled["image"], labeled["label"]
+        plan = replicas.MixPlan(x.shape[0], self.nu, self.replica_mode)
+        views = tf.unstack(unlabeled["image"], axis=1)                  # NU x [B, H, W, C]
 
         # 1. Label guessing (raw weights, batch statistics, moving stats untouched).
-        guess = layers.guess_label(self.forward(views, update_first=False), self.temperature)
+        guess = tf.stop_gradient(
+            layers.guess_label(self.forward(views, update_first=False), self.temperature))
 
         # 2. MixUp over the concatenation of the labeled and all unlabeled views.
         inputs = tf.concat([x] + views, axis=0)
-        targets = tf.concat([tf.one_hot(labels, self.nclass)] + [guess] * NU, axis=0)
+        targets = tf.concat([tf.one_hot(labels, self.nclass)] + [guess] * self.nu, axis=0)
         #    With several replicas, over the rows of every replica; this one keeps its part
         #    of each interleaved chunk (libml.replicas.MixPlan).
-        chunks, targets_x, targets_u = plan.mix(inputs, targets, lam, index)
+        chunks, targets_x, targets_u = plan.mix(inputs, targets, draws["lam"], draws["index"])
 
-        with tf.GradientTape() as tape:
-            # 3. Interleaved passes; only chunk 0 updates the BN moving statistics.
-            logits_x, logits_u = plan.restore(self.forward(chunks, update_first=True))
+        # 3. Interleaved passes; only chunk 0 updates the BN moving statistics.
+        logits_x, logits_u = plan.restore(self.forward(chunks, update_first=True))
 
-            # 4. Losses: the two hooks, the unlabeled one weighted by the ramped w_match.
-            loss_xe, labeled_scalars = self.labeled_loss(logits_x, targets_x, step)
-            loss_l2u, unlabeled_scalars = self.unlabeled_loss(logits_u, targets_u)
-            w_match = layers.unlabeled_weight(step, self.w_match, round(self.warmup_kimg * KIMG))
-            loss = loss_xe + w_match * loss_l2u
-            scaled_loss = self.scale_loss(loss)
-        grads = self.gradients(tape, scaled_loss)
+        # 4. Losses: the two hooks, the unlabeled one weighted by the ramped w_match.
+        loss_xe, labeled_scalars = self.labeled_loss(logits_x, targets_x, step)
+        loss_l2u, unlabeled_scalars = self.unlabeled_loss(logits_u, targets_u)
+        w_match = layers.unlabeled_weight(step, self.w_match, round(self.warmup_kimg * KIMG))
+        loss = loss_xe + w_match * loss_l2u
 
         confidence = replicas.confidence_stats(tf.nn.softmax(logits_u), self.replica_mode)
-        shares = {   # every value is this replica's share (libml.replicas.totals sums them)
+        return loss, {   # every value is this replica's share (libml.replicas.totals sums them)
             "losses/xe": loss_xe,
             "losses/l2u": loss_l2u,
             "losses/overall": loss,
@@ -149,7 +107,6 @@ class MixMatch(SSLModel):
             **unlabeled_scalars,
             **{tag: replicas.share(value) for tag, value in confidence.items()},
         }
-        return grads, shares
 
     def forward(self, chunks, update_first):
         """Training-mode logits (float32) of each chunk, each normalised with its own batch
@@ -174,27 +131,6 @@ class MixMatch(SSLModel):
         if self.loss_nclass:
             loss = loss * (self.nclass / self.loss_nclass)
         return loss, {}
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: the shared main is realmix_tf.registry.
-
-def define_flags(flag_values=flags.FLAGS) -> None:
-    """MixMatch's flags (RealMix adds its own on top)."""
-    if "beta" in flag_values:
-        return
-    fv = dict(flag_values=flag_values)
-    flags.DEFINE_float("beta", 0.75, "MixUp Beta(beta, beta) parameter (the paper's alpha).", **fv)
-    flags.DEFINE_float("w_match", 75.0, "Unlabeled-loss weight lambda_U (ramped over "
-                       "--warmup_kimg).", **fv)
-    flags.DEFINE_float("warmup_kimg", 1024, "Linear ramp-up of w_match, in kimg (fractions "
-                       "allowed).", **fv)
-    define_loss_nclass_flag(flag_values)
-
-
-def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
-    return dict(beta=flag_values.beta, w_match=flag_values.w_match,
-                warmup_kimg=flag_values.warmup_kimg, loss_nclass=flag_values.loss_nclass)
 
 
 if __name__ == "__main__":

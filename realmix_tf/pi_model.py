@@ -14,38 +14,26 @@ on CIFAR-10 (M:runs/table5.sh) and 5 with --wd=0.2 on SVHN (M:runs/table6.sh).
 Command line:
     python -m realmix_tf.pi_model --dataset=cifar10.3@250-5000 --consistency_weight=20
 """
-from absl import flags
+import dataclasses
 
 from libml import baseline_losses
-from realmix_tf import mean_teacher
 from realmix_tf.mean_teacher import MeanTeacher
 
 
 class PiModel(MeanTeacher):
     """Π-model on a Wide ResNet. Arguments as MeanTeacher (consistency_weight default 10)."""
 
+    HPARAMS = dict(consistency_weight=dataclasses.replace(
+        MeanTeacher.HPARAMS["consistency_weight"],
+        default=baseline_losses.PI_MODEL_CONSISTENCY_WEIGHT))
     CONSISTENCY_TAG = "losses/pm"
 
-    def __init__(self, nclass, input_shape,
-                 consistency_weight=baseline_losses.PI_MODEL_CONSISTENCY_WEIGHT, name="pi_model",
-                 **kwargs):
-        super().__init__(nclass, input_shape, consistency_weight=consistency_weight, name=name,
-                         **kwargs)
+    def __init__(self, nclass, input_shape, name="pi_model", **kwargs):
+        super().__init__(nclass, input_shape, name=name, **kwargs)
 
     def teacher_net(self):
         """The targets come from the raw weights (no EMA), on the other view."""
         return self.net
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: the shared main is realmix_tf.registry; the flags are Mean Teacher's
-# (--consistency_weight defaults to 10 here).
-
-def define_flags(flag_values=flags.FLAGS) -> None:
-    mean_teacher.define_flags(flag_values, baseline_losses.PI_MODEL_CONSISTENCY_WEIGHT)
-
-
-hparams_from_flags = mean_teacher.hparams_from_flags
 
 
 if __name__ == "__main__":

@@ -19,27 +19,25 @@ Command line:
     python -m realmix_tf.realmix --dataset=cifar10.3@250-5000 --gamma=0.6 --tsa=linear
 """
 import tensorflow as tf
-from absl import flags
 
 from libml import gamma_auto, layers, replicas
-from libml.config import KIMG, positive, whole_kimg
+from libml.config import KIMG, one_of
 from libml.errors import UserError
-from realmix_tf import mixmatch
+from libml.ssl import TRAIN_KIMG, hparam
 from realmix_tf.mixmatch import MixMatch
 
 TSA_CHOICES = ("none", "linear", "log", "exp")
 
 
-def check_realmix(train_kimg, tsa, tsa_source, gamma):
-    """RealMix's own arguments, checked once (UserError naming the flag and the fix)."""
-    if tsa not in TSA_CHOICES:
-        raise UserError(f"--tsa={tsa!r} is unknown: use one of {', '.join(TSA_CHOICES)}")
-    if tsa_source not in layers.TSA_SOURCES:
-        raise UserError(f"--tsa_source={tsa_source!r} is unknown: use labels or logits")
+def parse_tsa(tsa: str) -> str:
+    """The released code's names (linear_schedule, ...) as ours (linear, ...)."""
+    return tsa[: -len("_schedule")] if tsa.endswith("_schedule") else tsa
+
+
+def check_gamma(name, gamma):
     if gamma != gamma_auto.AUTO and not 0.0 <= gamma < 1.0:
         raise UserError(f"--gamma={gamma} is out of range: use a fraction in [0, 1) "
                         f"(0.6 masks the 60 % least confident predictions) or auto")
-    positive("train_kimg", train_kimg)
 
 
 class RealMix(MixMatch):
@@ -47,29 +45,37 @@ class RealMix(MixMatch):
     1024) clipped to [0, 1]; tsa: 'none' | 'linear' | 'log' | 'exp'; tsa_source: 'labels'
     (the paper's rule) | 'logits' (the released code's rule); gamma: OOD-mask percentile in
     [0, 1), 0 = off, or "auto": estimated during training (libml/gamma_auto.py; then gamma
-    is a variable the trainer's report hook sets). Other arguments as MixMatch (defaults are the released ones, spec §2)."""
+    is a variable the report hook sets). Other arguments as MixMatch (defaults are the
+    released ones, spec §2)."""
 
-    def __init__(self, nclass, input_shape, train_kimg=65536, tsa="none", tsa_source="labels",
-                 gamma=0.0, name="realmix", **kwargs):
-        check_realmix(train_kimg, tsa, tsa_source, gamma)
+    HPARAMS = dict(
+        train_kimg=TRAIN_KIMG,
+        tsa=hparam("none", "Training-signal annealing of the labeled loss: none, linear, log, "
+                   "exp (the released names linear_schedule, ... also work).",
+                   one_of(*TSA_CHOICES), parse_tsa),
+        tsa_source=hparam("labels", "What the TSA threshold multiplies: labels (the paper's "
+                          "rule) or logits (the released code's, spec §6.6).",
+                          one_of(*layers.TSA_SOURCES)),
+        gamma=hparam("0", "OOD mask: fraction in [0, 1) of the least confident mixed unlabeled "
+                     "predictions left out of the unlabeled loss (0 = off), or auto: estimated "
+                     "from the data during training (docs/usage_gamma_auto.md).",
+                     check_gamma, gamma_auto.parse_gamma),
+    )
+    FLAG_ALIASES = {"percent_mask": "gamma"}      # the released code's name
+
+    def __init__(self, nclass, input_shape, name="realmix", **kwargs):
         super().__init__(nclass, input_shape, name=name, **kwargs)
-        self.train_kimg = whole_kimg(train_kimg)
-        self.tsa, self.tsa_source = tsa, tsa_source
-        self.gamma = gamma if gamma == gamma_auto.AUTO else float(gamma)
-        self.gamma_state = gamma_auto.GammaState() if gamma == gamma_auto.AUTO else None
-
-    @classmethod
-    def check_hparams(cls, train_kimg=65536, tsa="none", tsa_source="labels", gamma=0.0, **others):
-        check_realmix(train_kimg, tsa, tsa_source, gamma)
-        super().check_hparams(**others)
-
-    @classmethod
-    def from_config(cls, info, config, **kwargs):
-        return super().from_config(info, config, train_kimg=config.train_kimg, **kwargs)
+        self.gamma_state = gamma_auto.GammaState() if self.gamma == gamma_auto.AUTO else None
 
     def hparams(self) -> dict:
         return dict(super().hparams(), train_kimg=self.train_kimg, tsa=self.tsa,
                     tsa_source=self.tsa_source, gamma=self.gamma)
+
+    def report_hooks(self, run_dir: str) -> list:
+        """--gamma=auto: the hook that estimates the OOD share at each report."""
+        if self.gamma_state is None:
+            return []
+        return [GammaReport(gamma_auto.GammaAutoHook(self, self.nclass, run_dir))]
 
     def labeled_loss(self, logits_x, targets_x, step):
         """Algorithm 1, lines 19-22: with TSA, the mean cross-entropy over the rows whose
@@ -105,31 +111,27 @@ class RealMix(MixMatch):
                       "monitors/mask_threshold": replicas.share(threshold)}
 
 
-# ---------------------------------------------------------------------------------------------
-# Command line: the shared main is realmix_tf.registry.
+class GammaReport:
+    """--gamma=auto in the trainer's reports: the EMA model's pooled features of one window of
+    unlabeled images (one extra pass of --eval_batch images) go to the estimator, which sets
+    gamma (libml/gamma_auto.py); returns the line the trainer prints."""
 
-def define_flags(flag_values=flags.FLAGS) -> None:
-    """MixMatch's flags plus RealMix's own (defaults: the released code's, spec §2.1)."""
-    mixmatch.define_flags(flag_values)
-    if "tsa" in flag_values:
-        return
-    fv = dict(flag_values=flag_values)
-    flags.DEFINE_string("tsa", "none", "Training-signal annealing of the labeled loss: none, "
-                        "linear, log, exp (the released names linear_schedule, ... also work).", **fv)
-    flags.DEFINE_string("tsa_source", "labels", "What the TSA threshold multiplies: labels "
-                        "(the paper's rule) or logits (the released code's, spec §6.6).", **fv)
-    flags.DEFINE_string("gamma", "0", "OOD mask: fraction in [0, 1) of the least confident mixed "
-                        "unlabeled predictions left out of the unlabeled loss (0 = off), or auto: "
-                        "estimated from the data during training (docs/usage_gamma_auto.md).", **fv)
-    flags.DEFINE_alias("percent_mask", "gamma", flag_values=flag_values)
+    def __init__(self, hook):
+        self.hook = hook
 
+    def load_history(self, step: int) -> None:
+        self.hook.load_history(step)
 
-def hparams_from_flags(flag_values=flags.FLAGS) -> dict:
-    tsa = flag_values.tsa
-    if tsa.endswith("_schedule"):     # the released code's names
-        tsa = tsa[: -len("_schedule")]
-    return dict(mixmatch.hparams_from_flags(flag_values), tsa=tsa,
-                tsa_source=flag_values.tsa_source, gamma=gamma_auto.parse_gamma(flag_values.gamma))
+    def report(self, trainer, step: int, kept: dict, accuracy: dict) -> str:
+        c = trainer.config
+        window = trainer.distribute(trainer.data.unlabeled_window(
+            c.eval_batch, self.hook.window_index(step, c.report_nimg)))
+        features = trainer.evaluator.outputs(window)["features"]
+        record = self.hook.report(step, features, kept, accuracy)
+        raw = "n/a" if record["ood_share_raw"] is None else f"{record['ood_share_raw']:.3f}"
+        return (f"kimg {step / KIMG:<8g} gamma {record['gamma']:.3f}  OOD share estimate "
+                f"{record['ood_share_estimate']:.3f} (raw {raw}, reference {record['reference']}"
+                f"{', trusted' if record['trusted'] else ''})")
 
 
 if __name__ == "__main__":

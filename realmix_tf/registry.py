@@ -9,10 +9,10 @@ one FlagValues, parsed by absl, turned into a validated TrainConfig plus the alg
 hyper-parameters; the model constructor checks those when the Trainer builds it.
 
 An algorithm module (realmix_tf/<module>.py) defines:
-    the model class, named as its REGISTRY entry (= the run-folder prefix), an SSLModel;
-    define_flags(flag_values)       its own flags (idempotent), none if it has none;
-    hparams_from_flags(flag_values) -> dict of model-constructor keyword arguments;
-    optionally Config (a TrainConfig subclass) and Trainer (a libml.train.Trainer subclass);
+    the model class, named as its REGISTRY entry (= the run-folder prefix), an SSLModel whose
+    HPARAMS declare its hyper-parameters once (flag, default, help, check: libml.ssl.hparam),
+    whose `unlabeled` declares its data and whose `train_loss` is the algorithm;
+    optionally Config (a TrainConfig subclass: another kind of dataset name and data);
     `if __name__ == "__main__": registry.cli("<name>")`.
 Adding an algorithm = that file + one line in REGISTRY.
 """
@@ -42,8 +42,9 @@ class Algorithm:
     def config_class(self):
         return getattr(self.load(), "Config", train_config.TrainConfig)
 
-    def trainer_class(self):
-        return getattr(self.load(), "Trainer", train.Trainer)
+    def flag_names(self) -> List[str]:
+        """The command-line flags of the algorithm's own hyper-parameters."""
+        return [k for k, hp in self.model_class().hparam_table().items() if hp.flag]
 
 
 REGISTRY: Dict[str, Algorithm] = {
@@ -54,6 +55,7 @@ REGISTRY: Dict[str, Algorithm] = {
     "vat": Algorithm("realmix_tf.vat", "VAT"),
     "supervised": Algorithm("realmix_tf.supervised", "Supervised"),
     "fully_supervised": Algorithm("realmix_tf.fully_supervised", "FullySupervised"),
+    "fixmatch": Algorithm("realmix_tf.fixmatch", "FixMatch"),
 }
 
 
@@ -73,25 +75,44 @@ def define_flags(name: str, flag_values: Optional[flags.FlagValues] = None) -> f
     algorithm = get(name)
     flag_values = flags.FlagValues() if flag_values is None else flag_values
     train_config.define_train_flags(flag_values, algorithm.config_class())
-    algorithm.load().define_flags(flag_values)
+    model_class = algorithm.model_class()
+    for key, hp in model_class.hparam_table().items():
+        if hp.flag and key not in flag_values:
+            train_config.define_flag(key, hp.default, hp.help, flag_values)
+    for alias, key in getattr(model_class, "FLAG_ALIASES", {}).items():
+        if alias not in flag_values:
+            flags.DEFINE_alias(alias, key, flag_values=flag_values)
     libml_flags.define(flag_values)    # the original libml flags this project lacks, last
     return flag_values
+
+
+def hparams_from_flags(name: str, flag_values: flags.FlagValues) -> dict:
+    """The algorithm's constructor arguments of parsed flags (each declared hyper-parameter's
+    `parse` applied)."""
+    table = get(name).model_class().hparam_table()
+    return {key: table[key].value(flag_values[key].value) for key in get(name).flag_names()}
 
 
 def configure(name: str, flag_values: flags.FlagValues) -> train_config.TrainConfig:
     """The validated TrainConfig of parsed flags, the algorithm's hyper-parameters included."""
     algorithm = get(name)
-    hparams = algorithm.load().hparams_from_flags(flag_values)
+    model_class = algorithm.model_class()
+    hparams = hparams_from_flags(name, flag_values)
+    if model_class.unlabeled is None and flag_values.extend:
+        raise UserError(f"--extend is set but {algorithm.name} does not read unlabeled images: "
+                        f"drop --extend")
     config = train_config.config_from_flags(flag_values, algorithm.config_class(), **hparams)
-    algorithm.model_class().check_hparams(train_kimg=config.train_kimg, **hparams)
+    model_class.check_hparams(**hparams)
+    if "train_kimg" in model_class.hparam_table():
+        model_class.check_hparams(train_kimg=config.train_kimg)
     return config
 
 
 def make_trainer(name: str, config: train_config.TrainConfig, **trainer_options) -> train.Trainer:
     """The Trainer of a run (trainer_options: strategy, data_options for tests)."""
     algorithm = get(name)
-    return algorithm.trainer_class()(config, algorithm.model_class().from_config, algorithm.name,
-                                     **trainer_options)
+    return train.Trainer(config, algorithm.model_class().from_config, algorithm.name,
+                         **trainer_options)
 
 
 def main(name: str, argv: List[str], flag_values: flags.FlagValues = flags.FLAGS):

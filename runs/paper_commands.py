@@ -180,7 +180,8 @@ def module_flags(module_name: str) -> set:
     import importlib
     module = importlib.import_module(module_name)
     if module_name.startswith("realmix_tf.") and module_name != "realmix_tf.predict":
-        return set(registry.define_flags(module_name)) - set(getattr(module, "REFUSED_FLAGS", ()))
+        refused = {"extend"} if registry.get(module_name).model_class().unlabeled is None else set()
+        return set(registry.define_flags(module_name)) - refused
     if hasattr(module, "make_flags"):
         return set(module.make_flags())
     return set(module.FLAGS)

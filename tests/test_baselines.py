@@ -8,9 +8,10 @@ import pytest
 import tensorflow as tf
 
 from libml import cli, config as train_config
+from libml import data as ssl_data
 from libml.errors import UserError
 from realmix_tf import registry
-from realmix_tf.fully_supervised import FullySupervised, load_fully_supervised, parse_fully_supervised_name
+from realmix_tf.fully_supervised import Config as FullySupervisedConfig, FullySupervised, parse_fully_supervised_name
 from realmix_tf.mean_teacher import MeanTeacher
 from realmix_tf.mixmatch import MixMatch
 from realmix_tf.realmix import RealMix
@@ -64,7 +65,7 @@ def test_supervised_step_loss_and_bn_policy():
     np.testing.assert_allclose(float(out["losses/xe"]), expected, rtol=1e-5)
     for got, want in zip(bn_stats(model.net), bn_stats(ref)):   # moving stats from the batch
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert int(model.step.numpy()) == B and Supervised.uses_unlabeled is False
+    assert int(model.step.numpy()) == B and Supervised.unlabeled is None
     assert_few_steps_learn(model, (labeled, unlabeled), {"losses/xe"}, out)
 
 
@@ -189,6 +190,8 @@ def test_fully_supervised_names():
 def test_fully_supervised_data(full_toy, cache):
     root, images, labels = full_toy
     data = load_fully_supervised("toy-5", root, cache=cache, options=test_options())
+    sizes = FullySupervisedConfig(dataset="toy-5", data_dir=root).load_data().sizes()
+    assert (sizes["labeled"], sizes["unlabeled"], sizes["valid"]) == (15, 0, 5)  # no unlabeled set
     assert data.info.nclass == 3 and data.info.shape == (8, 8, 3)
     valid = [b for b in data.valid(64)]
     np.testing.assert_array_equal(valid[0]["label"].numpy(), labels[:5])
@@ -198,14 +201,19 @@ def test_fully_supervised_data(full_toy, cache):
     stream = iter(data.train_labeled(8))
     seen = np.concatenate([next(stream)["label"].numpy() for _ in range(6)])
     assert set(seen) == {1, 2}                                 # never a validation record
-    unlabeled = next(iter(data.train_unlabeled(8)))
-    assert unlabeled["image"].shape == (8, 2, 8, 8, 3)
-    assert (unlabeled["label"].numpy() == -1).all()
-    if cache:    # one step of the fully supervised model on these streams
+    with pytest.raises(UserError, match="has no unlabeled set"):
+        data.train_unlabeled(8)
+    if cache:    # one step of the fully supervised model on these streams (no unlabeled data)
         model = FullySupervised(3, (8, 8, 3), **TINY)
-        out = model.train_step((next(stream), unlabeled))
+        assert model.unlabeled is None
+        out = model.train_step((next(stream), None))
         assert np.isfinite(float(out["losses/xe"])) and int(model.step.numpy()) == 8
         assert model.name == "fully_supervised"
+
+
+def load_fully_supervised(dataset, root, **kwargs):
+    name = parse_fully_supervised_name(dataset)
+    return ssl_data.load_supervised(name.name, name.nvalid, root, **kwargs)
 
 
 def test_fully_supervised_data_errors(full_toy, tmp_path):

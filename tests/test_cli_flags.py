@@ -97,7 +97,7 @@ def test_every_flag_is_documented():
     (["--tsa=cosine"], "--tsa='cosine' is unknown"),
     (["--tsa_source=probs"], "--tsa_source='probs' is unknown"),
     (["--beta=0"], "--beta=0.0 must be positive"),
-    (["--w_match=-1"], "both must be >= 0"),
+    (["--w_match=-1"], "--w_match=-1.0 is negative"),
 ])
 def test_flag_errors_are_one_line_user_errors(args, message):
     with pytest.raises(UserError) as error:
@@ -207,4 +207,4 @@ def test_launch_parses_and_validates_like_the_command_line(toy, tmp_path):
         ["--gamma=0.6", "--noexport", "--progress"]
     assert registry.get("RealMix") is registry.get("realmix")
     with pytest.raises(UserError, match="unknown algorithm"):
-        registry.get("fixmatch")
+        registry.get("nonexistent")

@@ -1,33 +1,37 @@
 """One training step on 2 logical CPU devices with B rows each equals one device on the global
-batch 2B (issue 10): losses, gradients and weights after 3 steps, for RealMix (gamma > 0, TSA),
-MixMatch, Mean Teacher and supervised; the released per-replica variant differs."""
+batch 2B (issues 10, 20): losses, gradients and weights after 3 steps, for every algorithm of
+the registry (RealMix with gamma > 0 and TSA), each fed the data it declares; the released
+per-replica variant differs."""
 import json
 
 import numpy as np
 import pytest
 
+from realmix_tf import registry
 from tests.two_devices import run_script
+
+# Hyper-parameters a short test needs, by name, for whichever algorithm declares them (ramps
+# at full weight, the OOD mask and TSA on): every registered algorithm is built from the registry.
+TEST_HPARAMS = dict(warmup_kimg=0, w_match=10.0, gamma=0.5, tsa="linear", train_kimg=0.0625,
+                    warmup_pos=0.5)
 
 SCRIPT = """
 import json, threading
 import numpy as np
-from realmix_tf.mean_teacher import MeanTeacher
-from realmix_tf.mixmatch import MixMatch
-from realmix_tf.realmix import RealMix
-from realmix_tf.supervised import Supervised
+from realmix_tf import registry
 
 R, b, SIZE, NCLASS = 2, 4, 8, 4
 B = R * b
+TEST_HPARAMS = {test_hparams!r}
 rng = np.random.RandomState(0)
 x = rng.uniform(-1, 1, (B, SIZE, SIZE, 3)).astype("f4")
 y = rng.randint(0, NCLASS, B).astype("i8")
-u = rng.uniform(-1, 1, (B, 2, SIZE, SIZE, 3)).astype("f4")
 probe_x = rng.uniform(-1, 1, (B, SIZE, SIZE, 3)).astype("f4")
-CLASSES = dict(realmix=(RealMix, dict(warmup_kimg=0, w_match=10.0, gamma=0.5, tsa="linear",
-                                      train_kimg=0.0625)),
-               mixmatch=(MixMatch, dict(warmup_kimg=0, w_match=10.0)),
-               mean_teacher=(MeanTeacher, dict(train_kimg=0.0625, warmup_pos=0.5)),
-               supervised=(Supervised, {{}}))
+CLASSES = {{}}
+for name in registry.REGISTRY:
+    cls = registry.get(name).model_class()
+    table = cls.hparam_table()
+    CLASSES[name] = (cls, {{k: v for k, v in TEST_HPARAMS.items() if k in table}})
 captured = {{}}
 
 def make(algorithm, mode):
@@ -54,15 +58,20 @@ def summary(model, outs):
         logits=net(tf.constant(probe_x), training=True, update_bn_stats=False).numpy().tolist(),
         step=int(model.step.numpy()))
 
-data = ({{"image": tf.constant(x), "label": tf.constant(y)}}, {{"image": tf.constant(u)}})
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 def part(a):
+    n = len(a) // R
     return strategy.experimental_distribute_values_from_function(
-        lambda ctx: tf.constant(a[ctx.replica_id_in_sync_group * b:(ctx.replica_id_in_sync_group + 1) * b]))
-parts = ({{"image": part(x), "label": part(y)}}, {{"image": part(u)}})
+        lambda ctx: tf.constant(a[ctx.replica_id_in_sync_group * n:(ctx.replica_id_in_sync_group + 1) * n]))
 results = {{}}
 for algorithm in CLASSES:
     one = make(algorithm, "global")
+    spec = one.unlabeled                         # the declared data: [B*ratio, V, ...] or none
+    u = None if spec is None else rng.uniform(
+        -1, 1, (spec.rows(B), len(spec.views), SIZE, SIZE, 3)).astype("f4")
+    data = ({{"image": tf.constant(x), "label": tf.constant(y)}},
+            None if u is None else {{"image": tf.constant(u)}})
+    parts = ({{"image": part(x), "label": part(y)}}, None if u is None else {{"image": part(u)}})
     fn = tf.function(lambda d: step_and_grads(one, d))
     result = dict(one=summary(one, [fn(data) for _ in range(3)]))
     for mode in ("global", "per_replica"):
@@ -90,12 +99,12 @@ def conv_bias(name):
 
 @pytest.fixture(scope="module")
 def results():
-    """All four algorithms in one process (TensorFlow starts once): ~1 min on 2 cores."""
-    out = run_script(SCRIPT.format(), devices=2, timeout=600)
+    """Every registered algorithm in one process (TensorFlow starts once): ~2 min on 2 cores."""
+    out = run_script(SCRIPT.format(test_hparams=TEST_HPARAMS), devices=2, timeout=900)
     return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
 
 
-@pytest.mark.parametrize("algorithm", ["realmix", "mixmatch", "mean_teacher", "supervised"])
+@pytest.mark.parametrize("algorithm", sorted(registry.REGISTRY))
 def test_two_replicas_equal_one_device_on_the_global_batch(results, algorithm):
     result = results[algorithm]
     one, two, per_replica = result["one"], result["global"], result["per_replica"]

@@ -141,7 +141,7 @@ def test_vat_step_matches_reference():
     x, labels, y = labeled["image"], labeled["label"].numpy(), unlabeled["image"][:, 0]
     net = clone(model.net)
     logits_y = net(y, training=True, update_bn_stats=False)
-    noise = tf.random.stateless_normal(y.shape, model.noise_seed(tf.constant(256, tf.int64)))
+    noise = tf.random.stateless_normal(y.shape, model.step_seed(tf.constant(256, tf.int64)))
     d = 1e-2 * vat_ops.normalize_perturbation(noise)
     with tf.GradientTape() as tape:                          # the power iteration, written out
         tape.watch(d)
