@@ -364,7 +364,8 @@ def parse_tables(value: str) -> List[int]:
         tables = [0]
     bad = [t for t in tables if t not in TABLES]
     if bad:
-        raise UserError(f"--table={value}: use 1..6, a comma-separated list of them, or all")
+        raise UserError(f"--table={value}: use 1..{max(TABLES)}, a comma-separated list of them, "
+                        f"or all")
     return tables
 
 
