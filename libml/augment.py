@@ -285,7 +285,7 @@ def _affine(images, rows):
 
 def _rotate(images, level, sign):
     angle = sign * tf.floor(level * 30.0 / RA_MAX_LEVEL) * (3.141592653589793 / 180)
-    cy, cx = (images.shape[1] - 1) / 2, (images.shape[2] - 1) / 2
+    cy, cx = tf.unstack((tf.cast(tf.shape(images)[1:3], tf.float32) - 1) / 2)
     cos, sin = tf.cos(angle), tf.sin(angle)
     # Rotation about the image centre (cx, cy), output -> input.
     rows = tf.stack([cos, sin, cx - cos * cx - sin * cy,
@@ -302,7 +302,7 @@ def _shear(images, level, sign, axis):
 
 def _translate(images, level, sign, axis):
     # FixMatch: m pixels on its 32x32 images; scaled with the image size here.
-    size = images.shape[2] if axis == "x" else images.shape[1]
+    size = tf.cast(tf.shape(images)[2 if axis == "x" else 1], tf.float32)
     d = sign * tf.floor(level * 10.0 / RA_MAX_LEVEL) * (size / 32)
     one, zero = tf.ones_like(d), tf.zeros_like(d)
     rows = [one, zero, d, zero, one, zero] if axis == "x" else [one, zero, zero, zero, one, d]
@@ -407,7 +407,7 @@ def strong(images, seed, flip: bool = True, shift: int = 4):
         tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), 3))
     images = augment(tf.convert_to_tensor(images, tf.uint8), weak_seed, flip=flip, shift=shift)
     images = rand_augment(images, ra_seed)
-    side = min(images.shape[-3], images.shape[-2]) // 2
+    side = tf.reduce_min(tf.shape(images)[-3:-1]) // 2
     return cutout(images, cutout_seed, size=side, fill=int(GREY))
 
 
@@ -426,5 +426,11 @@ def check_view(name: str) -> str:
 
 @_plain_python
 def view(name: str, images, seed, flip: bool = True, shift: int = 4):
-    """The training view `name` (a key of VIEWS) of a batch."""
+    """The training view `name` (a key of VIEWS) of a batch.
+
+    images: uint8 [N,H,W,C] (or one [H,W,C] image); N, H, W may be dynamic, C must be static
+    (1 or 3 for "strong"). seed: int32/int64 [2], the stateless seed of this batch; the same
+    seed gives the same view eagerly, in tf.function and in tf.data. flip / shift: the
+    dataset's weak augmentation (mirror or not, translation in pixels). Returns uint8, same shape.
+    """
     return VIEWS[check_view(name)](images, seed, flip, shift)
