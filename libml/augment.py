@@ -184,10 +184,14 @@ AUGMENTATIONS = {
 }
 
 
+def _known(name: str, table: dict) -> str:
+    if name not in table:
+        raise UserError(f"unknown augmentation {name!r}: use one of {', '.join(table)}")
+    return name
+
+
 def check_name(aug: str) -> str:
-    if aug not in AUGMENTATIONS:
-        raise UserError(f"unknown augmentation {aug!r}: use one of {', '.join(AUGMENTATIONS)}")
-    return aug
+    return _known(aug, AUGMENTATIONS)
 
 
 def augment_copy(images, seed, aug: str, flip: bool = True):
@@ -223,7 +227,7 @@ def to_float(images):
 #   interpolation and fill grey, as PIL's default resampling and FixMatch's transparent fill
 #   (0 in [-1, 1]) did.
 # Known differences from PIL: brightness is Keras' additive shift by (v - 1) x 127.5 (PIL:
-# multiply by v; both keep black and grey ordered the same way, and agree at mid-grey);
+# multiply by v; the two agree at mid-grey);
 # contrast blends towards each channel's mean (PIL: the mean grey level); sharpness and the
 # geometric ops treat the borders as Keras does. Grayscale images (C = 1) go through the ops as
 # a 3-channel tile and come back as channel 0 (every op treats the channels of a grey image
@@ -234,6 +238,11 @@ RA_OPS = ("identity", "autocontrast", "equalize", "rotate", "solarize", "color",
           "shear_y")    # FixMatch's RANDOM_POLICY_OPS, in its order
 RA_MAX_LEVEL = 10       # levels m are drawn from 1 .. RA_MAX_LEVEL - 1 (FixMatch: randint(1, 10))
 GREY = 128.0
+
+
+# No tensor-dependent Python control flow below: tf.data and tf.function need not run AutoGraph
+# over these functions and the Keras code they call (that conversion took longer than tracing).
+_plain_python = tf.autograph.experimental.do_not_convert
 
 
 def _keras_layers():
@@ -276,7 +285,7 @@ def _affine(images, rows):
 
 def _rotate(images, level, sign):
     angle = sign * tf.floor(level * 30.0 / RA_MAX_LEVEL) * (3.141592653589793 / 180)
-    cy, cx = (images.shape[1] - 1) / 2, (images.shape[2] - 1) / 2
+    cy, cx = tf.unstack((tf.cast(tf.shape(images)[1:3], tf.float32) - 1) / 2)
     cos, sin = tf.cos(angle), tf.sin(angle)
     # Rotation about the image centre (cx, cy), output -> input.
     rows = tf.stack([cos, sin, cx - cos * cx - sin * cy,
@@ -293,7 +302,7 @@ def _shear(images, level, sign, axis):
 
 def _translate(images, level, sign, axis):
     # FixMatch: m pixels on its 32x32 images; scaled with the image size here.
-    size = images.shape[2] if axis == "x" else images.shape[1]
+    size = tf.cast(tf.shape(images)[2 if axis == "x" else 1], tf.float32)
     d = sign * tf.floor(level * 10.0 / RA_MAX_LEVEL) * (size / 32)
     one, zero = tf.ones_like(d), tf.zeros_like(d)
     rows = [one, zero, d, zero, one, zero] if axis == "x" else [one, zero, zero, zero, one, d]
@@ -366,6 +375,7 @@ def apply_ra_ops(images, ops, levels, signs):
     return out
 
 
+@_plain_python
 def rand_augment(images, seed, num_ops: int = 2, prob: float = 0.5):
     """FixMatch's RandAugment with random magnitude, per image; uint8 [N,H,W,C] in and out."""
     images, single = as_batch(images)
@@ -390,13 +400,14 @@ def rand_augment(images, seed, num_ops: int = 2, prob: float = 0.5):
     return unbatch_if_single(out, single)
 
 
+@_plain_python
 def strong(images, seed, flip: bool = True, shift: int = 4):
     """FixMatch's strong view: weak (flip + translate), RandAugment, Cutout; uint8 in and out."""
     weak_seed, ra_seed, cutout_seed = tf.unstack(
         tf.random.experimental.stateless_split(tf.convert_to_tensor(seed), 3))
     images = augment(tf.convert_to_tensor(images, tf.uint8), weak_seed, flip=flip, shift=shift)
     images = rand_augment(images, ra_seed)
-    side = min(images.shape[-3], images.shape[-2]) // 2
+    side = tf.reduce_min(tf.shape(images)[-3:-1]) // 2
     return cutout(images, cutout_seed, size=side, fill=int(GREY))
 
 
@@ -410,11 +421,16 @@ VIEWS = {
 
 
 def check_view(name: str) -> str:
-    if name not in VIEWS:
-        raise UserError(f"unknown augmentation {name!r}: use one of {', '.join(VIEWS)}")
-    return name
+    return _known(name, VIEWS)
 
 
+@_plain_python
 def view(name: str, images, seed, flip: bool = True, shift: int = 4):
-    """The training view `name` (a key of VIEWS) of a batch."""
+    """The training view `name` (a key of VIEWS) of a batch.
+
+    images: uint8 [N,H,W,C] (or one [H,W,C] image); N, H, W may be dynamic, C must be static
+    (1 or 3 for "strong"). seed: int32/int64 [2], the stateless seed of this batch; the same
+    seed gives the same view eagerly, in tf.function and in tf.data. flip / shift: the
+    dataset's weak augmentation (mirror or not, translation in pixels). Returns uint8, same shape.
+    """
     return VIEWS[check_view(name)](images, seed, flip, shift)

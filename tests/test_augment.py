@@ -153,6 +153,10 @@ def test_strong_view_in_tf_data_is_deterministic_and_keeps_shape(rng, shape):
           .map(lambda x: augment.view("strong", x, SEED)).with_options(test_options()))
     assert ds.element_spec.shape.as_list() == [None, *shape[1:]]
     np.testing.assert_array_equal(next(iter(ds)).numpy(), eager)
+    if shape[-1] == 3:    # unknown height and width (e.g. decoded PNGs): same result
+        dynamic = tf.function(lambda x: augment.view("strong", x, SEED),
+                              input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+        np.testing.assert_array_equal(dynamic(images).numpy(), eager)
     other = augment.view("strong", images, tf.constant([7, 12], tf.int64)).numpy()
     assert not np.array_equal(eager, other)
     assert not np.array_equal(eager, augment.view("weak", images, SEED).numpy())
