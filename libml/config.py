@@ -14,12 +14,10 @@ constructor checks them (realmix_tf/*.py).
 """
 import dataclasses
 import math
-import sys
 from typing import Callable, Optional
 
 from absl import flags
 
-from libml import libml_flags
 from libml import distribute as devices
 from libml.checkpoint import checkpoint_exists
 from libml.errors import UserError
@@ -288,15 +286,17 @@ def define_train_flags(flag_values=flags.FLAGS, config_class=TrainConfig) -> Non
                                 flag_values=flag_values)
 
 
-def config_from_flags(flag_values=flags.FLAGS, config_class=TrainConfig, **algorithm) -> TrainConfig:
-    """The validated config of parsed flags; `algorithm` = the algorithm's hyper-parameters.
-    Original libml flags given on the command line are mapped or noted (libml/libml_flags.py)."""
+def flag_settings(flag_values=flags.FLAGS, config_class=TrainConfig) -> dict:
+    """The values of config_class's fields among parsed flags."""
     fields = {f.name for f in dataclasses.fields(config_class)} - {"algorithm"}
-    values = {name: flag_values[name].value for name in fields if name in flag_values}
-    overrides, notes = libml_flags.resolve(
-        flag_values, values.get("train_kimg", 0), values.get("report_kimg", 1),
-        "shuffle_buffer" in flag_values and flag_values["shuffle_buffer"].present)
-    values.update({k: v for k, v in overrides.items() if k in values})
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+    return {name: flag_values[name].value for name in fields if name in flag_values}
+
+
+def config_from_flags(flag_values=flags.FLAGS, config_class=TrainConfig, overrides=None,
+                      **algorithm) -> TrainConfig:
+    """The validated config of parsed flags; `overrides`: settings that replace the flags'
+    (the original libml flags mapped by realmix_tf's command lines); `algorithm` = the
+    algorithm's hyper-parameters."""
+    values = flag_settings(flag_values, config_class)
+    values.update({k: v for k, v in (overrides or {}).items() if k in values})
     return config_class(**values, algorithm=dict(algorithm)).validate()

@@ -16,15 +16,47 @@ nothing. Its consistency target uses the EMA weights of the previous step, as re
 Command line:
     python -m realmix_tf.mean_teacher --dataset=cifar10.3@250-5000 [--consistency_weight=50]
 """
+import numbers
+
 import tensorflow as tf
 
-from libml import baseline_losses, replicas
+from libml import replicas
 from libml.config import KIMG, fraction, non_negative
 from libml.data import Unlabeled
 from libml.ssl import LOSS_NCLASS, TRAIN_KIMG, SSLModel, hparam
 from realmix_tf.supervised import SMOOTHING, labeled_cross_entropy, smoothing_hparams
 
-WARMUP_POS = hparam(baseline_losses.WARMUP_POS, "Fraction of --train_kimg over which the "
+# Flag defaults of the MixMatch-repo baselines (lr, wd, ema, batch as in RealMix).
+MEAN_TEACHER_CONSISTENCY_WEIGHT = 50.0
+PI_MODEL_CONSISTENCY_WEIGHT = 10.0
+WARMUP_POS = 0.4
+
+
+def _f32(x):
+    return tf.cast(tf.convert_to_tensor(x), tf.float32)
+
+
+def softmax_mse(student_logits, teacher_logits):
+    """Per-example mean over classes of (softmax(teacher) - softmax(student))^2, float32 [B].
+
+    The teacher's gradient is stopped: only the student is pulled towards the teacher."""
+    teacher = tf.stop_gradient(tf.nn.softmax(_f32(teacher_logits), axis=-1))
+    student = tf.nn.softmax(_f32(student_logits), axis=-1)
+    return tf.reduce_mean(tf.square(teacher - student), axis=-1)
+
+
+def linear_warmup(step_images, warmup_pos, train_images):
+    """clip(step_images / (warmup_pos * train_images), 0, 1): the libml baselines' warm-up.
+
+    train_images = train_kimg * 1024; warmup_pos = 0.4 ends the ramp at 40 % of training.
+    warmup_pos = 0 gives 1 from the start."""
+    if isinstance(warmup_pos, numbers.Real) and warmup_pos <= 0:
+        return tf.constant(1.0, tf.float32)
+    ramp_images = _f32(warmup_pos) * _f32(train_images)
+    return tf.clip_by_value(_f32(step_images) / ramp_images, 0.0, 1.0)
+
+
+WARMUP_POS_HPARAM = hparam(WARMUP_POS, "Fraction of --train_kimg over which the "
                     "unlabeled-loss weight ramps up linearly from 0.",
                     fraction("the released default is 0.4"), float)
 
@@ -38,12 +70,12 @@ class MeanTeacher(SSLModel):
     Other arguments as SSLModel."""
 
     HPARAMS = dict(
-        consistency_weight=hparam(baseline_losses.MEAN_TEACHER_CONSISTENCY_WEIGHT,
+        consistency_weight=hparam(MEAN_TEACHER_CONSISTENCY_WEIGHT,
                                   "Weight of the teacher-student consistency loss (ramped over "
                                   "--warmup_pos).",
                                   non_negative("use a weight >= 0 (the released default is 50)"),
                                   float),
-        warmup_pos=WARMUP_POS,
+        warmup_pos=WARMUP_POS_HPARAM,
         train_kimg=TRAIN_KIMG,
         smoothing=SMOOTHING,
         loss_nclass=LOSS_NCLASS,
@@ -66,7 +98,7 @@ class MeanTeacher(SSLModel):
 
     def consistency_ramp(self, step):
         """consistency_weight * linear warm-up at `step` images (float32 scalar)."""
-        ramp = baseline_losses.linear_warmup(step, self.warmup_pos, self.train_kimg * KIMG)
+        ramp = linear_warmup(step, self.warmup_pos, self.train_kimg * KIMG)
         return self.consistency_weight * ramp
 
     def train_loss(self, labeled, unlabeled, step, draws):
@@ -78,7 +110,7 @@ class MeanTeacher(SSLModel):
                           update_bn_stats=True, bn_groups=2)   # moving stats: labeled half
         logits_x, student_logits = tf.split(logits, 2)
         loss_xe = labeled_cross_entropy(logits_x, labels, self.nclass, self.smoothing)
-        loss_mt = replicas.mean(baseline_losses.softmax_mse(student_logits, teacher_logits))
+        loss_mt = replicas.mean(softmax_mse(student_logits, teacher_logits))
         if self.loss_nclass:
             loss_mt = loss_mt * (self.nclass / self.loss_nclass)
         weight = self.consistency_ramp(step)

@@ -16,8 +16,7 @@ Command line:
 """
 import dataclasses
 
-from libml import baseline_losses
-from realmix_tf.mean_teacher import MeanTeacher
+from realmix_tf.mean_teacher import PI_MODEL_CONSISTENCY_WEIGHT, MeanTeacher
 
 
 class PiModel(MeanTeacher):
@@ -25,7 +24,7 @@ class PiModel(MeanTeacher):
 
     HPARAMS = dict(consistency_weight=dataclasses.replace(
         MeanTeacher.HPARAMS["consistency_weight"],
-        default=baseline_losses.PI_MODEL_CONSISTENCY_WEIGHT))
+        default=PI_MODEL_CONSISTENCY_WEIGHT))
     CONSISTENCY_TAG = "losses/pm"
 
     def __init__(self, nclass, input_shape, name="pi_model", **kwargs):

@@ -18,6 +18,7 @@ Adding an algorithm = that file + one line in REGISTRY.
 """
 import dataclasses
 import importlib
+import sys
 from typing import Dict, List, Optional
 
 from absl import flags
@@ -101,7 +102,14 @@ def configure(name: str, flag_values: flags.FlagValues) -> train_config.TrainCon
     if model_class.unlabeled is None and flag_values.extend:
         raise UserError(f"--extend is set but {algorithm.name} does not read unlabeled images: "
                         f"drop --extend")
-    config = train_config.config_from_flags(flag_values, algorithm.config_class(), **hparams)
+    settings = train_config.flag_settings(flag_values, algorithm.config_class())
+    overrides, notes = libml_flags.resolve(       # the original libml flags: mapped or noted
+        flag_values, settings.get("train_kimg", 0), settings.get("report_kimg", 1),
+        "shuffle_buffer" in flag_values and flag_values["shuffle_buffer"].present)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    config = train_config.config_from_flags(flag_values, algorithm.config_class(), overrides,
+                                            **hparams)
     model_class.check_hparams(**hparams)
     if "train_kimg" in model_class.hparam_table():
         model_class.check_hparams(train_kimg=config.train_kimg)

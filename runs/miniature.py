@@ -194,7 +194,7 @@ def method_hparams(method: str, s: Settings, **overrides) -> Tuple[Tuple[str, ob
     """The paper commands' CIFAR-10 hyper-parameters (runs/experiments.py), with the ramp-ups
     scaled to the run length. Values may also be trainer flags (wd, mixed_precision)."""
     warmup = s.warmup_fraction * s.train_kimg
-    from libml import baseline_losses
+    from realmix_tf import mean_teacher as baseline_losses
     paper = {name: float(value) for name, value in CIFAR}      # beta, w_match
     ramp = dict(warmup_pos=baseline_losses.WARMUP_POS)
     base = {"Supervised": {},

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import cli, vat_ops
+from libml import cli
+from realmix_tf import vat as vat_ops
 from libml.errors import UserError
 from realmix_tf import registry
 from realmix_tf.mean_teacher import MeanTeacher
