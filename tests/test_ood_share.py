@@ -315,3 +315,13 @@ def test_reference_scores_parts_and_errors():
     np.testing.assert_allclose(knn.scores, ood_share.knn_similarity(w.unlabeled, w.labeled))
     with pytest.raises(ValueError, match="unknown feature score"):
         ood_share.reference_scores(w.labeled, w.labeled_labels, w.unlabeled, kind="energy")
+
+
+def test_offline_measurement_script_reports_before_and_after():
+    from runs import ood_offline
+    rows = {(r["mode"], r["share"]): r for r in ood_offline.synthetic([0])}
+    assert len(rows) == 25
+    tight = rows[("tight", 0.0)]
+    assert tight["old"] == pytest.approx(list(_errors("tight", 0.0, "old", seeds=(0,))))
+    assert tight["new"] == pytest.approx(list(_errors("tight", 0.0, seeds=(0,))))
+    assert tight["auroc"] == {} and set(rows[("base", 0.5)]["auroc"]) == {"knn", "prototype", "confidence"}
