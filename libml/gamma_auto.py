@@ -6,7 +6,8 @@ traced step never changes and every replica reads the same value. At each report
 calls `GammaAutoHook.report(...)` with the EMA model's pooled features of one window of
 `--eval_batch` un-augmented unlabeled images (the only extra forward pass) and of the labeled
 and validation images (the evaluation's own pass); the hook scores them by the cosine
-similarity to the nearest labeled image, estimates the window's out-of-distribution share
+similarity to the nearest class prototype of the labeled images (or to the nearest labeled
+image), estimates the window's out-of-distribution share
 against the in-distribution reference (libml/ood_share.py), updates the smoothed estimate and
 gamma, logs them to TensorBoard (`monitors/gamma`, `monitors/ood_share_estimate`,
 `monitors/ood_share_raw`, `monitors/gamma_trusted`) and to `stats/gamma_auto.json`. The
@@ -68,8 +69,13 @@ def parse_gamma(value):
 class GammaAutoHook:
     """The trainer's report hook for a model with a `gamma_state` (GammaState)."""
 
-    def __init__(self, model, nclass: int, run_dir: str):
+    def __init__(self, model, nclass: int, run_dir: str, score: Optional[str] = None):
         self.state: GammaState = model.gamma_state
+        self.nclass = nclass
+        # The feature score: the model's own (`ood_score`, when it ranks its mask by a feature
+        # score) or ood_share.DEFAULT_SCORE.
+        own = getattr(model, "ood_score", None)
+        self.score = score or (own if own in ood_share.SCORE_KINDS else ood_share.DEFAULT_SCORE)
         self.auto = ood_share.AutoGamma(nclass=nclass)
         self.path = os.path.join(run_dir, HISTORY_FILE)
         self.history: List[dict] = []
@@ -91,25 +97,40 @@ class GammaAutoHook:
         """One report, inside the trainer's TensorBoard writer context. window_features: the
         EMA model's pooled features of the window; kept: the evaluation's outputs of 'valid'
         and 'train_labeled' ({"features", "labels", ...}, Trainer.evaluate); accuracy: the
-        trainer's, in %."""
+        trainer's, in %.
+
+        Estimate: ood_share.estimate_from_features (the score `self.score`, the labeled
+        reference calibrated against the labeled validation images, split-reference BBE
+        seeded with the step: a resumed run redoes a report exactly). Trust: the accuracy of
+        the trust set; with fewer than MIN_REFERENCE labeled validation images, the lower of
+        the labeled images' accuracy and their leave-one-out nearest-prototype accuracy in
+        feature space (the classifier fits the labeled images long before the features
+        separate the classes)."""
         labeled, valid = kept["train_labeled"], kept["valid"]
-        valid_known = valid["features"][valid["labels"] >= 0]
-        trust_set = ood_share.trust_set(len(valid_known))
+        valid_labels = np.asarray(valid["labels"])
+        trust_set = ood_share.trust_set(int((valid_labels >= 0).sum()))
         ref_accuracy = accuracy[trust_set] / 100.0
+        feature_accuracy: Optional[float] = None
+        if trust_set == "train_labeled" and len(labeled["features"]):
+            feature_accuracy = ood_share.prototype_accuracy_loo(labeled["features"], labeled["labels"],
+                                                                self.nclass)
+            ref_accuracy = min(ref_accuracy, feature_accuracy)
         raw: Optional[float] = None
-        reference, ref_name = np.zeros(0), "labeled"
+        n_reference, ref_name, shift = 0, "labeled", 0.0
         if len(window_features) and len(labeled["features"]) >= 2:
-            reference, window, ref_name = ood_share.feature_scores(
-                labeled["features"], window_features, valid_known)
-            if len(reference) >= 5:
-                raw = ood_share.estimate_share(reference, window).share
+            scores = ood_share.reference_scores(labeled["features"], labeled["labels"], window_features,
+                                                valid["features"], valid_labels, self.nclass, self.score)
+            n_reference, ref_name, shift = len(scores.reference), scores.name, scores.shift
+            if n_reference >= 5:
+                raw = ood_share.estimate_share_split(scores.reference, scores.scores, seed=step).share
         self.state.load(self.auto)
         gamma = self.auto.update(raw, ref_accuracy if np.isfinite(ref_accuracy) else 0.0)
         self.state.store(self.auto)
         record = dict(step=step, kimg=step / 1024, gamma=gamma, ood_share_estimate=self.auto.estimate,
                       ood_share_raw=raw, trusted=self.auto.trusted, reference=ref_name,
-                      n_reference=int(len(reference)), n_window=int(len(window_features)),
-                      trust_set=trust_set, reference_accuracy=ref_accuracy)
+                      n_reference=int(n_reference), n_window=int(len(window_features)),
+                      trust_set=trust_set, reference_accuracy=ref_accuracy,
+                      feature_accuracy=feature_accuracy, score=self.score, calibration_shift=shift)
         write_scalar("monitors/gamma", gamma)
         write_scalar("monitors/ood_share_estimate", self.auto.estimate)
         write_scalar("monitors/ood_share_raw", float("nan") if raw is None else raw)

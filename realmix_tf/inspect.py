@@ -8,11 +8,15 @@ file. --dataset defaults to the one the model was trained on. Writes to --output
 {run}/inspect/{dataset}/):
   unlabeled.csv      one row per record of the -unlabel.tfrecord (validation records first):
                      index, split, predicted class and name, confidence, ood_score (cosine
-                     distance to the nearest labeled image), decision (mask/keep: whether
-                     RealMix's mask, which drops the least confident, would drop it under the
-                     estimated gamma) and, for the mismatch sets, origin_class and in_distribution
+                     distance to the nearest class prototype of the labeled images), decision
+                     (mask/keep: whether the run's mask, which drops the share gamma ranked
+                     lowest by its own ranking, the confidence unless the run's --ood_score is
+                     a feature score, would drop it under the estimated gamma) and, for the
+                     mismatch sets, origin_class and in_distribution
   summary.json       estimated OOD share and gamma, the reference used, and with ground truth
-                     the true share, the error and the AUROCs of the score
+                     the true share, the error, the AUROCs of the feature score, of the
+                     confidence and of the mask's ranking, and the share of masked images
+                     that are truly out of distribution
   histogram.png      the scores of the unlabeled images (split by the truth when known) and of
                      the reference, with the estimate's threshold
   contact_sheet.png  the --sheet most and least in-distribution-looking training images
@@ -101,9 +105,9 @@ def features_and_logits_of(net, images: np.ndarray, batch: int):
 # The data and the analysis
 
 def load_split(dataset, root: str):
-    """(labeled images, unlabeled images, unlabeled labels, truth dict or None)."""
+    """(labeled images, labeled labels, unlabeled images, unlabeled labels, truth or None)."""
     how = f"python -m data_prep.create_split (see the README) for {dataset}"
-    xl, _ = records.load_numpy(records.require_file(dataset.label_path(root), how))
+    xl, yl = records.load_numpy(records.require_file(dataset.label_path(root), how))
     xu, yu = records.load_numpy(records.require_file(dataset.unlabel_path(root), how))
     split = _read_json(dataset.map_path(root))
     truth = None
@@ -111,45 +115,74 @@ def load_split(dataset, root: str):
         truth = dict(in_distribution=np.array(split["unlabel_in_distribution"], bool),
                      origin_class=np.array(split["unlabel_class"], np.int64),
                      origin_names=split.get("class_names", []))
-    return xl, xu, yu, truth
+    return xl, yl, xu, yu, truth
 
 
-def analyse(features_labeled, features_unlabeled, logits_unlabeled, labels_unlabeled, nvalid: int,
-            truth=None) -> dict:
+def mask_ranking(meta: dict) -> str:
+    """What the run's mask ranks by: its --ood_score when that is a feature score
+    (ood_share.SCORE_KINDS), else the confidence (RealMix as released)."""
+    kind = meta.get("ood_score")
+    return kind if kind in ood_share.SCORE_KINDS else "confidence"
+
+
+def analyse(features_labeled, labels_labeled, features_unlabeled, logits_unlabeled, labels_unlabeled,
+            nvalid: int, truth=None, nclass=None, score: str = ood_share.DEFAULT_SCORE,
+            mask_by: str = "confidence") -> dict:
     """Scores, estimate and per-image decisions, as --gamma=auto makes them at a report (on the
-    whole unlabeled set instead of one window, without smoothing)."""
+    whole unlabeled set instead of one window, without smoothing). score: the feature score
+    of the estimate (ood_share.SCORE_KINDS); mask_by: what the mask ranks by, "confidence"
+    (max softmax of the un-augmented prediction; in training the mask ranks the mixed
+    predictions) or a feature score (with the labeled images' prototypes, where the step keeps
+    a moving average of them)."""
     nvalid = min(nvalid, len(features_unlabeled))
-    known = np.asarray(labels_unlabeled[:nvalid]) >= 0
-    reference, scores, reference_name = ood_share.feature_scores(
-        features_labeled, features_unlabeled, features_unlabeled[:nvalid][known])
+    nclass = int(nclass or np.asarray(logits_unlabeled).shape[1])
+    valid_labels = np.asarray(labels_unlabeled[:nvalid])
+    estimate, fs = ood_share.estimate_from_features(
+        features_labeled, labels_labeled, features_unlabeled, features_unlabeled[:nvalid],
+        valid_labels, nclass, kind=score)
+    scores, reference = fs.scores, fs.reference
     train_scores = scores[nvalid:]
-    estimate = ood_share.estimate_share(reference, train_scores)
     gamma = min(estimate.share, ood_share.MAX_GAMMA)
-    # RealMix's mask drops the gamma least confident: the gamma-quantile of the confidence.
+    # The mask drops the gamma least in-distribution by its own ranking: the gamma-quantile.
     confidence = ood_share.confidence_score(logits_unlabeled)
-    cut = float(np.quantile(confidence[nvalid:], gamma)) if gamma > 0 and len(train_scores) else -np.inf
-    summary = dict(estimated_ood_share=estimate.share, gamma=gamma, score="knn_cosine",
-                   reference=reference_name, n_reference=estimate.n_reference,
-                   n_unlabeled=int(len(train_scores)), n_valid=nvalid,
+    if mask_by == "confidence":
+        ranking = confidence
+    elif mask_by == score:
+        ranking = scores
+    else:
+        ranking = ood_share.reference_scores(features_labeled, labels_labeled, features_unlabeled,
+                                             nclass=nclass, kind=mask_by).scores
+    cut = float(np.quantile(ranking[nvalid:], gamma)) if gamma > 0 and len(train_scores) else -np.inf
+    masked = ranking <= cut
+    summary = dict(estimated_ood_share=estimate.share, gamma=gamma, score=f"{score}_cosine",
+                   mask_ranks_by=mask_by, reference=fs.name, n_reference=estimate.n_reference,
+                   calibration_shift=fs.shift, n_unlabeled=int(len(train_scores)), n_valid=nvalid,
+                   n_masked=int(masked[nvalid:].sum()),
                    bbe_threshold=estimate.threshold, bbe_reference_above=estimate.reference_above,
                    bbe_unlabeled_above=estimate.mixture_above)
     if truth is not None:
         inside = truth["in_distribution"][nvalid:]
         true_share = float(1.0 - inside.mean()) if len(inside) else None
+        masked_train = masked[nvalid:]
+        train_ranking, train_confidence = ranking[nvalid:], confidence[nvalid:]
         summary.update(true_ood_share=true_share,
                        share_error=None if true_share is None else estimate.share - true_share,
                        auroc=ood_share.auroc(train_scores[inside], train_scores[~inside]),
                        auroc_reference=ood_share.auroc(reference, train_scores[~inside]),
-                       auroc_confidence=ood_share.auroc(confidence[nvalid:][inside],
-                                                        confidence[nvalid:][~inside]))
-    return dict(summary=summary, scores=scores, reference=reference, masked=confidence <= cut)
+                       auroc_confidence=ood_share.auroc(train_confidence[inside],
+                                                        train_confidence[~inside]),
+                       auroc_mask=ood_share.auroc(train_ranking[inside], train_ranking[~inside]),
+                       masked_ood_share=float(np.mean(~inside[masked_train])) if masked_train.any() else None,
+                       ood_masked_share=float(np.mean(masked_train[~inside])) if (~inside).any() else None)
+    return dict(summary=summary, scores=scores, reference=reference, masked=masked)
 
 
 # ---------------------------------------------------------------------------------------------
 # Outputs
 
 def write_csv(path: str, result: dict, logits, nvalid: int, class_names, truth) -> None:
-    """ood_score = 1 - the similarity score: the cosine distance to the nearest labeled image."""
+    """ood_score = 1 - the similarity score: the cosine distance to the nearest prototype (or
+    labeled image, with the knn score)."""
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     predicted = probs.argmax(1)
@@ -196,7 +229,7 @@ def write_histogram(path: str, result: dict, nvalid: int, truth) -> None:
     title = f"estimated OOD share {s['estimated_ood_share']:.2f}"
     if s.get("true_ood_share") is not None:
         title += f" (true {s['true_ood_share']:.2f}, AUROC {s['auroc'] if s['auroc'] is None else round(s['auroc'], 3)})"
-    ax.set(xlabel="OOD score = cosine distance to the nearest labeled image", ylabel="images",
+    ax.set(xlabel=f"OOD score = cosine distance ({s['score']})", ylabel="images",
            title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -247,14 +280,16 @@ def inspect(model: str, dataset: str = "", root: str = "", output: str = "", bat
     paths = {k: os.path.join(output, k) for k in OUTPUTS}
     for path in paths.values():
         check_overwrite(path, overwrite)
-    xl, xu, yu, truth = load_split(name, root)
+    xl, yl, xu, yu, truth = load_split(name, root)
+    run_args = _read_json(os.path.join(run_dir, "args", "args.json")) if run_dir else {}
     shape = meta.get("image_shape") or [meta.get(k) for k in ("height", "width", "channels")]
     if None not in shape and tuple(xu.shape[1:]) != tuple(shape):
         raise UserError(f"{name} holds {'x'.join(map(str, xu.shape[1:]))} images, the model takes "
                         f"{'x'.join(map(str, shape))}: pass the dataset the model was trained on")
     features_u, logits_u = features_and_logits_of(net, xu, batch)
     features_l = features_and_logits_of(net, xl, batch)[0]
-    result = analyse(features_l, features_u, logits_u, yu, name.nvalid, truth)
+    result = analyse(features_l, yl, features_u, logits_u, yu, name.nvalid, truth,
+                     nclass=int(logits_u.shape[1]), mask_by=mask_ranking(dict(run_args, **meta)))
     os.makedirs(output, exist_ok=True)
     class_names = list(meta.get("class_names", []))
     summary = dict(result["summary"], dataset=str(name), model=model)
@@ -276,8 +311,10 @@ def main(argv=None):
                 FLAGS.overwrite)
     line = f"estimated OOD share {s['estimated_ood_share']:.3f} (gamma {s['gamma']:.3f}, reference: {s['reference']})"
     if s.get("true_ood_share") is not None:
-        auroc = "n/a" if s["auroc"] is None else f"{s['auroc']:.3f}"
-        line += f"; true share {s['true_ood_share']:.3f}, AUROC {auroc}"
+        fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+        line += (f"; true share {s['true_ood_share']:.3f}, AUROC of the {s['score']} score "
+                 f"{fmt(s['auroc'])}, of the mask's ranking ({s['mask_ranks_by']}) "
+                 f"{fmt(s['auroc_mask'])}; masked images truly OOD {fmt(s['masked_ood_share'])}")
     print(f"{line}\nwrote {', '.join(OUTPUTS)} to {s['output']}", file=sys.stderr)
     return 0
 

@@ -375,7 +375,8 @@ def ood_share(run_dir: str, root: str) -> dict:
                 estimate_inspect=summary["estimated_ood_share"],
                 true_share=summary.get("true_ood_share"), auroc=summary.get("auroc"),
                 auroc_reference=summary.get("auroc_reference"),
-                auroc_confidence=summary.get("auroc_confidence"))
+                auroc_confidence=summary.get("auroc_confidence"),
+                auroc_mask=summary.get("auroc_mask"), masked_ood_share=summary.get("masked_ood_share"))
 
 
 def run_all(runs: Sequence[Run], s: Settings, root: str, train_dir: str,

@@ -59,13 +59,16 @@ def test_run_folder_writes_csv_summary_and_pngs(tiny_run):
     assert all(r["class_name"] == f"class{r['predicted_class']}" for r in rows)
     confidence = np.array([float(r["confidence"]) for r in rows])
     ood = np.array([float(r["ood_score"]) for r in rows])
-    # ood_score: the cosine distance of the EMA net's pooled features to the nearest labeled
-    # image's, computed here independently of libml.ood_share.
+    # ood_score: the cosine distance of the EMA net's pooled features to the nearest class
+    # prototype of the labeled images', computed here independently of libml.ood_share.
     net = trainer.model.ema_net
     pooled = lambda x: net.features_and_logits(x.astype(np.float32) * (2 / 255) - 1)[0].numpy()
     unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)
     fl, fu = unit(pooled(toy.labeled[0])), unit(pooled(toy.unlabeled[0]))
-    np.testing.assert_allclose(ood, 1 - (fu @ fl.T).max(1), atol=1e-4)
+    yl = np.asarray(toy.labeled[1])
+    classes = sorted(set(yl.tolist()))
+    protos = unit(np.stack([fl[yl == k].sum(0) for k in classes]))
+    np.testing.assert_allclose(ood, 1 - (fu @ protos.T).max(1), atol=1e-4)
     # The decision: RealMix's mask drops the gamma least confident training images.
     train_rows = [r for r in rows if r["split"] == "train"]
     masked = sum(r["decision"] == "mask" for r in train_rows)
@@ -78,17 +81,30 @@ def test_run_folder_writes_csv_summary_and_pngs(tiny_run):
     # Reference: the 16 labeled images (leave one out) + the validation images with a label.
     valid_known = int((~outliers[:NVALID]).sum())
     assert summary["reference"] == "labeled+valid" and summary["n_reference"] == 16 + valid_known
-    assert summary["score"] == "knn_cosine"
+    assert summary["score"] == "prototype_cosine" and summary["mask_ranks_by"] == "confidence"
+    assert summary["calibration_shift"] == 0.0          # 6 labeled validation images: too few
+    assert summary["n_masked"] == masked
     assert summary["true_ood_share"] == pytest.approx(outliers[NVALID:].mean())
     assert summary["share_error"] == pytest.approx(summary["estimated_ood_share"] - summary["true_ood_share"])
     similarity, inside = 1 - ood[NVALID:], ~outliers[NVALID:]
     assert summary["auroc"] == pytest.approx(ood_share.auroc(similarity[inside], similarity[~inside]))
-    sl = fl @ fl.T
-    np.fill_diagonal(sl, -np.inf)
-    reference = np.r_[sl.max(1), (fu[:NVALID][~outliers[:NVALID]] @ fl.T).max(1)]
+    # reference: each labeled image against the prototypes with itself left out of its own
+    loo = []
+    for i, k in enumerate(yl):
+        own = [fl[(yl == c) & (np.arange(len(yl)) != i)].sum(0) for c in classes]
+        loo.append(max(float(fl[i] @ v / np.linalg.norm(v)) if np.linalg.norm(v) > 0 else -1.0 for v in own))
+    reference = np.r_[loo, (fu[:NVALID][~outliers[:NVALID]] @ protos.T).max(1)]
     assert summary["auroc_reference"] == pytest.approx(ood_share.auroc(reference, similarity[~inside]), abs=1e-3)
     assert summary["estimated_ood_share"] == pytest.approx(
-        ood_share.estimate_share(reference, similarity).share, abs=0.02)
+        ood_share.estimate_share_split(reference, similarity).share, abs=0.02)
+    # the mask's ranking is the confidence here; masked images truly out of distribution
+    conf_train = confidence[NVALID:]
+    assert summary["auroc_mask"] == summary["auroc_confidence"] == pytest.approx(
+        ood_share.auroc(conf_train[inside], conf_train[~inside]), abs=1e-3)
+    is_masked = np.array([r["decision"] == "mask" for r in train_rows])
+    if is_masked.any():
+        assert summary["masked_ood_share"] == pytest.approx(np.mean(~inside[is_masked]))
+    assert summary["ood_masked_share"] == pytest.approx(np.mean(is_masked[~inside]))
     for png in ("histogram.png", "contact_sheet.png"):
         with Image.open(os.path.join(out, png)) as image:
             assert image.format == "PNG" and min(image.size) > 100
@@ -124,3 +140,43 @@ def test_errors(tiny_run, tmp_path):
         inspect.inspect(str(tmp_path / "nothing"), root=toy.root)
     with pytest.raises(UserError, match="no --output"):
         inspect.inspect(os.path.join(trainer.run_dir, "export", "model.keras"), root=toy.root)
+
+
+def test_analyse_reports_the_masks_own_ranking_and_what_it_masks():
+    """Synthetic features and logits with a known truth: 4 training images in, 4 out; the
+    confidence ranks one outlier above every inlier, the prototype score separates them."""
+    labeled = np.array([[1.0, 0.0, 0.0], [1.0, 0.1, 0.0], [0.0, 1.0, 0.0], [0.1, 1.0, 0.0]])
+    labels_labeled = np.array([0, 0, 1, 1])
+    # unlabeled: 2 validation images (class 0, outlier), then 8 training images
+    unlabeled = np.array([[1.0, 0.05, 0.0], [0.0, 0.0, 1.0],
+                          [1.0, 0.0, 0.1], [0.0, 1.0, 0.1], [0.9, 0.1, 0.0], [0.1, 0.9, 0.0],
+                          [0.3, 0.0, 1.0], [0.0, 0.3, 1.0], [0.2, 0.2, 1.0], [0.1, 0.0, 1.0]])
+    inside = np.r_[True, False, [True] * 4, [False] * 4]
+    # confidence (top logit): inliers 2, 3, 4, 5; outliers 1, 0, 6 (very confident), 0.5
+    top = np.array([5.0, 1.0, 2.0, 3.0, 4.0, 5.0, 1.0, 0.0, 6.0, 0.5])
+    logits = np.stack([top, np.zeros(10)], axis=1)
+    truth = dict(in_distribution=inside, origin_class=np.where(inside, 0, 9), origin_names=[])
+    out = inspect.analyse(labeled, labels_labeled, unlabeled, logits, np.array([0, -1] + [0] * 8),
+                          nvalid=2, truth=truth, nclass=2)
+    s = out["summary"]
+    train_in, train_out = top[2:][inside[2:]], top[2:][~inside[2:]]
+    # AUROC of the confidence: pairs (in > out) of inliers {2,3,4,5} vs outliers {1,0,6,.5}:
+    # 2 beats 3 of 4, 3: 3, 4: 3, 5: 3 -> 12 / 16
+    assert s["mask_ranks_by"] == "confidence" and s["auroc_mask"] == s["auroc_confidence"] == 0.75
+    assert s["auroc_mask"] == ood_share.auroc(train_in, train_out)
+    assert s["auroc"] == 1.0                       # the prototype score separates them
+    # 5 reference images: the estimate is 0.7 here (truth 0.5); gamma 0.7 of 8 training images
+    # by confidence masks the 5 lowest, 0, 0.5, 1 (outliers) and 2, 3 (inliers)
+    masked = out["masked"][2:]
+    assert s["gamma"] == pytest.approx(0.7) and s["n_masked"] == masked.sum() == 5
+    np.testing.assert_array_equal(masked, top[2:] <= 3.0)
+    assert s["masked_ood_share"] == pytest.approx(3 / 5) and s["ood_masked_share"] == pytest.approx(3 / 4)
+    # ranked by the prototype score instead, the mask drops the outliers first
+    by_score = inspect.analyse(labeled, labels_labeled, unlabeled, logits, np.array([0, -1] + [0] * 8),
+                               nvalid=2, truth=truth, nclass=2, mask_by="prototype")["summary"]
+    assert by_score["mask_ranks_by"] == "prototype" and by_score["auroc_mask"] == 1.0
+    # (6 masked: np.quantile interpolates, and the cut is <=): all 4 outliers and 2 inliers
+    assert by_score["n_masked"] == 6
+    assert by_score["masked_ood_share"] == pytest.approx(4 / 6) and by_score["ood_masked_share"] == 1.0
+    assert inspect.mask_ranking({"ood_score": "prototype"}) == "prototype"
+    assert inspect.mask_ranking({"ood_score": "confidence"}) == inspect.mask_ranking({}) == "confidence"
