@@ -128,10 +128,11 @@ class TrainConfig:
     scales: int = option(0, "Resolution stages; 0 = ceil(log2(width)) - 2.",
                          non_negative("use 0 (from the image size) or more"))
     seed: int = option(0, "Run seed: initial weights, data order, augmentation and per-step draws.")
-    mixed_precision: str = option("auto", "auto (by hardware: bf16 on GPUs of compute "
-                                  "capability >= 8.0 and on CPUs with AMX or AVX512_BF16, fp16 "
-                                  "with loss scaling on older GPUs, float32 on other CPUs), none "
-                                  "(float32), bf16 or fp16.",
+    mixed_precision: str = option("auto", "auto (GPUs: bf16 from compute capability 8.0, "
+                                  "older ones fp16 with loss scaling; CPUs: float32 or bf16, "
+                                  "whichever a few timed steps found faster, measured once per "
+                                  "CPU model and TensorFlow version and cached; a resumed run "
+                                  "keeps its recorded precision), none (float32), bf16 or fp16.",
                                   one_of("auto", "none", "bf16", "fp16"))
     jit_compile: bool = option(False, "Compile the training step with XLA.")
     distribute: str = option("auto", "Devices: auto (several hosts from TF_CONFIG, else all local "
@@ -175,6 +176,9 @@ class TrainConfig:
     export_only: bool = option(False, "Export the newest checkpoint of the run now, then exit.")
     progress: bool = option(True, "Show a progress bar per report period.")
     algorithm: dict = dataclasses.field(default_factory=dict)   # algorithm hyper-parameters
+    # Not a flag: the Keras policy a resumed run recorded (args.json); --mixed_precision=auto
+    # keeps it instead of choosing anew (Trainer sets it).
+    recorded_precision: str = ""
 
     def dataset_name(self):
         """The parsed --dataset; trainers with other naming schemes (fully supervised) override it."""
@@ -244,6 +248,9 @@ class TrainConfig:
 
     def precision_choice(self):
         """(Keras dtype policy, why): --mixed_precision=auto asks libml.platform."""
+        if self.mixed_precision == "auto" and self.recorded_precision:
+            return self.recorded_precision, ("--mixed_precision=auto: kept from the run's "
+                                             "args/args.json (a resumed run keeps its precision)")
         if self.mixed_precision == "auto":
             from libml.platform import auto_precision
             policy, reason = auto_precision()

@@ -20,7 +20,8 @@ variables the user has not set (the user's value always wins) and reads /proc/cp
 Threads: TensorFlow's defaults (intra-op = inter-op = the core count) are kept; the user's
 TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS override them.
 
-`auto_precision()` is what `--mixed_precision=auto` picks; `describe()` is the CPU / ISA /
+`auto_precision()` is what `--mixed_precision=auto` picks (measured on CPUs:
+libml/precision_probe.py); `describe()` is the CPU / ISA /
 oneDNN line printed by runs/bench_step and the trainer's start banner.
 """
 import glob
@@ -36,9 +37,6 @@ CPUINFO = "/proc/cpuinfo"
 # CPU features with which TensorFlow enables oneDNN by itself (tensorflow/core/util/util.cc).
 ONEDNN_BY_DEFAULT = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16")
-# bf16 beats float32 only with a bf16 matrix unit: with AVX512_BF16 alone the RealMix step was
-# 1.7x slower in bf16 than in float32 (Intel Xeon, no AMX; docs/benchmarks.md).
-FAST_BF16 = ("amx_bf16",)
 # What the CUDA build prints on a machine without a GPU, before its log level applies.
 CUDA_PROBE_NOISE = ("All log messages before absl::InitializeLog()", "cudart_stub.cc",
                     "failed call to cuInit", "oneDNN custom operations are on",
@@ -91,10 +89,6 @@ def onednn_default(flags: Iterable[str]) -> bool:
 
 def native_bf16(flags: Iterable[str]) -> bool:
     return any(f in set(flags) for f in NATIVE_BF16)
-
-
-def fast_bf16(flags: Iterable[str]) -> bool:
-    return any(f in set(flags) for f in FAST_BF16)
 
 
 def has_nvidia_device() -> bool:
@@ -220,14 +214,16 @@ def uninstall_quiet_import() -> None:
 # Precision by hardware
 
 def auto_precision(cpu_flags: Optional[Iterable[str]] = None,
-                   gpu_capabilities: Optional[List[Tuple[int, int]]] = None) -> Tuple[str, str]:
+                   gpu_capabilities: Optional[List[Tuple[int, int]]] = None,
+                   cpu_choice=None) -> Tuple[str, str]:
     """(Keras dtype policy, reason) for --mixed_precision=auto.
 
     GPUs (the oldest one decides): compute capability >= 8.0 -> mixed_bfloat16 (no loss scaling
-    needed), older -> mixed_float16 (SSLModel adds loss scaling). CPU only: mixed_bfloat16 with
-    AMX, else float32: emulated bf16 was 8x slower than float32 on AVX2, and with AVX512_BF16
-    but no AMX bf16 was still 1.7x slower (docs/benchmarks.md).
-    Arguments default to this machine (the GPU list needs TensorFlow)."""
+    needed), older -> mixed_float16 (SSLModel adds loss scaling). CPU only: measured, see
+    libml/precision_probe.py (`cpu_choice(flags)`, default precision_probe.cpu_precision): the
+    same AVX512_BF16 flag meant bf16 1.7x slower on an Intel Xeon and 1.79x faster on an AMD
+    Zen 4 (docs/benchmarks.md). Arguments default to this machine (the GPU list needs
+    TensorFlow)."""
     if gpu_capabilities is None:
         gpu_capabilities = gpu_compute_capabilities()
     if gpu_capabilities:
@@ -237,11 +233,10 @@ def auto_precision(cpu_flags: Optional[Iterable[str]] = None,
             return "mixed_bfloat16", f"GPU compute capability {cc} >= 8.0: native bf16"
         return "mixed_float16", f"GPU compute capability {cc} < 8.0: fp16 with loss scaling"
     flags = cpu_info()[1] if cpu_flags is None else set(cpu_flags)
-    if fast_bf16(flags):
-        return "mixed_bfloat16", "CPU with AMX-BF16"
-    if native_bf16(flags):
-        return "float32", "CPU with AVX512_BF16 but no AMX: bf16 is slower than float32 there"
-    return "float32", "CPU without native bf16 (no AMX, no AVX512_BF16)"
+    if cpu_choice is None:
+        from libml.precision_probe import cpu_precision
+        return cpu_precision(flags=flags)
+    return cpu_choice(flags)
 
 
 def gpu_compute_capabilities() -> List[Tuple[int, int]]:

@@ -33,6 +33,19 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr)
 
 
+def recorded_precision(run_dir: str) -> str:
+    """The Keras policy `run_dir`'s args/args.json records ('' when there is none or it
+    cannot be read: RunFolder.open reports an unreadable file)."""
+    import json
+    try:
+        with open(os.path.join(run_dir, ARGS_FILE)) as f:
+            precision = json.load(f).get("precision", "")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    from libml.config import PRECISIONS
+    return precision if precision in PRECISIONS else ""
+
+
 class RunFolder:
     def __init__(self, run_dir: str, keep: int, tf_subdir: str = "tf"):
         self.run_dir = run_dir

@@ -20,6 +20,7 @@ input is split over its replicas. With several workers, only the chief writes th
 the others write their (required) saves to a temporary folder (`WorkerRole`).
 """
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -39,7 +40,7 @@ from libml.export import export_model, transfer_weights
 from libml.finite import FirstNonFinite, all_finite, loss_values
 from libml.io import write_json
 from libml.platform import cpu_info, isa_line, onednn_enabled
-from libml.runfolder import RunFolder
+from libml.runfolder import RunFolder, recorded_precision
 from libml.runlock import RunLock
 from libml.storage import disk_errors
 from libml.summaries import (HISTORY_FILE, STATS_FILE, accuracy_stats, finite_or_none,
@@ -100,14 +101,15 @@ class Trainer:
         self.data = self._load_data(data_options if data_options is not None else
                                     _data_options(config))
         self.info = self.data.info
-        import keras
-        keras.utils.set_random_seed(config.seed)
-        with self.strategy.scope():
-            self.model = make_model(self.info, config)
-        self._variables = model_variables(self.model)      # what a checkpoint holds
+        self.model = self._build_model(make_model)
         self.hparams = self._run_hparams()
         self.run_dir = os.path.join(config.train_dir, str(config.dataset_name()),
                                     run_folder_name(algorithm, self.hparams))
+        recorded = recorded_precision(self.run_dir)
+        if config.mixed_precision == "auto" and recorded:     # a resumed run keeps its precision
+            self.config = dataclasses.replace(self.config, recorded_precision=recorded)
+            if recorded != self.model.precision:
+                self.model = self._build_model(make_model)
         self.tf_dir = os.path.join(self.run_dir, "tf")
         self.stats_dir = os.path.join(self.run_dir, "stats")
         self.export_dir = os.path.join(self.run_dir, "export")
@@ -121,6 +123,17 @@ class Trainer:
         self.hooks = self.model.report_hooks(self.role.path(self.run_dir))
 
     # -- construction -------------------------------------------------------------------------
+    def _build_model(self, make_model: Callable):
+        """The algorithm's model from the seed; the precision is resolved first, outside the
+        strategy scope (--mixed_precision=auto may time a few steps on a CPU)."""
+        import keras
+        self.config.precision()
+        keras.utils.set_random_seed(self.config.seed)
+        with self.strategy.scope():
+            model = make_model(self.info, self.config)
+        self._variables = model_variables(model)      # what a checkpoint holds
+        return model
+
     def _load_data(self, options):
         return self.config.load_data(options, shard=(self.role.worker_id, self.role.num_workers))
 

@@ -14,6 +14,13 @@ B per step) for each precision, the ratio RealMix/bare, and the bf16 speed-up. W
 PyTorch MixMatch port's own train() step (runs/peer_step.py; bf16 = torch.autocast) runs in its
 own process and takes part in every round, so the RealMix/port ratio is measured side by side.
 Warm-up steps (tracing) are excluded; the steps alternate so that other jobs slow all alike.
+
+Beside s/step: the step's FLOPs (libml/flops.py: the Conv2D and MatMul ops of the network's
+forward pass counted once from their shapes; a step = 2B forward-only images (the label
+guess) + 3B images forward and backward (3x forward) = 11 B x forward FLOPs; RealMix, bare
+and the port do the same arithmetic) and the achieved FLOP/s against the CPU's peak for the
+precision (cores x clock x FLOP per cycle, the formula printed). A peer that fails (no torch,
+no such Python, an error in the port) is one line, and the benchmark goes on without it.
 """
 import os
 import time
@@ -22,12 +29,12 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from libml import cli, gamma_auto, platform
+from libml import cli, flops, gamma_auto, platform
 from libml.config import PRECISIONS
 from libml.errors import UserError
 from realmix_tf import registry
 from realmix_tf.realmix import RealMix
-from runs.peer_step import PEER_PRECISIONS, PeerProcess
+from runs.peer_step import PEER_PRECISIONS, PeerError, PeerProcess
 
 FLAGS = flags.FLAGS
 # The RealMix command line's flags: this script reuses --batch, --filters, --jit_compile,
@@ -104,14 +111,20 @@ def contestants(precision, peers):
                     gamma=gamma_auto.parse_gamma(FLAGS.gamma),
                     batched_passes=FLAGS.batched_passes, warmup_kimg=1)
     data = random_batch(FLAGS.batch, FLAGS.size)
+    if "forward" not in FLOPS:
+        FLOPS["forward"] = flops.forward_flops(model.net, (FLAGS.size, FLAGS.size, 3))
     steps = {"realmix": tf.function(model.train_step), "bare": bare_step_fn(model)}
     for fn in steps.values():
         seconds_per_step(fn, data, max(FLAGS.warmup, 1))
     timers = {name: (lambda fn=fn: seconds_per_step(fn, data, FLAGS.steps))
               for name, fn in steps.items()}
     if FLAGS.peer and precision in PEER_PRECISIONS:
-        peer = PeerProcess(FLAGS.peer, FLAGS.peer_python, FLAGS.batch, precision, FLAGS.warmup,
-                           FLAGS.seed)
+        try:
+            peer = PeerProcess(FLAGS.peer, FLAGS.peer_python, FLAGS.batch, precision,
+                               FLAGS.warmup, FLAGS.seed)
+        except PeerError as e:
+            print(f"peer ({precision}) left out: {e}", flush=True)
+            return timers
         peers.append(peer)
         print(f"peer ({precision}): PyTorch MixMatch port at {FLAGS.peer}, torch "
               f"{peer.info['torch']}, {peer.info['threads']} threads", flush=True)
@@ -129,16 +142,49 @@ def measure(precisions):
         rounds = {p: {name: [] for name in t} for p, t in timers.items()}
         for _ in range(FLAGS.repeats):
             for p, named in timers.items():
-                for name, timer in named.items():
-                    rounds[p][name].append(timer())
+                for name, timer in list(named.items()):
+                    try:
+                        rounds[p][name].append(timer())
+                    except PeerError as e:      # the port stopped: go on without it
+                        print(f"peer ({p}) left out: {e}", flush=True)
+                        del named[name], rounds[p][name]
     finally:
         for peer in peers:
             peer.close()
     return rounds
 
 
+FLOPS = {}        # {"forward": libml.flops.forward_flops of the network}, counted once
+
+
+def step_flops():
+    """FLOPs of one step (2B forward-only + 3B forward and backward images)."""
+    return flops.step_flops(FLOPS["forward"]["total"], 3 * FLAGS.batch, 2 * FLAGS.batch)
+
+
+def print_flops():
+    f = FLOPS["forward"]
+    print(f"FLOPs per step: forward {f['total'] / 1e6:.4g} MFLOP/image (conv "
+          f"{f['conv'] / 1e6:.4g} + dense {f['dense'] / 1e6:.4g}; 2 x Ho x Wo x kh x kw x Cin x "
+          f"Cout per Conv2D, 2 x M x K x N per MatMul; BN, activations and the optimizer not "
+          f"counted) x (3 x {3 * FLAGS.batch} forward+backward + {2 * FLAGS.batch} forward-only "
+          f"images) = {step_flops() / 1e9:.4g} GFLOP", flush=True)
+
+
+def achieved(precision, seconds):
+    """'186.3 GFLOP/s = 112 % of peak' for a step time (the peak's formula is printed once)."""
+    rate = step_flops() / seconds
+    peak = flops.cpu_peak(precision)
+    if peak is None:
+        return f"{rate / 1e9:.3g} GFLOP/s (peak unknown)"
+    return f"{rate / 1e9:.3g} GFLOP/s = {100 * rate / peak.flops:.3g} % of peak"
+
+
 def report(precision, rounds):
     """Prints one precision's figures; returns its median wall seconds per step by name."""
+    peak = flops.cpu_peak(precision)
+    print(f"{precision:15s} peak " + (peak.formula() if peak else "unknown: the FMA width of "
+                                      "this CPU is not in libml/flops.py"))
     med = {k: float(np.median([w for w, _ in v])) for k, v in rounds.items()}
     best = {k: min(w for w, _ in v) for k, v in rounds.items()}
     cpu = {k: float(np.median([c for _, c in v])) for k, v in rounds.items()}
@@ -148,6 +194,8 @@ def report(precision, rounds):
           f"{best['bare']:.3f}) | realmix/bare wall {med['realmix'] / med['bare']:.3f} "
           f"median, {best['realmix'] / best['bare']:.3f} best; CPU time "
           f"{cpu['realmix']:.2f}/{cpu['bare']:.2f} s = {cpu['realmix'] / cpu['bare']:.3f}")
+    print(f"{'':15s} realmix {achieved(precision, med['realmix'])} | bare "
+          f"{achieved(precision, med['bare'])}")
     if "port" in rounds:
         per_round = [r[0] / p[0] for r, p in zip(rounds["realmix"], rounds["port"])]
         print(f"{'':15s} port    {med['port']:.3f} s/step (median; best {best['port']:.3f}) "
@@ -155,6 +203,7 @@ def report(precision, rounds):
               f"{best['realmix'] / best['port']:.3f} best, per round "
               f"{' '.join(f'{x:.2f}' for x in per_round)} | CPU time {cpu['port']:.2f} s, "
               f"realmix/port {cpu['realmix'] / cpu['port']:.3f}")
+        print(f"{'':15s} port    {achieved(precision, med['port'])}")
     return med
 
 
@@ -176,6 +225,7 @@ def main(argv):
     print(f"auto precision: {' -- '.join(platform.auto_precision())}; load average {load()}",
           flush=True)
     rounds = measure(list(dict.fromkeys(precisions)))
+    print_flops()
     medians = {p: report(p, r) for p, r in rounds.items()}
     print(f"load average at the end {load()}")
     if "float32" in medians and "mixed_bfloat16" in medians:

@@ -15,56 +15,94 @@ e.g. a venv with the CPU wheel), never in requirements.txt. Two halves:
 """
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
 PEER_PRECISIONS = {"float32": "float32", "mixed_bfloat16": "bf16"}
 
 
+class PeerError(Exception):
+    """The peer could not start or stopped: one line saying why."""
+
+
 class PeerProcess:
-    """A running worker; `time(steps)` -> (wall, cpu) seconds per step of the port's train()."""
+    """A running worker; `time(steps)` -> (wall, cpu) seconds per step of the port's train().
+    Any failure of the worker (no such Python, no torch, an error in the port) is a PeerError
+    of one line: the worker's own one-line error, or the last line it wrote to stderr."""
 
     def __init__(self, peer_path, python, batch, precision, warmup=3, seed=0):
         if not os.path.isfile(os.path.join(peer_path, "train.py")):
-            raise FileNotFoundError(f"{peer_path}/train.py")
+            raise PeerError(f"{peer_path} has no train.py")
         cmd = [python, os.path.abspath(__file__), f"--peer={os.path.abspath(peer_path)}",
                f"--batch={batch}", f"--precision={PEER_PRECISIONS[precision]}",
                f"--warmup={warmup}", f"--seed={seed}"]
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.stderr, text=True, env=env)
+        except OSError as e:
+            raise PeerError(f"cannot run --peer_python={python} ({e.strerror or e})") from None
         self.info = self._answer()          # {"torch": version, "threads": n} once warm
+
+    def _last_stderr_line(self) -> str:
+        self.stderr.seek(0)
+        lines = [line.strip() for line in self.stderr.read().splitlines() if line.strip()]
+        return lines[-1] if lines else "no message"
 
     def _answer(self):
         line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the peer worker exited (code {self.proc.wait()})")
-        return json.loads(line)
+        try:
+            answer = json.loads(line) if line else None
+        except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
+            if line:
+                what = f"answered {line.strip()[:80]!r}"
+            else:
+                what = f"exited (code {self.proc.wait(timeout=60)})"
+            raise PeerError(f"the peer worker {what}: {self._last_stderr_line()}")
+        if "error" in answer:
+            self.proc.wait(timeout=60)
+            raise PeerError(f"the peer worker failed: {answer['error']}")
+        return answer
 
     def time(self, steps):
-        self.proc.stdin.write(f"time {steps}\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(f"time {steps}\n")
+            self.proc.stdin.flush()
+        except OSError:
+            raise PeerError(f"the peer worker stopped: {self._last_stderr_line()}") from None
         out = self._answer()
         return out["wall"], out["cpu"]
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+        finally:
+            self.stderr.close()
 
 
 # ---------------------------------------------------------------------------------------------
 # Worker (runs with torch)
 
-def _stub_modules():
-    """The port imports plotting, tensorboardX and a progress bar at module level; the step
-    needs none of them, so they are replaced by stand-ins (nothing is installed for them)."""
+def _stub_modules(find_spec=importlib.util.find_spec):
+    """The port imports plotting, tensorboardX and a progress bar at module level, and
+    torchvision (transforms, and datasets.CIFAR10 as a base class) and PIL for its data
+    loading; the step needs none of them. Each one that is not installed is replaced by a
+    stand-in with just what the import needs (nothing is installed for them)."""
     class Bar:
         elapsed_td = eta_td = ""
 
@@ -77,13 +115,34 @@ def _stub_modules():
         def finish(self):
             pass
 
+    class CIFAR10:          # dataset/cifar10.py subclasses it; never instantiated here
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("torchvision is not installed (stand-in of runs/peer_step.py)")
+
     stubs = {"tensorboardX": dict(SummaryWriter=object), "matplotlib": {},
-             "matplotlib.pyplot": {}, "progress": {}, "progress.bar": dict(Bar=Bar)}
+             "matplotlib.pyplot": {}, "progress": {}, "progress.bar": dict(Bar=Bar),
+             "torchvision": {}, "torchvision.transforms": {},
+             "torchvision.datasets": dict(CIFAR10=CIFAR10), "PIL": {}, "PIL.Image": {}}
+    stubbed = []
     for name, attrs in stubs.items():
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__dict__.update(attrs)
-            sys.modules[name] = module
+        top = name.split(".")[0]
+        if name in sys.modules or (top not in stubbed and _installed(top, find_spec)):
+            continue
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        sys.modules[name] = module
+        stubbed.append(top)
+        if "." in name:
+            parent, _, child = name.rpartition(".")
+            setattr(sys.modules[parent], child, module)
+    return sorted(set(stubbed))
+
+
+def _installed(name, find_spec) -> bool:
+    try:
+        return find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 class _Loader:
@@ -102,6 +161,16 @@ class _Loader:
 
 
 def worker(argv=None):
+    """Runs the worker; any error is one JSON line {"error": "..."} on stdout and exit 1."""
+    try:
+        _worker(argv)
+    except Exception as e:          # noqa: BLE001 -- reported to bench_step in one line
+        print(json.dumps({"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}),
+              flush=True)
+        sys.exit(1)
+
+
+def _worker(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--peer", required=True)
     p.add_argument("--batch", type=int, default=64)

@@ -35,6 +35,10 @@ flags.DEFINE_float("report_kimg", 1, "Evaluation period in kimg.", flag_values=F
 flags.DEFINE_integer("filters", 16, "Wide ResNet width (32 = WRN-28-2).", flag_values=FLAG_VALUES)
 flags.DEFINE_integer("repeat", 1, "Residual blocks per stage (4 = WRN-28-2).", flag_values=FLAG_VALUES)
 flags.DEFINE_integer("seed", 1, "Seed of the labeled split and of the runs.", flag_values=FLAG_VALUES)
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bf16", "auto"], "Precision of the runs "
+                  "(the trainers' --mixed_precision): none = float32, as fast as bf16 for this "
+                  "small net. The run folders do not name it: use one --work_dir per precision.",
+                  flag_values=FLAG_VALUES)
 flags.DEFINE_list("algorithms", ["realmix", "supervised"], "Trainers to run (modules of realmix_tf).",
                   flag_values=FLAG_VALUES)
 
@@ -108,7 +112,7 @@ def main(argv):
               f"--filters={f.filters}", f"--repeat={f.repeat}", f"--train_kimg={f.train_kimg:g}",
               f"--report_kimg={f.report_kimg:g}", f"--save_kimg={f.train_kimg / 4:g}",
               f"--seed={f.seed}", "--short_run_scaling", "--deterministic", "--noprogress",
-              "--mixed_precision=none"]    # float32: as fast as bf16 for this small net
+              f"--mixed_precision={f.mixed_precision}"]
     specific = {"realmix": [f"--warmup_kimg={f.train_kimg / 4:g}"],
                 "mixmatch": [f"--warmup_kimg={f.train_kimg / 4:g}"]}
     for algorithm in f.algorithms:
@@ -120,7 +124,8 @@ def main(argv):
         median_error, final_error = median_of_last(run_dir, MEDIAN_OF)
         rows.append((NAMES[algorithm], median_error, final_error, os.path.relpath(run_dir)))
     print(f"\nmnist5k, {f.labels} labels ({f.labels // 10} per digit), {f.train_kimg:g} kimg per run, "
-          f"WRN filters={f.filters} repeat={f.repeat}, seed {f.seed}")
+          f"WRN filters={f.filters} repeat={f.repeat}, seed {f.seed}, --mixed_precision="
+          f"{f.mixed_precision}")
     print(f"| method | test error % (median of last {MEDIAN_OF} reports) | final test error % |")
     print("|---|---|---|")
     for name, median_error, final_error, _ in rows:

@@ -5,8 +5,33 @@ from libml import platform as _platform
 _platform.setup()   # before anything imports TensorFlow, as every entry point does
 os.environ.setdefault("TF_DETERMINISTIC_OPS", "0")
 
+import atexit
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+from libml import precision_probe
+
+# --mixed_precision=auto never times steps in the tests (slow, and flaky on a shared machine):
+# the cache folder, inherited by the subprocesses the tests start, holds a fixed answer for
+# this machine: float32 (timings 1.0 s vs 2.0 s).
+_CACHE_HOME = tempfile.mkdtemp(prefix="realmix_tests_cache_")
+atexit.register(shutil.rmtree, _CACHE_HOME, True)
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+FIXED_AUTO_TIMINGS = {"float32": 1.0, "mixed_bfloat16": 2.0}
+precision_probe.write_cache(precision_probe.cache_path(), dict(
+    precision_probe.machine_key(), seconds_per_step=FIXED_AUTO_TIMINGS,
+    probe="fixed by tests/conftest.py", measured="never"), print)
+
+
+@pytest.fixture(autouse=True)
+def _no_precision_measurement(monkeypatch):
+    """A test that reaches the real measurement fails at once (inject `measure_fn` instead)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test reached the real precision measurement: inject timings")
+    monkeypatch.setattr(precision_probe, "measure", refuse)
 
 
 @pytest.fixture
