@@ -332,3 +332,48 @@ def test_custom_set_too_large_for_memory_is_refused_before_decoding(monkeypatch)
     with pytest.raises(UserError, match=r"3000 images of 256x256 need about 1\.1 GB of memory, "
                                         r"1\.0 GB is available: use a smaller --size"):
         image_folders.check_memory(3000, 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# extend_unlabeled: flags and disk faults in one line
+
+from tests.test_faults import small_disk  # noqa: E402,F401 (fixture: a 2 MB tmpfs, root only)
+
+
+def test_extend_unlabeled_negative_parallel_is_one_line(tmp_path):
+    from data_prep import extend_unlabeled
+    from tests.fixtures_data import make_ssl_dataset
+    toy = make_ssl_dataset(tmp_path, nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
+    with pytest.raises(UserError, match=r"^--parallel=-3 is negative: pass 0 \(one worker per CPU\)"):
+        extend_unlabeled.main(["extend_unlabeled", f"--dataset={toy.name}", "--copies=2",
+                               "--parallel=-3", f"--data_dir={toy.root}", "--noprogress"])
+
+
+def test_extend_unlabeled_on_a_full_then_a_read_only_disk(small_disk, monkeypatch):
+    from libml import extend
+    from tests.fixtures_data import make_ssl_dataset
+    toy = make_ssl_dataset(os.path.join(small_disk.path, "data"), nlabeled=16, nunlabeled=48,
+                           nvalid=8, ntest=16, size=8)
+    dataset = toy.name
+    small_disk.fill(leave_bytes=60_000)
+    monkeypatch.setattr(extend, "_check_disk", lambda *a, **k: None)   # the disk fills meanwhile
+    with pytest.raises(UserError) as e:
+        extend.extend_unlabeled(dataset, toy.root, copies=50, aug="erase", seed=0, progress=False)
+    assert str(e.value).startswith("no space left on the disk of ") and "\n" not in str(e.value)
+    assert "complete shards are kept" in str(e.value)
+    folder = os.path.join(toy.root, "SSL", "extend", dataset, "erase50-seed0")
+    assert not [f for f in os.listdir(folder) if ".tmp-" in f]          # no half shard
+    kept = sorted(f for f in os.listdir(folder) if f.startswith("shard-"))
+    os.remove(os.path.join(small_disk.path, "filler"))
+    small_disk.read_only()
+    with pytest.raises(UserError, match=r"cannot write the extension to .* \(read-only file system\)"):
+        extend.extend_unlabeled(dataset, toy.root, copies=50, aug="erase", seed=1, progress=False)
+    assert sorted(f for f in os.listdir(folder) if f.startswith("shard-")) == kept
+
+
+def test_a_negative_trainer_seed_is_one_line():
+    from libml.config import TrainConfig
+    with pytest.raises(UserError, match=r"^--seed=-5 is negative: use a seed >= 0$"):
+        TrainConfig(seed=-5).validate()
+    with pytest.raises(UserError, match=r"^--extend_seed=-1 is negative"):
+        TrainConfig(extend_seed=-1).validate()
