@@ -9,7 +9,6 @@ Each loader returns a ``Prepared``: images and labels per subset, in the origina
 import dataclasses
 import gzip
 import os
-import pickle
 import re
 import socket
 import tarfile
@@ -19,10 +18,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data_prep import cifar_pickle
 from libml import datasets, io
 from libml.errors import UserError
 
 MNIST5K_TEST_PER_CLASS = 100
+MAX_MEMBER_BYTES = 2 ** 29     # CIFAR's largest member (cifar-100 train) holds 155 MB
 
 
 @dataclasses.dataclass
@@ -90,10 +91,11 @@ def _chw_rows_to_images(rows: np.ndarray) -> np.ndarray:
     return np.asarray(rows, np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()
 
 
-def _parse_cifar_member(data: bytes, kind: str, layout: CifarLayout) -> Tuple[np.ndarray, np.ndarray]:
+def _parse_cifar_member(data: bytes, kind: str, layout: CifarLayout,
+                        what: str = "a CIFAR member") -> Tuple[np.ndarray, np.ndarray]:
     if kind == "python":
-        batch = pickle.loads(data, encoding="bytes")
-        return _chw_rows_to_images(batch[b"data"]), np.asarray(batch[layout.label_key.encode()], np.int64)
+        rows, labels = cifar_pickle.load_batch(data, layout.label_key, what)
+        return _chw_rows_to_images(rows), labels
     if kind == "binary":
         rows = np.frombuffer(data, np.uint8).reshape(-1, layout.label_bytes + 3072)
         return _chw_rows_to_images(rows[:, layout.label_bytes:]), rows[:, layout.label_bytes - 1].astype(np.int64)
@@ -107,10 +109,10 @@ def _cifar_class_names(members: Dict[str, bytes], kind: str, dataset: str) -> Op
         return datasets.CIFAR10_CLASSES
     try:
         if kind == "python" and "meta" in members:
-            return [n.decode() for n in pickle.loads(members["meta"], encoding="bytes")[b"fine_label_names"]]
+            return [n.decode() for n in cifar_pickle.load(members["meta"], "meta")[b"fine_label_names"]]
         if kind == "binary" and "fine_label_names.txt" in members:
             return [n for n in members["fine_label_names.txt"].decode().split("\n") if n.strip()]
-    except (pickle.UnpicklingError, KeyError, UnicodeDecodeError, EOFError, ValueError):
+    except (UserError, KeyError, TypeError, AttributeError, UnicodeDecodeError, ValueError):
         pass
     return None
 
@@ -121,25 +123,35 @@ def read_cifar_archive(path: str, kind: str, dataset: str) -> Prepared:
     suffix = {"python": "", "binary": ".bin", "matlab": ".mat"}[kind]
     wanted = {m + suffix for m in layout.train + layout.test} | {"meta", "fine_label_names.txt"}
     members = {}
+    nclass = 10 if dataset == "cifar10" else 100
     try:
         with tarfile.open(path, "r:*") as tar:
             for info in io.progress(tar, f"reading {os.path.basename(path)}", unit="file"):
                 base = os.path.basename(info.name)
                 if info.isfile() and base in wanted:
+                    if info.size > MAX_MEMBER_BYTES:
+                        raise UserError(f"{path}: {info.name} holds {info.size} bytes, more than any "
+                                        f"CIFAR member (at most {MAX_MEMBER_BYTES}): delete it and "
+                                        f"download it again")
                     members[base] = tar.extractfile(info).read()
         subsets = {}
         for subset, parts in (("train", layout.train), ("test", layout.test)):
             missing = [p + suffix for p in parts if p + suffix not in members]
             if missing:
                 raise UserError(f"incomplete archive {path}: {missing[0]} is missing: download it again")
-            batches = [_parse_cifar_member(members[p + suffix], kind, layout) for p in parts]
+            batches = [_parse_cifar_member(members[p + suffix], kind, layout, f"{path}: {p + suffix}")
+                       for p in parts]
             subsets[subset] = (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]))
+            labels = subsets[subset][1]
+            if labels.size and (labels.min() < 0 or labels.max() >= nclass):
+                raise UserError(f"{path} holds {subset} labels outside 0..{nclass - 1}: delete it "
+                                f"and download it again")
     except UserError:
         raise
-    except (tarfile.TarError, EOFError, OSError, zlib.error, pickle.UnpicklingError, KeyError, ValueError) as e:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, KeyError, ValueError, TypeError,
+            IndexError, AttributeError) as e:
         raise UserError(f"corrupt archive {path} ({type(e).__name__}: {str(e)[:120]}): "
                         "delete it and download it again") from None
-    nclass = 10 if dataset == "cifar10" else 100
     class_names = _cifar_class_names(members, kind, dataset) or [str(i) for i in range(nclass)]
     return Prepared(dataset, subsets, datasets.make_meta(dataset, nclass, (32, 32, 3), True, class_names))
 

@@ -25,7 +25,7 @@ from absl import flags
 from data_prep.archives import Prepared, archive_dirs, load_cifar, load_mnist5k, load_svhn
 from data_prep import stl10
 from data_prep.image_folders import load_custom
-from libml import cli, datasets, io, names, records
+from libml import cli, datasets, images, io, names, records
 from libml.errors import UserError
 
 FLAGS = flags.FlagValues()
@@ -50,9 +50,14 @@ flags.DEFINE_bool("flip", True, "custom: whether training may flip the images le
                   "(recorded in {name}-meta.json).", flag_values=FLAGS)
 flags.DEFINE_integer("workers", 0, "custom: image decoding threads (0 = number of CPUs).",
                      flag_values=FLAGS)
+flags.DEFINE_float("max_megapixels", images.MAX_MEGAPIXELS, "custom: largest image read, in "
+                   "megapixels (checked before decoding); larger ones are unreadable files.",
+                   flag_values=FLAGS)
 flags.DEFINE_bool("skip_bad_images", False, "custom: leave unreadable images out (listed on the "
                   "console) instead of stopping.", flag_values=FLAGS)
 
+
+MIN_SIZE, MAX_SIZE = 8, 1024   # custom --size; 1024 px: 3 MB per image in memory
 
 # ----------------------------------------------------------------------------------------
 # ImageNet 32x32 (Table 4 pretraining): tensorflow-datasets imagenet_resized/32x32, streamed
@@ -176,7 +181,8 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
         prepared = load_custom(name, custom.get("labeled_dir", ""), custom.get("unlabeled_dir", ""),
                                custom.get("test_dir", ""), custom.get("size", 32),
                                custom.get("flip", True), custom.get("workers", 0),
-                               custom.get("skip_bad", False))
+                               custom.get("skip_bad", False),
+                               custom.get("max_megapixels", images.MAX_MEGAPIXELS))
     else:
         if dataset == "imagenet32":
             return create_imagenet32(root, archive_dirs(archive_dir, root), overwrite, tfds_data_dir)
@@ -205,8 +211,9 @@ def main(argv=None):
     for dataset in wanted:
         if dataset not in known:
             raise UserError(f"unknown dataset {dataset!r}: choose from {', '.join(known)}")
-    if FLAGS.size < 8:
-        raise UserError(f"--size={FLAGS.size}: use an image size of at least 8 pixels")
+    if not MIN_SIZE <= FLAGS.size <= MAX_SIZE:
+        raise UserError(f"--size={FLAGS.size}: use an image size of {MIN_SIZE} to {MAX_SIZE} pixels "
+                        f"(the set is held in memory: size x size x 3 bytes per image)")
     root = names.data_dir(FLAGS.data_dir)
     if os.path.isdir(root):
         io.remove_stale_temps(root, recursive=False)     # files of a killed earlier run
@@ -214,7 +221,7 @@ def main(argv=None):
         create(dataset, root, FLAGS.overwrite, FLAGS.archive_dir, FLAGS.download, FLAGS.tfds_data_dir,
                name=FLAGS.name, labeled_dir=FLAGS.labeled_dir, unlabeled_dir=FLAGS.unlabeled_dir,
                test_dir=FLAGS.test_dir, size=FLAGS.size, flip=FLAGS.flip, workers=FLAGS.workers,
-               skip_bad=FLAGS.skip_bad_images)
+               skip_bad=FLAGS.skip_bad_images, max_megapixels=FLAGS.max_megapixels)
 
 
 if __name__ == "__main__":

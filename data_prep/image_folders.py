@@ -38,14 +38,39 @@ def list_class_folders(folder: str, flag: str, summary: images.ReadSummary) -> D
     return result
 
 
+def available_memory() -> int:
+    """Bytes of memory available to a new process (MemAvailable), or 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def check_memory(count: int, size: int) -> None:
+    """UserError before decoding when `count` images of size x size x 3 (held in memory, then
+    stacked: twice) cannot fit in the memory available."""
+    need, free = 2 * count * size * size * 3, available_memory()
+    if free and need > free:
+        raise UserError(f"{count} images of {size}x{size} need about {need / 2**30:.1f} GB of "
+                        f"memory, {free / 2**30:.1f} GB is available: use a smaller --size")
+
+
 def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, size: int,
-                flip: bool = True, workers: int = 0, skip_bad: bool = False) -> Prepared:
+                flip: bool = True, workers: int = 0, skip_bad: bool = False,
+                max_megapixels: float = images.MAX_MEGAPIXELS) -> Prepared:
     """Reads the three folders; prints what was read and skipped per subset. An unreadable image
     is a UserError naming it, or, with `skip_bad`, left out and listed."""
     summaries = {subset: images.ReadSummary() for subset in ("train", "test", "unlabeled")}
     labeled = list_class_folders(labeled_dir, "--labeled_dir", summaries["train"])
     test = list_class_folders(test_dir, "--test_dir", summaries["test"])
     class_names = list(labeled)
+    if len(class_names) < 2:
+        raise UserError(f"{labeled_dir} has {len(class_names)} class folder ({class_names[0]}): a "
+                        f"classifier needs at least 2 classes; add a sub-folder per class")
     unknown = sorted(set(test) - set(labeled))
     if unknown:
         raise UserError(f"test class folder {unknown[0]!r} has no labeled folder in {labeled_dir}: "
@@ -58,6 +83,8 @@ def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, 
         if not unlabeled_files:
             raise UserError(f"no {images.FORMATS} images in {unlabeled_dir}: add images or drop "
                             f"--unlabeled_dir")
+    check_memory(sum(len(f) for f in labeled.values()) + sum(len(f) for f in test.values())
+                 + len(unlabeled_files), size)
 
     def files_and_labels(folders):
         files = [f for c in folders for f in folders[c]]
@@ -70,7 +97,8 @@ def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, 
         if not files:
             continue
         arrays, kept, _ = images.load_images(files, size, None, skip_bad, workers,
-                                             f"decoding {subset} images", summaries[subset])
+                                             f"decoding {subset} images", summaries[subset],
+                                             max_megapixels)
         if not arrays:
             raise UserError(f"no {subset} image could be read: see the list above; fix or convert the files")
         groups.append(arrays)

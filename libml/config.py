@@ -127,7 +127,8 @@ class TrainConfig:
     repeat: int = option(4, "Residual blocks per stage (4 = 28 layers).", positive)
     scales: int = option(0, "Resolution stages; 0 = ceil(log2(width)) - 2.",
                          non_negative("use 0 (from the image size) or more"))
-    seed: int = option(0, "Run seed: initial weights, data order, augmentation and per-step draws.")
+    seed: int = option(0, "Run seed: initial weights, data order, augmentation and per-step draws.",
+                       non_negative("use a seed >= 0"))
     mixed_precision: str = option("auto", "auto (GPUs: bf16 from compute capability 8.0, "
                                   "older ones fp16 with loss scaling; CPUs: float32 or bf16, "
                                   "whichever a few timed steps found faster, measured once per "
@@ -167,7 +168,7 @@ class TrainConfig:
                          non_negative("use 0 (off) or a number of copies"))
     extend_aug: str = option("erase", "Augmentation of the extension copies: "
                              + ", ".join(_extend_augmentations()) + ".")
-    extend_seed: int = option(0, "Seed the extension was made with.")
+    extend_seed: int = option(0, "Seed the extension was made with.", non_negative("use a seed >= 0"))
     shuffle_buffer: int = option(0, "0: a fresh permutation per epoch; N: the released code's "
                                  "shuffle buffer of N records (8192).", non_negative("use 0 or more"))
     eval_batch: int = option(512, "Batch size of evaluation passes.", positive)

@@ -90,7 +90,7 @@ def export_model(model, info, out_dir: str, meta: dict = None) -> dict:
 def load_keras(path: str):
     """The model in a .keras file: a plain-Keras export or an older WideResNet export."""
     try:
-        net = keras.saving.load_model(path, compile=False)
+        net = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # keras raises many types for a bad file
         raise UserError(f"cannot load {path} ({type(e).__name__}: {first_line(e)}): pass a "
                         f".keras file written by the trainer's export") from None
@@ -108,13 +108,20 @@ def load_keras_net(path: str):
 
 
 def load_classifier(path: str):
-    """(uint8 images [N,H,W,C] -> float32 probabilities, image shape) of a .keras export."""
+    """(uint8 images [N,H,W,C] -> float32 probabilities, image shape, nclass) of a .keras
+    export, loaded in Keras safe mode (keras' default: no Lambda layer, no TFSMLayer)."""
     net = load_keras(path)
     if isinstance(net, WideResNet):
         fn = tf.function(lambda x: tf.nn.softmax(tf.cast(net(normalize(x), training=False), tf.float32)))
-        return fn, tuple(net.get_build_config()["input_shape"][1:])
+        return fn, tuple(net.get_build_config()["input_shape"][1:]), net.nclass
+    shapes = [tuple(net.input_shape[1:]) if len(net.input_shape) == 4 else None,
+              tuple(net.output_shape) if isinstance(net.output_shape, tuple) else None]
+    if shapes[0] is None or shapes[1] is None or len(shapes[1]) != 2:
+        raise UserError(f"{path} takes {net.input_shape} and gives {net.output_shape}, not images "
+                        f"[N,H,W,C] -> probabilities [N, nclass]: pass a .keras file written by "
+                        f"the trainer's export")
     fn = tf.function(lambda x: tf.cast(net(tf.cast(x, tf.float32), training=False), tf.float32))
-    return fn, tuple(net.input_shape[1:])
+    return fn, shapes[0], shapes[1][1]
 
 
 # ---------------------------------------------------------------------------------------------

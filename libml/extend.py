@@ -20,6 +20,7 @@ permutation), so shard contents do not depend on scheduling, on the number of pa
 workers or on which shards were written before an interruption.
 """
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -298,6 +299,8 @@ def extend_unlabeled(dataset, root: str, copies: int = 50, aug: str = "erase", s
     resumed: complete shards are kept, the missing ones written.
     """
     d = names.as_dataset_name(dataset)
+    if parallel is not None and int(parallel) < 0:
+        raise UserError(f"--parallel={parallel} is negative: pass 0 (one worker per CPU) or more")
     plan = make_plan(d, root, copies, aug, seed, keep_original, shards, flip, png_compression)
     folder = names.extend_dir(d, root, plan.copies, aug, plan.seed)
     command = names.extend_command(d, plan.copies, aug, plan.seed, plan.keep_original, shards,
@@ -324,19 +327,25 @@ def extend_unlabeled(dataset, root: str, copies: int = 50, aug: str = "erase", s
         missing = [j for j in range(plan.shards) if not _complete_shard(plan, folder, j)]
     # Checked before anything is deleted or written.
     _check_disk(folder, _estimate_bytes(plan, missing), plan, missing, reclaimable)
-    if overwrite and os.path.isdir(folder):
-        _remove_folder_contents(folder)
-    os.makedirs(folder, exist_ok=True)
-    io.write_json(plan_path, plan.to_json(), overwrite=True)
-    if missing:
-        images, labels = _load_source(d.unlabel_path(root), plan.nvalid)
-        bar = io.progress(desc=f"extend {aug}{plan.copies}" if progress else None, unit_scale=True,
-                          total=sum(plan.shard_records(j) for j in missing))
-        try:
-            _write_shards(plan, folder, missing, images, labels, parallel or os.cpu_count() or 1, bar)
-        finally:
-            if bar is not None:
-                bar.close()
+    # Disk faults met while writing (the shards are written outside libml.io) are one line; the
+    # shard being written is removed, complete ones stay for the next run.
+    with storage.disk_errors(folder, _estimate_bytes(plan, missing), what="the extension",
+                             fix=f"free space there (or pass --data_dir on another disk) and "
+                                 f"re-run `{command}`: complete shards are kept",
+                             cleanup=[os.path.join(glob.escape(folder), "*.tmp-*")]):
+        if overwrite and os.path.isdir(folder):
+            _remove_folder_contents(folder)
+        os.makedirs(folder, exist_ok=True)
+        io.write_json(plan_path, plan.to_json(), overwrite=True)
+        if missing:
+            images, labels = _load_source(d.unlabel_path(root), plan.nvalid)
+            bar = io.progress(desc=f"extend {aug}{plan.copies}" if progress else None, unit_scale=True,
+                              total=sum(plan.shard_records(j) for j in missing))
+            try:
+                _write_shards(plan, folder, missing, images, labels, parallel or os.cpu_count() or 1, bar)
+            finally:
+                if bar is not None:
+                    bar.close()
     manifest = dict(plan.to_json(), command=command, shard_files=[
         {"file": names.shard_file(j, plan.shards), "copies": plan.shard_copies(j),
          "records": plan.shard_records(j), "bytes": os.path.getsize(plan.shard_path(folder, j))}

@@ -18,8 +18,10 @@ it, unless `skip_bad=True`, which leaves it out and lists it in the `ReadSummary
 """
 import concurrent.futures
 import dataclasses
+import fnmatch
 import glob
 import os
+import stat
 from collections import Counter
 from typing import List, Optional, Sequence, Tuple
 
@@ -32,6 +34,12 @@ FORMATS = "PNG, JPEG, BMP, GIF, WebP, TIFF"
 BACKGROUND = 255            # transparent pixels become white
 SKIP_FLAG = "--skip_bad_images"
 _LISTED_BAD = 20            # bad files named one per line in a summary; the rest are counted
+# Pixel cap of one image: decoding costs memory and time in proportion to the pixel count,
+# whatever the file size (a 280 KB 144-megapixel PNG took 4.6 GB and 36 s), and Pillow only
+# warns below its own limit. 50 megapixels holds every camera photo but the largest sensors.
+MAX_MEGAPIXELS = 50
+MEGAPIXELS_FLAG = "--max_megapixels"
+NOT_REGULAR = "(not a regular file)"
 
 
 @dataclasses.dataclass
@@ -75,6 +83,62 @@ def _hidden(name: str) -> bool:
     return name.startswith(".")
 
 
+def is_regular(path: str) -> bool:
+    """A regular file (or a link to one): never a FIFO, socket or device, whose reading can
+    block forever or never end."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _match(patterns: Sequence[str], names: Sequence[str]) -> bool:
+    """glob's rules on path components: `**` matches any number of non-hidden folders, `*`
+    and `?` do not match a leading '.'."""
+    if not patterns:
+        return not names
+    if patterns[0] == "**":
+        return any(_match(patterns[1:], names[k:]) for k in range(len(names) + 1)
+                   if not any(_hidden(n) for n in names[:k]))
+    if not names or (_hidden(names[0]) and not _hidden(patterns[0])):
+        return False
+    return fnmatch.fnmatchcase(names[0], patterns[0]) and _match(patterns[1:], names[1:])
+
+
+def expand_pattern(spec: str) -> List[str]:
+    """The regular files matching the shell pattern `spec`, sorted, like
+    glob.glob(spec, recursive=True), except that `**` follows a folder link only to a folder
+    not seen yet: links that loop back (a/loop -> a) are walked once instead of forever."""
+    parts = spec.split(os.sep)
+    if "**" not in parts:
+        return sorted(p for p in glob.glob(spec) if is_regular(p))
+    first = parts.index("**")
+    base = os.sep.join(parts[:first])
+    if not base and spec.startswith(os.sep):
+        base = os.sep
+    bases = (glob.glob(base) if glob.has_magic(base) else [base]) if base else [""]
+    found = set()
+    for root in bases:
+        top = root or os.curdir
+        if not os.path.isdir(top):
+            continue
+        seen = set()
+        for folder, dirs, files in os.walk(top, followlinks=True):
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) in seen:
+                dirs[:] = []
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            rel = os.path.relpath(folder, top)
+            rel_parts = [] if rel == os.curdir else rel.split(os.sep)
+            for name in files:
+                if _match(parts[first:], rel_parts + [name]):
+                    path = os.path.join(root, *rel_parts, name) if root else os.path.join(*rel_parts, name)
+                    if is_regular(path):
+                        found.add(path)
+    return sorted(found)
+
+
 def list_images(folder: str, summary: Optional[ReadSummary] = None) -> List[str]:
     """Image files under `folder` (recursive), sorted by path; other files are counted in
     `summary.not_images`."""
@@ -84,7 +148,10 @@ def list_images(folder: str, summary: Optional[ReadSummary] = None) -> List[str]
         for name in files:
             if _hidden(name):
                 continue
-            if is_image_name(name):
+            if not is_regular(os.path.join(root, name)):
+                if summary is not None:
+                    summary.not_images[NOT_REGULAR] += 1
+            elif is_image_name(name):
                 found.append(os.path.join(root, name))
             elif summary is not None:
                 summary.not_images[os.path.splitext(name)[1].lower()] += 1
@@ -108,12 +175,14 @@ def find_images(specs: Sequence[str], summary: Optional[ReadSummary] = None,
             found.append((path, shown))
 
     for spec in specs:
+        if os.path.exists(spec) and not os.path.isdir(spec) and not is_regular(spec):
+            raise UserError(f"{flag}={spec} is not a regular file (a FIFO, socket or device, which "
+                            f"may never end): pass image files or folders")
         if os.path.isdir(spec):
             for path in list_images(spec, summary):
                 add(path, os.path.relpath(path, spec))
             continue
-        matches = [spec] if os.path.isfile(spec) else sorted(
-            p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
+        matches = [spec] if is_regular(spec) else expand_pattern(spec)
         if not matches:
             raise UserError(f"{flag}={spec}: no such file, folder or matching file: check the path "
                             f"(patterns such as photos/*.jpg are expanded here)")
@@ -175,11 +244,27 @@ def fit(im, size: int):
     return im.crop((left, top, left + size, top + size))
 
 
-def load_image(path: str, size: int, channels: Optional[int] = None) -> np.ndarray:
+class TooLarge(ValueError):
+    """An image above the pixel cap (MAX_MEGAPIXELS or the user's --max_megapixels)."""
+
+
+def load_image(path: str, size: int, channels: Optional[int] = None,
+               max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
     """uint8 [size, size, C] of one file; C = `channels`, or 1 for grayscale and 3 otherwise.
-    Raises OSError/ValueError-like errors of PIL for unreadable files (see `read_reason`)."""
+    Raises OSError/ValueError-like errors of PIL for unreadable files (see `read_reason`),
+    TooLarge above `max_megapixels` (checked from the header, before decoding), ValueError for
+    what is not a regular file (a FIFO would block forever)."""
     from PIL import Image, ImageOps
+    if isinstance(path, (str, bytes, os.PathLike)) and not is_regular(path):
+        raise ValueError("not a regular file")
+    # Pillow refuses images above twice its own limit at open; ours is the one that applies.
+    Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, int(max_megapixels * 1e6))
     with Image.open(path) as im:
+        width, height = im.size
+        if width * height > max_megapixels * 1e6:
+            raise TooLarge(f"{width}x{height} is {width * height / 1e6:.1f} megapixels, above the "
+                           f"cap of {max_megapixels:g}: pass {MEGAPIXELS_FLAG}={width * height / 1e6:.0f} "
+                           f"or more to read it, or shrink the file")
         im.seek(0)
         im = to_8bit(ImageOps.exif_transpose(im))
         if channels == 1 and im.mode != "L":
@@ -200,9 +285,9 @@ def read_reason(path: str, error: Exception) -> str:
     return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
 
 
-def _try_load(path: str, size: int, channels: Optional[int]):
+def _try_load(path: str, size: int, channels: Optional[int], max_megapixels: float):
     try:
-        return load_image(path, size, channels), None
+        return load_image(path, size, channels, max_megapixels), None
     except MemoryError:
         raise
     except Exception as e:    # PIL raises many types (OSError, SyntaxError, struct.error ...)
@@ -214,16 +299,19 @@ def _try_load(path: str, size: int, channels: Optional[int]):
 
 def load_images(paths: Sequence[str], size: int, channels: Optional[int] = None,
                 skip_bad: bool = False, workers: int = 0, desc: Optional[str] = None,
-                summary: Optional[ReadSummary] = None) -> Tuple[List[np.ndarray], List[int], ReadSummary]:
+                summary: Optional[ReadSummary] = None,
+                max_megapixels: float = MAX_MEGAPIXELS) -> Tuple[List[np.ndarray], List[int], ReadSummary]:
     """Decodes `paths` in a thread pool (PIL releases the GIL), in order, with a progress bar
     when `desc` is given. Returns (arrays, positions in `paths` of the arrays, summary).
-    An unreadable file is a UserError naming it, or, with `skip_bad`, listed in summary.bad."""
+    An unreadable file is a UserError naming it, or, with `skip_bad`, listed in summary.bad;
+    so is an image above `max_megapixels` (checked before it is decoded)."""
+    check_megapixels(max_megapixels)
     from libml.io import progress
     summary = summary if summary is not None else ReadSummary()
     workers = workers or os.cpu_count() or 4
     arrays, kept = [], []
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda p: _try_load(p, size, channels), paths)
+        results = pool.map(lambda p: _try_load(p, size, channels, max_megapixels), paths)
         for i, (array, reason) in enumerate(progress(results, desc, total=len(paths))):
             if reason is None:
                 arrays.append(array)
@@ -235,6 +323,12 @@ def load_images(paths: Sequence[str], size: int, channels: Optional[int] = None,
                                 f"or pass {SKIP_FLAG} to leave unreadable files out")
     summary.read += len(arrays)
     return arrays, kept, summary
+
+
+def check_megapixels(value: float) -> None:
+    if not (value > 0 and value < float("inf")):
+        raise UserError(f"{MEGAPIXELS_FLAG}={value}: pass a positive number of megapixels "
+                        f"(default {MAX_MEGAPIXELS})")
 
 
 def same_channels(groups: List[List[np.ndarray]]) -> Tuple[List[List[np.ndarray]], int]:

@@ -15,16 +15,15 @@ its folder, or as given), class, class_name, confidence, then one probability co
 (p_<class name>, or p_<index> when the names are unknown).
 """
 import csv
-import json
 import os
 import sys
 
 import numpy as np
 from absl import flags
 
-from libml import cli, export, images
+from libml import cli, export, images, saved_model_check
 from libml.errors import UserError, first_line
-from libml.io import atomic_path, check_overwrite, progress
+from libml.io import atomic_path, check_overwrite, progress, read_json
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model", "", "Export folder, run folder, .keras file or SavedModel folder.",
@@ -38,43 +37,91 @@ flags.DEFINE_bool("skip_bad_images", False, "Leave unreadable images out (listed
                   "instead of stopping.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=FLAGS)
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output.", flag_values=FLAGS)
+flags.DEFINE_float("max_megapixels", images.MAX_MEGAPIXELS, "Largest image read, in megapixels "
+                   "(checked before decoding: memory and time grow with the pixel count); larger "
+                   "ones are unreadable files.", flag_values=FLAGS)
 
 
 class Predictor:
-    """uint8 images [N,H,W,C] -> float32 probabilities [N, nclass], from an export."""
+    """uint8 images [N,H,W,C] -> float32 probabilities [N, nclass], from an export.
+
+    A `.keras` file is loaded in Keras safe mode (no Lambda layers, no TFSMLayer, no code of
+    the file's); a SavedModel only after libml/saved_model_check.py found nothing in it but
+    what the export writes. meta.json, when present, must be well formed and agree with the
+    model (image shape, class count)."""
 
     def __init__(self, path: str):
-        import tensorflow as tf
         path = _resolve_model(path)
         self.path = path
         folder = os.path.dirname(path) if path.endswith(".keras") else os.path.dirname(path.rstrip("/"))
-        meta_file = os.path.join(folder, export.META_FILE)
-        self.meta = {}
-        if os.path.exists(meta_file):
-            with open(meta_file) as f:
-                self.meta = json.load(f)
+        self.meta = read_meta(os.path.join(folder, export.META_FILE))
+        meta_shape = (self.meta["height"], self.meta["width"], self.meta["channels"]) if self.meta else None
+        meta_nclass = self.meta.get("nclass") if self.meta else None
         if path.endswith(".keras"):
-            self._predict, shape = export.load_classifier(path)
+            self._predict, shape, nclass = export.load_classifier(path)
         else:
-            try:
-                loaded = tf.saved_model.load(path)
-            except (OSError, ValueError, tf.errors.OpError) as e:
-                raise UserError(f"cannot load the SavedModel {path} ({first_line(e)}): "
-                                f"pass an export folder written by the trainer") from None
-            self._loaded = loaded
-            serve = loaded.signatures["serving_default"]
-            self._predict = lambda x: serve(images=tf.convert_to_tensor(x, tf.uint8))["probabilities"]
-            shape = serve.structured_input_signature[1]["images"].shape[1:]
-        if self.meta:
-            shape = (self.meta["height"], self.meta["width"], self.meta["channels"])
-        self.shape = tuple(int(d) for d in shape)
-        if self.shape[0] != self.shape[1]:
-            raise UserError(f"{path} expects {self.shape[0]}x{self.shape[1]} images; only square "
+            shape, nclass = saved_model_check.check(path)     # meta.json compared below
+            self._predict = _load_saved_model(path)
+        self.shape = tuple(int(d) if d is not None else None for d in shape)
+        if meta_shape is not None and self.shape != meta_shape or (
+                meta_nclass is not None and nclass is not None and int(nclass) != meta_nclass):
+            raise UserError(f"{path} takes {_shape_text(self.shape)} images and gives {nclass} "
+                            f"classes, but {os.path.join(folder, export.META_FILE)} says "
+                            f"{_shape_text(meta_shape)} and {meta_nclass}: the two come from "
+                            f"different exports; re-export the run with --export_only")
+        if None in self.shape or self.shape[0] != self.shape[1]:
+            raise UserError(f"{path} expects {_shape_text(self.shape)} images; only square "
                             f"models (as create_datasets writes them) are supported")
         self.class_names = list(self.meta.get("class_names", []))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return np.asarray(self._predict(batch), np.float32)
+
+
+def _shape_text(shape) -> str:
+    return "x".join(str(d) for d in shape) if shape else "?"
+
+
+def _load_saved_model(path: str):
+    import tensorflow as tf
+    try:
+        loaded = tf.saved_model.load(path)
+    except (OSError, ValueError, tf.errors.OpError) as e:
+        raise UserError(f"cannot load the SavedModel {path} ({first_line(e)}): "
+                        f"pass an export folder written by the trainer") from None
+    serve = loaded.signatures["serving_default"]
+    return lambda x: serve(images=tf.convert_to_tensor(x, tf.uint8))["probabilities"]
+
+
+def read_meta(path: str) -> dict:
+    """meta.json of an export ({} when absent); a malformed one is one line."""
+    if not os.path.exists(path):
+        return {}
+    fix = "re-export the run with --export_only (or remove the file to predict without class names)"
+    meta = read_json(path, fix)
+    problem = None
+    if not isinstance(meta, dict):
+        problem = f"it holds a {type(meta).__name__}, not an object"
+    else:
+        missing = [k for k in ("height", "width", "channels") if k not in meta]
+        if missing:
+            problem = f"no {missing[0]}"
+        elif not all(_positive_int(meta[k]) for k in ("height", "width", "channels")):
+            problem = "height, width and channels are not positive integers"
+        elif "nclass" in meta and not _positive_int(meta["nclass"]):
+            problem = f"nclass {meta['nclass']!r} is not a positive integer"
+        elif not isinstance(meta.get("class_names", []), list) or not all(
+                isinstance(n, str) for n in meta.get("class_names", [])):
+            problem = "class_names is not a list of names"
+        elif "nclass" in meta and meta.get("class_names") and len(meta["class_names"]) != meta["nclass"]:
+            problem = f"{len(meta['class_names'])} class_names for nclass {meta['nclass']}"
+    if problem:
+        raise UserError(f"malformed {path} ({problem}): {fix}")
+    return meta
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20
 
 
 def _resolve_model(path: str) -> str:
@@ -86,9 +133,12 @@ def _resolve_model(path: str) -> str:
         return path
     if not os.path.isdir(path):
         raise UserError(f"--model={path} not found: pass an export folder, run folder or .keras file")
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), export.KERAS_FILE)
     for candidate in (os.path.join(path, "export", export.KERAS_FILE), os.path.join(path, export.KERAS_FILE)):
         if os.path.isfile(candidate):
             return candidate
+    if os.path.isfile(os.path.join(path, "saved_model.pb")) and os.path.isfile(beside):
+        return beside       # a SavedModel of an export: its model.keras loads in safe mode
     for candidate in (os.path.join(path, "export", export.SAVED_MODEL_DIR),
                       os.path.join(path, export.SAVED_MODEL_DIR), path):
         if os.path.isfile(os.path.join(candidate, "saved_model.pb")):
@@ -98,15 +148,20 @@ def _resolve_model(path: str) -> str:
 
 
 def predict_files(model: str, specs, output: str, batch: int = 256, overwrite: bool = False,
-                  skip_bad: bool = False, workers: int = 0, show_progress: bool = True):
+                  skip_bad: bool = False, workers: int = 0, show_progress: bool = True,
+                  max_megapixels: float = images.MAX_MEGAPIXELS):
     """Writes the predictions CSV; returns the ReadSummary (read, skipped and why)."""
     if batch < 1:
         raise UserError(f"--batch={batch} must be positive: pass a batch size >= 1")
     if workers < 0:
         raise UserError(f"--workers={workers} is negative: pass 0 (all CPUs) or more")
+    images.check_megapixels(max_megapixels)
     _resolve_model(model)
     summary = images.ReadSummary()
     found = images.find_images(specs, summary)
+    if os.path.isdir(output):
+        raise UserError(f"--output={output} is a folder: pass a file name, e.g. "
+                        f"--output={os.path.join(output, 'predictions.csv')}")
     check_overwrite(output, overwrite)    # before the (possibly long) inference
     predictor = Predictor(model)
     size, _, channels = predictor.shape
@@ -115,7 +170,7 @@ def predict_files(model: str, specs, output: str, batch: int = 256, overwrite: b
     for start in range(0, len(found), batch):
         chunk = found[start:start + batch]
         arrays, kept, _ = images.load_images([p for p, _ in chunk], size, channels, skip_bad,
-                                             workers, summary=summary)
+                                             workers, summary=summary, max_megapixels=max_megapixels)
         if arrays:
             probs.append(predictor(np.stack(arrays)))
             rows += [chunk[i][1] for i in kept]
@@ -131,8 +186,20 @@ def predict_files(model: str, specs, output: str, batch: int = 256, overwrite: b
     return summary
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text_cell(text: str) -> str:
+    """`text` for a CSV cell that a spreadsheet shows as text: a leading = + - @ (or tab, CR),
+    which would make it a formula, is preceded by a quote (OWASP's CSV injection advice)."""
+    text = str(text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def _write_csv(output, names, probs, class_names, overwrite):
     columns = [f"p_{class_names[i]}" if i < len(class_names) else f"p_{i}" for i in range(probs.shape[1])]
+    class_names = [text_cell(n) for n in class_names]
+    names = [text_cell(n) for n in names]
     with atomic_path(output, overwrite) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
@@ -147,7 +214,8 @@ def main(argv=None):
     rest = cli.parse(FLAGS, argv)
     specs = list(FLAGS.images) + list(rest)
     summary = predict_files(FLAGS.model, specs, FLAGS.output, FLAGS.batch, FLAGS.overwrite,
-                            FLAGS.skip_bad_images, FLAGS.workers, FLAGS.progress)
+                            FLAGS.skip_bad_images, FLAGS.workers, FLAGS.progress,
+                            FLAGS.max_megapixels)
     print(f"wrote {summary.read} predictions to {FLAGS.output}", file=sys.stderr)
     return 0
 
