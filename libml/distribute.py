@@ -13,6 +13,8 @@ Flags (fields of libml/config.py's TrainConfig):
                      act before TensorFlow initialises its devices: `make_strategy` does it,
                      and the trainer calls it before any other TensorFlow work.
     --worker_timeout=S  seconds to wait for the other workers at start and in each collective.
+    --collective=auto|ring|nccl  the all-reduce implementation of MultiWorkerMirroredStrategy
+                     (auto: TensorFlow's choice, ring in 2.21; nccl: between GPUs).
     --replica_mode=global|per_replica  what a step with several replicas computes
                      (libml/replicas.py).
 
@@ -35,6 +37,7 @@ from typing import Callable, List, Optional
 from libml.errors import UserError
 
 DISTRIBUTE_CHOICES = ("auto", "none", "mirrored", "multiworker")
+COLLECTIVES = ("auto", "ring", "nccl")              # --collective (multi-worker all-reduces)
 GLOBAL, PER_REPLICA = "global", "per_replica"      # --replica_mode (libml/replicas.py)
 REPLICA_MODES = (GLOBAL, PER_REPLICA)
 CPU_DEVICES_ENV = "REALMIX_CPU_DEVICES"
@@ -169,15 +172,34 @@ def resolve_kind(distribute: str, cluster: Optional[Cluster], gpus: int = 0,
     return distribute
 
 
+def communication(collective: str, gpus: int):
+    """--collective -> tf.distribute.experimental.CommunicationImplementation. auto leaves the
+    choice to TensorFlow, which (2.21) runs ring all-reduces and all-gathers everywhere; nccl
+    asks for NCCL between GPUs (one-line UserError without a GPU on this worker)."""
+    import tensorflow as tf
+    kinds = tf.distribute.experimental.CommunicationImplementation
+    if collective not in COLLECTIVES:
+        raise UserError(f"--collective={collective!r} is unknown: use one of "
+                        f"{', '.join(COLLECTIVES)}")
+    if collective == "nccl" and not gpus:
+        raise UserError("--collective=nccl needs GPUs and this worker sees none: use "
+                        "--collective=auto or ring, or run on GPU hosts")
+    return {"auto": kinds.AUTO, "ring": kinds.RING, "nccl": kinds.NCCL}[collective]
+
+
 def make_strategy(distribute: str = "auto", cpu_devices: int = 0,
-                  worker_timeout: float = DEFAULT_WORKER_TIMEOUT):
+                  worker_timeout: float = DEFAULT_WORKER_TIMEOUT, collective: str = "auto"):
     """The strategy for these flags. Call it before any other TensorFlow work: logical devices
-    and collective ops can only be configured at start-up."""
+    and collective ops can only be configured at start-up. `collective` (--collective) chooses
+    the all-reduce implementation of MultiWorkerMirroredStrategy; MirroredStrategy on one host
+    keeps TensorFlow's choice (NCCL between GPUs)."""
     import tensorflow as tf
     cluster = current_cluster()
     if resolve_kind(distribute, cluster) == "multiworker":   # decided by TF_CONFIG alone
         configure_devices(cpu_devices)
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=worker_timeout)
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=worker_timeout, implementation=communication(
+                collective, len(tf.config.list_physical_devices("GPU"))))
         rendezvous(cluster, worker_timeout)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     configure_devices(cpu_devices)

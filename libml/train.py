@@ -53,7 +53,7 @@ def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     --cpu_devices (libml/distribute.py). Must come before any other TensorFlow work."""
     return devices.make_strategy(config.distribute,
                                  config.cpu_devices or devices.env_cpu_devices(),
-                                 config.worker_timeout)
+                                 config.worker_timeout, config.collective)
 
 
 def run_folder_name(algorithm: str, hparams: dict) -> str:
