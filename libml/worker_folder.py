@@ -33,8 +33,8 @@ from libml.runfolder import RunFolder
 from libml.runlock import LOCK_NAME
 
 INPUT_NAME = "input.ckpt"
-SHARED_FIX = ("--train_dir must be one folder that every host sees (NFS, a shared volume, "
-              "gs://...) with the same path: mount it on every host, then re-run the same "
+SHARED_FIX = ("--train_dir must be one file system folder that every host sees at the same "
+              "path (NFS, a shared volume): mount it on every host, then re-run the same "
               "command on every host")
 
 

@@ -82,7 +82,9 @@ def test_two_workers_killed_and_relaunched_resume_bit_identical(toy, tmp_path):
     assert got.keys() == want.keys()
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    assert not os.listdir(scratch)          # worker 1 wrote nothing to its temp folder
+    # Worker 1 wrote nothing to its temp folder (TensorFlow's autograph sources of the killed
+    # processes aside); it used to hold a full copy of every checkpoint and export.
+    assert not [f for f in os.listdir(scratch) if not f.startswith("__autograph_generated_file")]
 
     # Without worker 1's input positions (a kill between the chief's save and its own), the
     # position is rebuilt from its shard: the same weights again.
