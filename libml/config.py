@@ -152,6 +152,10 @@ class TrainConfig:
     worker_timeout: float = option(float(devices.DEFAULT_WORKER_TIMEOUT), "Seconds to wait "
                                    "for the other workers at start and in each collective.",
                                    positive)
+    collective: str = option("auto", "All-reduce implementation between several hosts "
+                             "(MultiWorkerMirroredStrategy): auto (TensorFlow's choice: ring), "
+                             "ring, or nccl (GPUs only). One host with several GPUs always "
+                             "uses NCCL.", one_of(*devices.COLLECTIVES))
     deterministic: bool = option(False, "Enable TF op determinism (bit-exact reruns and resumes; "
                                  "slower on GPU).")
     data_autotune: bool = option(True, "Let tf.data tune the input pipelines' parallelism and "

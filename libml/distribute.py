@@ -13,6 +13,8 @@ Flags (fields of libml/config.py's TrainConfig):
                      act before TensorFlow initialises its devices: `make_strategy` does it,
                      and the trainer calls it before any other TensorFlow work.
     --worker_timeout=S  seconds to wait for the other workers at start and in each collective.
+    --collective=auto|ring|nccl  the all-reduce implementation of MultiWorkerMirroredStrategy
+                     (auto: TensorFlow's choice, ring in 2.21; nccl: between GPUs).
     --replica_mode=global|per_replica  what a step with several replicas computes
                      (libml/replicas.py).
 
@@ -21,21 +23,21 @@ of the data (`SSLData(shard=...)`) and `split_batch` gives each of its local rep
 
 Roles (TensorFlow's multi-worker guide): the chief (task "chief", or worker 0 when there is
 none) writes checkpoints, summaries, reports and exports; the other workers run the same code,
-including every save (saving reads replicated state with collectives), into a private temporary
-folder that `WorkerRole.discard` removes.
+including every save and export (reading the replicated state is a collective), but write
+only their input positions (libml/worker_folder.py).
 """
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import socket
 import time
-import tempfile
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from libml.errors import UserError
 
 DISTRIBUTE_CHOICES = ("auto", "none", "mirrored", "multiworker")
+COLLECTIVES = ("auto", "ring", "nccl")              # --collective (multi-worker all-reduces)
 GLOBAL, PER_REPLICA = "global", "per_replica"      # --replica_mode (libml/replicas.py)
 REPLICA_MODES = (GLOBAL, PER_REPLICA)
 CPU_DEVICES_ENV = "REALMIX_CPU_DEVICES"
@@ -170,15 +172,34 @@ def resolve_kind(distribute: str, cluster: Optional[Cluster], gpus: int = 0,
     return distribute
 
 
+def communication(collective: str, gpus: int):
+    """--collective -> tf.distribute.experimental.CommunicationImplementation. auto leaves the
+    choice to TensorFlow, which (2.21) runs ring all-reduces and all-gathers everywhere; nccl
+    asks for NCCL between GPUs (one-line UserError without a GPU on this worker)."""
+    import tensorflow as tf
+    kinds = tf.distribute.experimental.CommunicationImplementation
+    if collective not in COLLECTIVES:
+        raise UserError(f"--collective={collective!r} is unknown: use one of "
+                        f"{', '.join(COLLECTIVES)}")
+    if collective == "nccl" and not gpus:
+        raise UserError("--collective=nccl needs GPUs and this worker sees none: use "
+                        "--collective=auto or ring, or run on GPU hosts")
+    return {"auto": kinds.AUTO, "ring": kinds.RING, "nccl": kinds.NCCL}[collective]
+
+
 def make_strategy(distribute: str = "auto", cpu_devices: int = 0,
-                  worker_timeout: float = DEFAULT_WORKER_TIMEOUT):
+                  worker_timeout: float = DEFAULT_WORKER_TIMEOUT, collective: str = "auto"):
     """The strategy for these flags. Call it before any other TensorFlow work: logical devices
-    and collective ops can only be configured at start-up."""
+    and collective ops can only be configured at start-up. `collective` (--collective) chooses
+    the all-reduce implementation of MultiWorkerMirroredStrategy; MirroredStrategy on one host
+    keeps TensorFlow's choice (NCCL between GPUs)."""
     import tensorflow as tf
     cluster = current_cluster()
     if resolve_kind(distribute, cluster) == "multiworker":   # decided by TF_CONFIG alone
         configure_devices(cpu_devices)
-        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=worker_timeout)
+        options = tf.distribute.experimental.CommunicationOptions(
+            timeout_seconds=worker_timeout, implementation=communication(
+                collective, len(tf.config.list_physical_devices("GPU"))))
         rendezvous(cluster, worker_timeout)
         return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     configure_devices(cpu_devices)
@@ -250,31 +271,107 @@ def split_batch(strategy, batch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Small batches
+
+MIN_ROWS_PER_DEVICE = 2      # oneDNN's CPU kernels crash on a batch of 1 row (and 0 rows)
+REAL = "real"                # the key that marks a padded evaluation batch's real rows
+
+
+def check_train_batch(batch: int, replicas: int, on_cpu: bool, onednn: bool) -> None:
+    """--batch over `replicas` devices: it must split evenly, and (CPU with oneDNN on, whose
+    kernels crash on a 1-row batch: segfault or `free(): invalid next size`) give each device
+    at least MIN_ROWS_PER_DEVICE rows. One-line UserError otherwise."""
+    if batch % replicas:
+        raise UserError(f"--batch={batch} does not split over {replicas} devices: use a "
+                        f"multiple of {replicas}")
+    if on_cpu and onednn and batch // replicas < MIN_ROWS_PER_DEVICE:
+        raise UserError(f"--batch={batch} gives {batch // replicas} row per device on {replicas} "
+                        f"CPU device(s), which crashes TensorFlow's oneDNN kernels: use "
+                        f"--batch={MIN_ROWS_PER_DEVICE * replicas} or more, or turn oneDNN off "
+                        f"(TF_ENABLE_ONEDNN_OPTS=0)")
+
+
+def pad_batches(dataset, replicas: int):
+    """Evaluation batches padded so every device gets the same number of rows, at least
+    MIN_ROWS_PER_DEVICE (a short last batch would leave a device 0 or 1 row, which oneDNN's
+    kernels fail on). Padded rows are zeros with label -1 (never counted) and REAL false
+    (dropped from per-image outputs by libml/evaluate.py)."""
+    import tensorflow as tf
+
+    def pad(batch):
+        rows = tf.shape(batch["label"])[0]
+        per_device = tf.maximum((rows + replicas - 1) // replicas, MIN_ROWS_PER_DEVICE)
+        extra = per_device * replicas - rows
+
+        def padded(t, value):
+            return tf.pad(t, [[0, extra]] + [[0, 0]] * (t.shape.rank - 1), constant_values=value)
+
+        out = {k: padded(v, tf.constant(-1 if k == "label" else 0, v.dtype))
+               for k, v in batch.items()}
+        out[REAL] = tf.range(per_device * replicas) < rows
+        return out
+
+    return dataset.map(pad)
+
+
+def distribute_eval(strategy, dataset):
+    """A dataset of evaluation batches (dicts with "label") -> a distributed dataset whose
+    every batch gives every device the same number of rows, at least MIN_ROWS_PER_DEVICE."""
+    return strategy.experimental_distribute_dataset(
+        pad_batches(dataset, strategy.num_replicas_in_sync))
+
+
+# ---------------------------------------------------------------------------------------------
 # Roles
 
 class WorkerRole:
-    """Where this process writes. The chief (and a single process) writes the real paths;
-    every other worker writes the same layout under one private temporary folder, removed by
-    `discard()` (TensorFlow's multi-worker guide: non-chief saves must run, but are thrown away)."""
+    """Who this process is: worker `worker_id` of `num_workers`; the chief (worker 0, or a
+    single process) writes the run folder. A non-chief worker writes only its input position
+    (libml/worker_folder.py)."""
 
     def __init__(self, cluster: Optional[Cluster] = None):
+        self.cluster = cluster
         self.worker_id = cluster.worker_id if cluster is not None else 0
         self.num_workers = cluster.num_workers if cluster is not None else 1
         self.is_chief = self.worker_id == 0
-        self._scratch = None
 
-    def path(self, path: str) -> str:
-        """`path` on the chief; the same relative layout under a temporary folder elsewhere."""
-        if self.is_chief:
-            return path
-        if self._scratch is None:
-            self._scratch = tempfile.mkdtemp(prefix=f"realmix-worker{self.worker_id}-")
-        return os.path.join(self._scratch, os.path.abspath(path).lstrip(os.sep))
 
-    def discard(self) -> None:
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
+def lost_worker_message(error_text: str, cluster: Optional[Cluster], worker_id: int,
+                        checkpoint: str) -> str:
+    """The one line for a collective that failed because another worker went away: which
+    worker (from the task index or the address TensorFlow names, when it names one), how to
+    relaunch, and where the run resumes."""
+    import re
+    workers = cluster.workers if cluster is not None else []
+    lost = {int(i) for i in re.findall(r"task:(\d+)", error_text)}
+    if cluster is not None and cluster.has_chief:        # job worker's task i = worker i + 1
+        lost = {i + 1 for i in lost}
+    lost |= {i for i, address in enumerate(workers) if address in error_text}
+    lost = sorted(i for i in lost if i != worker_id and i < len(workers))
+    if lost:
+        who = ", ".join(f"worker {i} ({workers[i]})" for i in lost)
+    else:
+        who = "another worker" + (f" (of {', '.join(workers)})" if workers else "")
+    resume = (f"it resumes from {os.path.basename(checkpoint)}, which is intact" if checkpoint
+              else "it starts over (no checkpoint was saved yet)")
+    return (f"{who} was lost: relaunch every worker with the same command (each host its own "
+            f"TF_CONFIG, as before): {resume}")
+
+
+@contextlib.contextmanager
+def lost_workers(role: "WorkerRole", checkpoint: Callable[[], str]):
+    """A collective that fails because a worker died (TensorFlow's UnavailableError, or a
+    deadline/abort after --worker_timeout) becomes lost_worker_message's UserError (exit 2).
+    `checkpoint()`: the newest complete checkpoint of the run."""
+    import tensorflow as tf
+    try:
+        yield
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+            tf.errors.CancelledError) as e:
+        if role.num_workers <= 1:
+            raise
+        raise UserError(lost_worker_message(str(e), role.cluster, role.worker_id,
+                                            checkpoint() or "")) from None
 
 
 def role_for(strategy) -> WorkerRole:

@@ -8,13 +8,17 @@ the sets asked for, every image's outputs (the inputs of --gamma=auto, libml/gam
 `datasets()` returns {set name: distributed dataset of global batches}; it is called once, on
 the first evaluation (the trainer builds them with Trainer.distribute). Each replica classifies
 its share of a batch; the hit and label counts are summed over replicas and workers, the
-per-image outputs gathered in batch order. One tf.function per weight set (raw or EMA), traced
-once per kind of call (counts only, or counts and outputs).
+per-image outputs gathered in batch order. Batches padded for the devices
+(libml.distribute.distribute_eval: every device at least 2 rows, oneDNN fails on fewer) carry
+a "real" mask: padding rows are neither counted nor returned. One tf.function per weight set
+(raw or EMA), traced once per kind of call (counts only, or counts and outputs).
 """
 from typing import Callable, Dict
 
 import numpy as np
 import tensorflow as tf
+
+from libml.distribute import REAL
 
 OUTPUTS = ("probs", "features", "labels")
 SETS = ("train_labeled", "valid", "test")
@@ -38,20 +42,22 @@ class Evaluator:
             def replica(batch):
                 probs, features = model.classify(batch["image"], ema=ema, features=True)
                 labels = tf.cast(batch["label"], tf.int64)
-                known = labels >= 0
+                real = batch.get(REAL, tf.ones_like(labels, tf.bool))     # not a padding row
+                known = tf.logical_and(real, labels >= 0)
                 hit = tf.logical_and(known, tf.argmax(probs, axis=-1) == labels)
                 return (tf.reduce_sum(tf.cast(hit, tf.int64)), tf.reduce_sum(tf.cast(known, tf.int64)),
-                        probs, features, labels)
+                        probs, features, labels, tf.cast(real, tf.int32))
 
             def evaluate(batch, outputs: bool):
                 """Counts; with outputs (a trace-time bool), also the gathered per-image outputs."""
-                hits, known, probs, features, labels = strategy.run(replica, args=(batch,))
+                hits, known, probs, features, labels, real = strategy.run(replica, args=(batch,))
                 total = tf.distribute.ReduceOp.SUM
                 counts = (strategy.reduce(total, hits, axis=None), strategy.reduce(total, known, axis=None))
                 if not outputs:
                     return counts
-                return counts + (strategy.gather(probs, axis=0), strategy.gather(features, axis=0),
-                                 strategy.gather(labels, axis=0))
+                real = strategy.gather(real, axis=0) > 0      # int32: all-gathers take no bool
+                return counts + tuple(tf.boolean_mask(strategy.gather(t, axis=0), real)
+                                      for t in (probs, features, labels))
 
             self._fns[ema] = tf.function(evaluate)
         return self._fns[ema]

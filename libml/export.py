@@ -87,6 +87,13 @@ def export_model(model, info, out_dir: str, meta: dict = None) -> dict:
             "meta": os.path.join(out_dir, META_FILE)}
 
 
+def join_export(model, info) -> None:
+    """A non-chief worker's part of `export_model` under MultiWorkerMirroredStrategy: reading
+    the EMA net's weights (the sync-on-read BatchNorm statistics are a collective every worker
+    joins); nothing is written."""
+    plain_keras.build(model.ema_net, info.shape)
+
+
 def load_keras(path: str):
     """The model in a .keras file: a plain-Keras export or an older WideResNet export."""
     try:

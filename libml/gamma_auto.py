@@ -69,8 +69,11 @@ def parse_gamma(value):
 class GammaAutoHook:
     """The trainer's report hook for a model with a `gamma_state` (GammaState)."""
 
-    def __init__(self, model, nclass: int, run_dir: str, score: Optional[str] = None):
+    def __init__(self, model, nclass: int, run_dir: str, score: Optional[str] = None,
+                 writes: bool = True):
+        """writes=False: a non-chief worker, which reads the chief's history but writes nothing."""
         self.state: GammaState = model.gamma_state
+        self.writes = writes
         self.nclass = nclass
         # The feature score: the model's own (`ood_score`, when it ranks its mask by a feature
         # score) or ood_share.DEFAULT_SCORE.
@@ -136,5 +139,6 @@ class GammaAutoHook:
         write_scalar("monitors/ood_share_raw", float("nan") if raw is None else raw)
         write_scalar("monitors/gamma_trusted", float(self.auto.trusted))
         self.history = [h for h in self.history if h["step"] < step] + [record]
-        write_json(self.path, self.history, overwrite=True)
+        if self.writes:
+            write_json(self.path, self.history, overwrite=True)
         return record

@@ -142,13 +142,16 @@ class RunFolder:
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise finite.DivergenceError(f"weights are not finite ({shown})", step, self.last_good)
-        resume = (f"it resumes from {os.path.basename(self.last_good)}" if self.last_good
-                  else "it starts over")
-        prefix = checkpoint_files.save_checkpoint(
-            checkpoint, self.tf_dir, step, self.keep, need_bytes=self.checkpoint_bytes(variables),
-            resume_note=resume)
+        prefix = self._write(checkpoint, step, variables)
         self.last_good = prefix
         return prefix
+
+    def _write(self, checkpoint, step: int, variables: Dict) -> str:
+        resume = (f"it resumes from {os.path.basename(self.last_good)}" if self.last_good
+                  else "it starts over")
+        return checkpoint_files.save_checkpoint(
+            checkpoint, self.tf_dir, step, self.keep, need_bytes=self.checkpoint_bytes(variables),
+            resume_note=resume)
 
     def checkpoint_bytes(self, variables: Dict) -> int:
         """About what one checkpoint takes: the variables' bytes, or the last one's files."""

@@ -268,11 +268,12 @@ class SSLModel(keras.Model):
     def call(self, images, training=False):
         return self.ema_net(images, training=False)
 
-    def report_hooks(self, run_dir: str) -> list:
+    def report_hooks(self, run_dir: str, writes: bool = True) -> list:
         """Objects the trainer calls at each report: load_history(step) when a run resumes,
-        report(trainer, step, kept, accuracy) -> a line to print (or None). None by default
-        (RealMix's --gamma=auto has one)."""
-        del run_dir
+        report(trainer, step, kept, accuracy) -> a line to print (or None). writes=False: a
+        non-chief worker's (they write no file). None by default (RealMix's --gamma=auto has
+        one)."""
+        del run_dir, writes
         return []
 
     # -- the step -----------------------------------------------------------------------------

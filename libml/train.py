@@ -36,13 +36,14 @@ from libml.checkpoint_files import latest_checkpoint
 from libml.config import KIMG, TrainConfig
 from libml.errors import UserError, first_line
 from libml.evaluate import SETS as EVAL_SETS, Evaluator
-from libml.export import export_model, transfer_weights
+from libml.export import export_model, join_export, transfer_weights
 from libml.finite import FirstNonFinite, all_finite, loss_values
 from libml.io import write_json
 from libml.platform import cpu_info, isa_line, onednn_enabled
 from libml.runfolder import RunFolder, recorded_precision
 from libml.runlock import RunLock
 from libml.storage import disk_errors
+from libml.worker_folder import WorkerFolder, follow_chief
 from libml.summaries import (HISTORY_FILE, STATS_FILE, accuracy_stats, finite_or_none,
                              read_history, write_histogram, write_scalar)
 
@@ -52,7 +53,7 @@ def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     --cpu_devices (libml/distribute.py). Must come before any other TensorFlow work."""
     return devices.make_strategy(config.distribute,
                                  config.cpu_devices or devices.env_cpu_devices(),
-                                 config.worker_timeout)
+                                 config.worker_timeout, config.collective)
 
 
 def run_folder_name(algorithm: str, hparams: dict) -> str:
@@ -89,9 +90,8 @@ class Trainer:
         self.strategy = strategy or make_strategy(config)
         self.role = devices.role_for(self.strategy)
         replicas = self.strategy.num_replicas_in_sync
-        if config.batch % replicas:
-            raise UserError(f"--batch={config.batch} does not split over {replicas} devices: use a "
-                            f"multiple of {replicas}")
+        devices.check_train_batch(config.batch, replicas, on_cpu=not tf.config.list_logical_devices(
+            "GPU"), onednn=onednn_enabled())
         if config.jit_compile and replicas > 1 and config.replica_mode == devices.GLOBAL:
             raise UserError(f"--jit_compile on {replicas} replicas: XLA cannot compile the "
                             f"cross-replica BatchNorm of --replica_mode=global; drop "
@@ -119,8 +119,9 @@ class Trainer:
         self._bar = console.RunProgress(0, 0, 1, enabled=False)   # the run's bar, set by train()
         self.history: List[dict] = []
         # The algorithm's report hooks (RealMix's --gamma=auto): load_history(step) on resume,
-        # report(trainer, step, kept, accuracy) -> a line to print, at each report.
-        self.hooks = self.model.report_hooks(self.role.path(self.run_dir))
+        # report(trainer, step, kept, accuracy) -> a line to print, at each report. Only the
+        # chief writes.
+        self.hooks = self.model.report_hooks(self.run_dir, writes=self.role.is_chief)
 
     # -- construction -------------------------------------------------------------------------
     def _build_model(self, make_model: Callable):
@@ -157,7 +158,7 @@ class Trainer:
         one part per local replica. Evaluation: a dataset of global batches -> a distributed
         dataset (each worker evaluates its share; the counts are summed)."""
         if isinstance(batches, tf.data.Dataset):
-            return self.strategy.experimental_distribute_dataset(batches)
+            return devices.distribute_eval(self.strategy, batches)   # small batches padded
         return devices.split_batch(self.strategy, batches)
 
     @property
@@ -188,16 +189,17 @@ class Trainer:
         c = self.config
         # Every worker saves (saving reads replicated state with collectives); only the
         # chief's saves land in the run folder, and every worker resumes from those.
-        folder = RunFolder(self.role.path(self.run_dir), keep=c.keep_ckpt).open(self._args())
+        folder = (RunFolder(self.run_dir, keep=c.keep_ckpt) if self.role.is_chief else
+                  WorkerFolder(self.run_dir, c.keep_ckpt, self.role.worker_id)).open(self._args())
         try:
             self.iterators = self._make_iterators()
             ckpt = make_checkpoint(self.model, self.iterators)
-            restored = folder.restore(lambda p: read_training_state(self.model, self.iterators, p),
-                                      READ_ERRORS)
-            if not self.role.is_chief:
-                restored = latest_checkpoint(self.tf_dir) or ""
-                if restored:
-                    read_training_state(self.model, self.iterators, restored)
+            read = lambda p: read_training_state(self.model, self.iterators, p)  # noqa: E731
+            if self.role.num_workers > 1:     # the chief's step, each worker's own input position
+                restored = follow_chief(self.strategy, self.role, folder, read, self.model,
+                                        self.iterators, c.batch)
+            else:
+                restored = folder.restore(read, READ_ERRORS)
             start = "fresh start"
             if restored:
                 start = f"resuming from {restored}"
@@ -211,11 +213,11 @@ class Trainer:
         try:
             with disk_errors(self.run_dir, what="the run's files", fix="free space there (or move "
                              "the run to another disk) and re-run the same command: it resumes "
-                             "from its newest checkpoint"):
+                             "from its newest checkpoint"), \
+                    devices.lost_workers(self.role, lambda: latest_checkpoint(self.tf_dir)):
                 return self._train_loop(folder, ckpt, start)
         finally:
             folder.close()
-            self.role.discard()        # a non-chief worker's temporary folder
 
     def _train_loop(self, folder: RunFolder, ckpt, start: str) -> dict:
         c = self.config
@@ -240,9 +242,11 @@ class Trainer:
                     self._save(folder, ckpt, step)
         writer.close()
         if c.export and not (finished_before and os.path.isdir(self.export_dir)):
-            with disk_errors(self.export_dir, what="the export"):
-                export_model(self.model, self.info, self.role.path(self.export_dir),
-                             self._export_meta())
+            if not self.role.is_chief:      # the reads (collectives) only, nothing written
+                join_export(self.model, self.info)
+            else:
+                with disk_errors(self.export_dir, what="the export"):
+                    export_model(self.model, self.info, self.export_dir, self._export_meta())
         stats = accuracy_stats(self.history)
         if stats.get("reports"):
             window = min(20, stats["reports"])
@@ -405,8 +409,8 @@ class Trainer:
             print(f"{label:8s} {_pct(r['valid']):>8s} {_pct(r['test']):>8s}")
         run_dir = os.path.dirname(os.path.dirname(prefix))
         out = os.path.join(run_dir, "stats", f"eval-{os.path.basename(prefix)}.json")
-        write_json(self.role.path(out), result, overwrite=True)
-        self.role.discard()
+        if self.role.is_chief:
+            write_json(out, result, overwrite=True)
         print(f"wrote {out}")
         result["output"] = out
         return result
@@ -417,12 +421,14 @@ class Trainer:
         if not prefix:
             raise UserError(f"{self.run_dir} has no complete checkpoint to export: train first "
                             f"(the same command without --export_only)")
-        with RunLock(self.role.path(self.run_dir)):
+        if not self.role.is_chief:         # the reads (collectives) only, nothing written
+            read_model(self.model, prefix)
+            join_export(self.model, self.info)
+            return {}
+        with RunLock(self.run_dir):
             read_model(self.model, prefix)
             with disk_errors(self.export_dir, what="the export"):
-                paths = export_model(self.model, self.info, self.role.path(self.export_dir),
-                                     self._export_meta())
-        self.role.discard()
+                paths = export_model(self.model, self.info, self.export_dir, self._export_meta())
         print(f"exported {prefix} to {self.export_dir}")
         return paths
 

@@ -71,11 +71,11 @@ class RealMix(MixMatch):
         return dict(super().hparams(), train_kimg=self.train_kimg, tsa=self.tsa,
                     tsa_source=self.tsa_source, gamma=self.gamma)
 
-    def report_hooks(self, run_dir: str) -> list:
+    def report_hooks(self, run_dir: str, writes: bool = True) -> list:
         """--gamma=auto: the hook that estimates the OOD share at each report."""
         if self.gamma_state is None:
             return []
-        return [GammaReport(gamma_auto.GammaAutoHook(self, self.nclass, run_dir))]
+        return [GammaReport(gamma_auto.GammaAutoHook(self, self.nclass, run_dir, writes=writes))]
 
     def labeled_loss(self, logits_x, targets_x, step):
         """Algorithm 1, lines 19-22: with TSA, the mean cross-entropy over the rows whose

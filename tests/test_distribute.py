@@ -72,15 +72,10 @@ def test_cpu_devices_env(monkeypatch):
         distribute.env_cpu_devices()
 
 
-def test_worker_role_writes_elsewhere(tmp_path):
-    target = str(tmp_path / "run" / "tf")
-    assert distribute.WorkerRole().path(target) == target
+def test_worker_role():
+    assert distribute.WorkerRole().is_chief
     worker = distribute.WorkerRole(distribute.parse_tf_config(config(["h:1", "h:2"], index=1)))
-    scratch = worker.path(target)
-    assert not worker.is_chief and scratch != target and not scratch.startswith(str(tmp_path))
-    os.makedirs(scratch)
-    worker.discard()
-    assert not os.path.exists(scratch) and not (tmp_path / "run").exists()
+    assert not worker.is_chief and worker.worker_id == 1 and worker.num_workers == 2
 
 
 def test_rendezvous_names_the_unreachable_worker():
@@ -135,3 +130,33 @@ def test_launcher_stops_every_worker_when_one_fails():
 def test_launcher_without_command_is_one_line():
     result = launch("--workers=2")
     assert result.returncode == 2 and result.stderr.startswith("error: no command given")
+
+
+def test_collective_flag_maps_to_the_communication_implementation():
+    import tensorflow as tf
+    kinds = tf.distribute.experimental.CommunicationImplementation
+    assert distribute.communication("auto", 0) == kinds.AUTO
+    assert distribute.communication("ring", 0) == kinds.RING
+    assert distribute.communication("nccl", 2) == kinds.NCCL
+    with pytest.raises(UserError, match="--collective=nccl needs GPUs and this worker sees none"):
+        distribute.communication("nccl", 0)
+    with pytest.raises(UserError, match="--collective='mpi' is unknown: use one of auto, ring, nccl"):
+        distribute.communication("mpi", 0)
+    from libml.config import TrainConfig
+    assert TrainConfig().collective == "auto"
+    with pytest.raises(UserError, match="collective"):
+        TrainConfig(collective="mpi").validate()
+
+
+def test_lost_worker_message_names_the_worker_and_the_checkpoint():
+    cluster = distribute.parse_tf_config(config(["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]))
+    text = ("Collective ops is aborted by: failed to connect to all addresses ... "
+            "from remote target /job:worker/replica:0/task:2 while calling ...")
+    line = distribute.lost_worker_message(text, cluster, 0, "/r/tf/model.ckpt-640")
+    assert line == ("worker 2 (10.0.0.3:1) was lost: relaunch every worker with the same command "
+                    "(each host its own TF_CONFIG, as before): it resumes from model.ckpt-640, "
+                    "which is intact")
+    line = distribute.lost_worker_message("peer 10.0.0.2:1 unavailable", cluster, 0, "")
+    assert line.startswith("worker 1 (10.0.0.2:1) was lost") and "starts over" in line
+    assert distribute.lost_worker_message("deadline", cluster, 0, "").startswith(
+        "another worker (of 10.0.0.1:1, 10.0.0.2:1, 10.0.0.3:1) was lost")
