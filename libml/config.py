@@ -257,7 +257,7 @@ class TrainConfig:
             return self.recorded_precision, ("--mixed_precision=auto: kept from the run's "
                                              "args/args.json (a resumed run keeps its precision)")
         if self.mixed_precision == "auto":
-            from libml.platform import auto_precision
+            from libml.precision_probe import auto_precision
             policy, reason = auto_precision()
             return policy, f"--mixed_precision=auto: {reason}"
         return PRECISION_CHOICES[self.mixed_precision], f"--mixed_precision={self.mixed_precision}"

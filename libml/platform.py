@@ -20,8 +20,8 @@ variables the user has not set (the user's value always wins) and reads /proc/cp
 Threads: TensorFlow's defaults (intra-op = inter-op = the core count) are kept; the user's
 TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS override them.
 
-`auto_precision()` is what `--mixed_precision=auto` picks (measured on CPUs:
-libml/precision_probe.py); `describe()` is the CPU / ISA /
+What `--mixed_precision=auto` picks is libml/precision_probe.py's (it reads the CPU and GPUs
+from here); `describe()` is the CPU / ISA /
 oneDNN line printed by runs/bench_step and the trainer's start banner.
 """
 import glob
@@ -212,32 +212,6 @@ def uninstall_quiet_import() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Precision by hardware
-
-def auto_precision(cpu_flags: Optional[Iterable[str]] = None,
-                   gpu_capabilities: Optional[List[Tuple[int, int]]] = None,
-                   cpu_choice=None) -> Tuple[str, str]:
-    """(Keras dtype policy, reason) for --mixed_precision=auto.
-
-    GPUs (the oldest one decides): compute capability >= 8.0 -> mixed_bfloat16 (no loss scaling
-    needed), older -> mixed_float16 (SSLModel adds loss scaling). CPU only: measured, see
-    libml/precision_probe.py (`cpu_choice(flags)`, default precision_probe.cpu_precision): the
-    same AVX512_BF16 flag meant bf16 1.7x slower on an Intel Xeon and 1.79x faster on an AMD
-    Zen 4 (docs/benchmarks.md). Arguments default to this machine (the GPU list needs
-    TensorFlow)."""
-    if gpu_capabilities is None:
-        gpu_capabilities = gpu_compute_capabilities()
-    if gpu_capabilities:
-        oldest = min(gpu_capabilities)
-        cc = f"{oldest[0]}.{oldest[1]}"
-        if oldest >= (8, 0):
-            return "mixed_bfloat16", f"GPU compute capability {cc} >= 8.0: native bf16"
-        return "mixed_float16", f"GPU compute capability {cc} < 8.0: fp16 with loss scaling"
-    flags = cpu_info()[1] if cpu_flags is None else set(cpu_flags)
-    if cpu_choice is None:
-        from libml.precision_probe import cpu_precision
-        return cpu_precision(flags=flags)
-    return cpu_choice(flags)
-
 
 def gpu_compute_capabilities() -> List[Tuple[int, int]]:
     """Compute capability of each visible GPU ((0, 0) when TensorFlow does not say)."""

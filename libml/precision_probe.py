@@ -13,7 +13,7 @@ that cannot be written costs a note, never the run).
 
 CPUs without bf16 instructions (no AVX512_BF16 or AMX-BF16 on x86, no `bf16` feature on ARM)
 are not measured: bf16 is emulated there, 8x slower than float32 on an AVX2 EPYC. GPUs keep
-the rule of `libml.platform.auto_precision`.
+the rule of `auto_precision` (below).
 
 `cpu_precision()` -> (Keras dtype policy, the reason the start banner prints).
 """
@@ -24,7 +24,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from libml import platform
 
@@ -207,3 +207,26 @@ def cpu_precision(path: Optional[str] = None, key: Optional[dict] = None, flags=
     if measure_fn is None:
         _memo[memo_key] = (policy, reason)
     return policy, reason
+
+
+def auto_precision(cpu_flags: Optional[Iterable[str]] = None,
+                   gpu_capabilities: Optional[List[Tuple[int, int]]] = None,
+                   cpu_choice=None) -> Tuple[str, str]:
+    """(Keras dtype policy, reason) for --mixed_precision=auto.
+
+    GPUs (the oldest one decides): compute capability >= 8.0 -> mixed_bfloat16 (no loss scaling
+    needed), older -> mixed_float16 (SSLModel adds loss scaling). CPU only: measured, see
+    `cpu_choice(flags)`, default cpu_precision (below): the
+    same AVX512_BF16 flag meant bf16 1.7x slower on an Intel Xeon and 1.79x faster on an AMD
+    Zen 4 (docs/benchmarks.md). Arguments default to this machine (the GPU list needs
+    TensorFlow)."""
+    if gpu_capabilities is None:
+        gpu_capabilities = platform.gpu_compute_capabilities()
+    if gpu_capabilities:
+        oldest = min(gpu_capabilities)
+        cc = f"{oldest[0]}.{oldest[1]}"
+        if oldest >= (8, 0):
+            return "mixed_bfloat16", f"GPU compute capability {cc} >= 8.0: native bf16"
+        return "mixed_float16", f"GPU compute capability {cc} < 8.0: fp16 with loss scaling"
+    flags = platform.cpu_info()[1] if cpu_flags is None else set(cpu_flags)
+    return (cpu_choice or (lambda f: cpu_precision(flags=f)))(flags)

@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
+from libml import precision_probe
 from libml import cli, flops, gamma_auto, platform
 from libml.config import PRECISIONS
 from libml.errors import UserError
@@ -213,7 +214,7 @@ def load():
 
 def main(argv):
     del argv
-    precisions = [platform.auto_precision()[0] if p == "auto" else p for p in FLAGS.precisions]
+    precisions = [precision_probe.auto_precision()[0] if p == "auto" else p for p in FLAGS.precisions]
     for p in precisions:
         if p not in PRECISIONS:
             raise UserError(f"unknown precision {p!r}: use auto, {', '.join(PRECISIONS)}")
@@ -222,7 +223,7 @@ def main(argv):
                         f"MixMatch port (github.com/YU1ut/MixMatch-pytorch)")
     for line in platform.describe():
         print(line)
-    print(f"auto precision: {' -- '.join(platform.auto_precision())}; load average {load()}",
+    print(f"auto precision: {' -- '.join(precision_probe.auto_precision())}; load average {load()}",
           flush=True)
     rounds = measure(list(dict.fromkeys(precisions)))
     print_flops()

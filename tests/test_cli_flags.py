@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from libml import precision_probe
 from libml import config as train_config, platform, train
 from libml.errors import UserError
 from realmix_tf import registry
@@ -189,7 +190,7 @@ def test_main_trains_a_tiny_run_and_returns_stats(toy, tmp_path, capsys):
     assert stats["reports"] == 1 and 0 <= stats["last01"] <= 100
     banner = capsys.readouterr().err.splitlines()[:6]   # the start banner: its precision line
     line = next(l.strip() for l in banner if l.startswith("  precision "))
-    assert line.startswith(f"precision {platform.auto_precision()[0]} (--mixed_precision=auto: ")
+    assert line.startswith(f"precision {precision_probe.auto_precision()[0]} (--mixed_precision=auto: ")
     (run_dir,) = (tmp_path / toy.name).iterdir()
     assert run_dir.name.startswith("RealMix_") and "gamma0.5" in run_dir.name and "tsaexp" in run_dir.name
     assert (run_dir / "stats" / "accuracy.json").exists() and (run_dir / "tf" / "checkpoint").exists()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from libml import precision_probe
 from libml import cli
 from realmix_tf import vat as vat_ops
 from libml.errors import UserError
@@ -267,7 +268,7 @@ def test_vat_auto_precision_is_float32_even_where_auto_means_bf16(monkeypatch):
 
     from libml import platform
     from libml.config import TrainConfig
-    monkeypatch.setattr(platform, "auto_precision", lambda: ("mixed_bfloat16", "AMX (test)"))
+    monkeypatch.setattr(precision_probe, "auto_precision", lambda: ("mixed_bfloat16", "AMX (test)"))
     info = types.SimpleNamespace(nclass=NCLASS, shape=(SIZE, SIZE, 3))
     config = TrainConfig(mixed_precision="auto", filters=8, repeat=1)
     assert config.precision() == "mixed_bfloat16"

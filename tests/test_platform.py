@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from libml import precision_probe
 from libml import platform
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,7 +104,7 @@ def test_auto_precision_on_cpus_measures_where_bf16_exists(tmp_path, cpu, measur
     def timer():
         calls.append(1)
         return timings
-    policy, _ = platform.auto_precision(flags, [], lambda f: precision_probe.cpu_precision(
+    policy, _ = precision_probe.auto_precision(flags, [], lambda f: precision_probe.cpu_precision(
         path=str(tmp_path / "c.json"), key={"cpu": "x"}, flags=f, measure_fn=timer,
         say=lambda line: None))
     assert (policy, len(calls)) == (("mixed_bfloat16", 1) if measured else ("float32", 0))
@@ -118,7 +119,7 @@ def test_auto_precision_on_cpus_measures_where_bf16_exists(tmp_path, cpu, measur
 ])
 def test_auto_precision_on_gpus_ignores_the_cpu(tmp_path, caps, policy):
     flags = platform.cpu_info(write(tmp_path, AMD_AVX2))[1]
-    choice, reason = platform.auto_precision(cpu_flags=flags, gpu_capabilities=caps)
+    choice, reason = precision_probe.auto_precision(cpu_flags=flags, gpu_capabilities=caps)
     assert choice == policy
     assert "GPU compute capability" in reason
 
@@ -128,7 +129,7 @@ def test_auto_precision_float16_gets_loss_scaling():
     import keras
     from realmix_tf.supervised import Supervised
     model = Supervised(10, (8, 8, 3), filters=4, repeat=1,
-                       precision=platform.auto_precision([], [(7, 0)])[0])
+                       precision=precision_probe.auto_precision([], [(7, 0)])[0])
     assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
 
 
@@ -194,7 +195,7 @@ def test_trainer_default_precision_is_auto_and_asks_the_platform(monkeypatch):
     from libml.config import TrainConfig
     config = TrainConfig()
     assert config.mixed_precision == "auto"
-    monkeypatch.setattr(platform, "auto_precision", lambda: ("mixed_float16", "GPU cc 7.0"))
+    monkeypatch.setattr(precision_probe, "auto_precision", lambda: ("mixed_float16", "GPU cc 7.0"))
     assert config.precision() == "mixed_float16"
     assert config.precision_choice() == ("mixed_float16", "--mixed_precision=auto: GPU cc 7.0")
     assert TrainConfig(mixed_precision="none").precision_choice() == \

@@ -126,9 +126,9 @@ def test_auto_precision_measures_on_cpus_only():
     def cpu_choice(flags):
         calls.append(flags)
         return "mixed_bfloat16", "measured"
-    assert platform.auto_precision(BF16_CPU, [], cpu_choice) == ("mixed_bfloat16", "measured")
+    assert precision_probe.auto_precision(BF16_CPU, [], cpu_choice) == ("mixed_bfloat16", "measured")
     assert calls == [BF16_CPU]
-    assert platform.auto_precision(BF16_CPU, [(7, 0)], cpu_choice)[0] == "mixed_float16"
+    assert precision_probe.auto_precision(BF16_CPU, [(7, 0)], cpu_choice)[0] == "mixed_float16"
     assert len(calls) == 1
 
 
@@ -164,7 +164,7 @@ def test_resumed_auto_run_keeps_its_recorded_precision(toy, tmp_path, monkeypatc
     a new measurement): the run goes on in bf16, and the banner says why."""
     from tests.fixtures_train import run
     answer = {"policy": "mixed_bfloat16"}
-    monkeypatch.setattr(platform, "auto_precision", lambda: (answer["policy"], "injected"))
+    monkeypatch.setattr(precision_probe, "auto_precision", lambda: (answer["policy"], "injected"))
     first = run(tiny(toy, tmp_path), stop_after_steps=2)        # saved at 16 images, stopped
     assert first.model.precision == "mixed_bfloat16"
     answer["policy"] = "float32"

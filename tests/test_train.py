@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from libml import precision_probe
 from libml import checkpoint, config as train_config, export, platform, summaries, train
 from libml.errors import UserError
 from realmix_tf.realmix import RealMix
@@ -102,12 +103,12 @@ def test_run_folder_and_args_json(finished_run, toy):
     assert args["class_names"] == ["class0", "class1", "class2"]
     # --mixed_precision as given and the Keras policy it resolved to on this machine
     assert args["mixed_precision"] == "auto"
-    assert args["precision"] == trainer.model.precision == platform.auto_precision()[0]
+    assert args["precision"] == trainer.model.precision == precision_probe.auto_precision()[0]
 
 
 def test_start_line_names_the_precision_choice_and_the_machine(finished_run):
     trainer, _ = finished_run
-    policy, reason = platform.auto_precision()
+    policy, reason = precision_probe.auto_precision()
     line = trainer.start_line()
     assert line.startswith(f"precision {policy} (--mixed_precision=auto: {reason}); oneDNN ")
     assert platform.isa_line(platform.cpu_info()[1]) in line
