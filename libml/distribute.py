@@ -35,11 +35,10 @@ import time
 from typing import Callable, List, Optional
 
 from libml.errors import UserError
+from libml.replicas import GLOBAL, PER_REPLICA, REPLICA_MODES  # noqa: F401 (re-exported)
 
 DISTRIBUTE_CHOICES = ("auto", "none", "mirrored", "multiworker")
 COLLECTIVES = ("auto", "ring", "nccl")              # --collective (multi-worker all-reduces)
-GLOBAL, PER_REPLICA = "global", "per_replica"      # --replica_mode (libml/replicas.py)
-REPLICA_MODES = (GLOBAL, PER_REPLICA)
 CPU_DEVICES_ENV = "REALMIX_CPU_DEVICES"
 DEFAULT_WORKER_TIMEOUT = 300
 TF_CONFIG_HELP = ('set TF_CONFIG to {"cluster": {"worker": ["host0:port", "host1:port"]}, '

@@ -22,7 +22,9 @@ import numpy as np
 import tensorflow as tf
 
 from libml import layers
-from libml.distribute import GLOBAL, PER_REPLICA, REPLICA_MODES  # noqa: F401 (re-exported)
+
+GLOBAL, PER_REPLICA = "global", "per_replica"      # --replica_mode
+REPLICA_MODES = (GLOBAL, PER_REPLICA)
 
 
 def num_replicas() -> int:

@@ -77,9 +77,11 @@ class MixMatch(SSLModel):
         plan = replicas.MixPlan(x.shape[0], self.nu, self.replica_mode)
         views = tf.unstack(unlabeled["image"], axis=1)                  # NU x [B, H, W, C]
 
-        # 1. Label guessing (raw weights, batch statistics, moving stats untouched).
+        # 1. Label guessing (raw weights, batch statistics, moving stats untouched), and the
+        #    unlabeled images' OOD scores where the algorithm ranks by one (RealMix).
         guess = tf.stop_gradient(
             layers.guess_label(self.forward(views, update_first=False), self.temperature))
+        scores = self.unlabeled_scores(x, labels, views)
 
         # 2. MixUp over the concatenation of the labeled and all unlabeled views.
         inputs = tf.concat([x] + views, axis=0)
@@ -93,7 +95,7 @@ class MixMatch(SSLModel):
 
         # 4. Losses: the two hooks, the unlabeled one weighted by the ramped w_match.
         loss_xe, labeled_scalars = self.labeled_loss(logits_x, targets_x, step)
-        loss_l2u, unlabeled_scalars = self.unlabeled_loss(logits_u, targets_u)
+        loss_l2u, unlabeled_scalars = self.unlabeled_loss(logits_u, targets_u, scores)
         w_match = layers.unlabeled_weight(step, self.w_match, round(self.warmup_kimg * KIMG))
         loss = loss_xe + w_match * loss_l2u
 
@@ -125,8 +127,15 @@ class MixMatch(SSLModel):
         del step
         return replicas.mean(layers.soft_cross_entropy(targets_x, logits_x)), {}
 
-    def unlabeled_loss(self, logits_u, targets_u):
+    def unlabeled_scores(self, x, labels, views):
+        """Per unlabeled image [B], how in-distribution it looks (None: no score; RealMix's
+        --ood_score=prototype has one)."""
+        del x, labels, views
+        return None
+
+    def unlabeled_loss(self, logits_u, targets_u, scores=None):
         """Mean L2 between the mixed guesses and the predictions (over loss_nclass classes)."""
+        del scores
         loss = replicas.mean(layers.l2_consistency(targets_u, logits_u))
         if self.loss_nclass:
             loss = loss * (self.nclass / self.loss_nclass)

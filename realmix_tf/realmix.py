@@ -20,13 +20,16 @@ Command line:
 """
 import tensorflow as tf
 
-from libml import gamma_auto, layers, replicas
-from libml.config import KIMG, one_of
+import keras
+
+from libml import gamma_auto, layers, ood_score, replicas
+from libml.config import KIMG, decay, one_of
 from libml.errors import UserError
 from libml.ssl import TRAIN_KIMG, hparam
 from realmix_tf.mixmatch import MixMatch
 
 TSA_CHOICES = ("none", "linear", "log", "exp")
+OOD_SCORES = ("confidence", "prototype")
 
 
 def parse_tsa(tsa: str) -> str:
@@ -56,20 +59,36 @@ class RealMix(MixMatch):
         tsa_source=hparam("labels", "What the TSA threshold multiplies: labels (the paper's "
                           "rule) or logits (the released code's, spec §6.6).",
                           one_of(*layers.TSA_SOURCES)),
-        gamma=hparam("0", "OOD mask: fraction in [0, 1) of the least confident mixed unlabeled "
-                     "predictions left out of the unlabeled loss (0 = off), or auto: estimated "
-                     "from the data during training (docs/usage_gamma_auto.md).",
-                     check_gamma, gamma_auto.parse_gamma),
+        gamma=hparam("0", "OOD mask: fraction in [0, 1) of the unlabeled images ranked least "
+                     "in-distribution (by --ood_score) left out of the unlabeled loss (0 = off), "
+                     "or auto: estimated from the data during training "
+                     "(docs/usage_gamma_auto.md).", check_gamma, gamma_auto.parse_gamma),
+        ood_score=hparam("confidence", "What the OOD mask ranks by: confidence (the released "
+                         "code: the top probability of each mixed unlabeled prediction) or "
+                         "prototype (cosine similarity of the EMA model's features of the "
+                         "unmixed image to the nearest class prototype, a moving average of "
+                         "the labeled images' features; libml/ood_score.py).",
+                         one_of(*OOD_SCORES)),
+        prototype_momentum=hparam(0.99, "Moving-average momentum of the class prototypes "
+                                  "(--ood_score=prototype).", decay, float),
     )
     FLAG_ALIASES = {"percent_mask": "gamma"}      # the released code's name
 
     def __init__(self, nclass, input_shape, name="realmix", **kwargs):
         super().__init__(nclass, input_shape, name=name, **kwargs)
         self.gamma_state = gamma_auto.GammaState() if self.gamma == gamma_auto.AUTO else None
+        self.prototypes = None
+        if self.ood_score == "prototype":    # training state: in model.variables, checkpointed
+            dim = self.ema_net.classifier.kernel.shape[0]
+            self.prototypes = keras.Variable(tf.zeros([self.nclass, dim]), trainable=False,
+                                             name="ood_prototypes",
+                                             aggregation="only_first_replica")
 
     def hparams(self) -> dict:
+        score = {} if self.ood_score == "confidence" else dict(
+            ood_score=self.ood_score, prototype_momentum=self.prototype_momentum)
         return dict(super().hparams(), train_kimg=self.train_kimg, tsa=self.tsa,
-                    tsa_source=self.tsa_source, gamma=self.gamma)
+                    tsa_source=self.tsa_source, gamma=self.gamma, **score)
 
     def report_hooks(self, run_dir: str, writes: bool = True) -> list:
         """--gamma=auto: the hook that estimates the OOD share at each report."""
@@ -92,10 +111,29 @@ class RealMix(MixMatch):
         return loss, {"monitors/tsa_threshold": replicas.share(threshold),
                       "monitors/tsa_kept": replicas.mean(keep)}
 
-    def unlabeled_loss(self, logits_u, targets_u):
+    def unlabeled_scores(self, x, labels, views):
+        """--ood_score=prototype: the EMA model's pooled features of the labeled batch update
+        the class prototypes (global sums over replicas), and each unlabeled image's score is
+        the cosine of its features (view 0, unmixed) to the nearest prototype. None for
+        confidence (the mask then ranks the mixed predictions, as released)."""
+        if self.prototypes is None or (self.gamma_state is None and self.gamma <= 0):
+            return None      # no mask: nothing to rank
+        batch = x.shape[0]
+        features, _ = self.ema_net.features_and_logits(tf.concat([x, views[0]], axis=0))
+        features = tf.stop_gradient(tf.cast(features, tf.float32))
+        sums, counts = ood_score.class_sums(features[:batch], labels, self.nclass)
+        if replicas.synced(self.replica_mode):
+            sums, counts = replicas.all_sum(sums), replicas.all_sum(counts)
+        prototypes = ood_score.prototype_update_from_sums(self.prototypes, sums, counts,
+                                                          self.prototype_momentum)
+        self.prototypes.assign(prototypes)
+        return ood_score.prototype_score(features[batch:], prototypes)[0]
+
+    def unlabeled_loss(self, logits_u, targets_u, scores=None):
         """Algorithm 1, lines 23-24: with gamma > 0, the mean L2 over the rows whose confidence
-        is above the per-batch gamma-percentile (spec §6.7); --gamma=auto reads gamma from
-        its variable (0 until the estimate is trusted)."""
+        (or, with --ood_score=prototype, whose image's score) is above the per-batch
+        gamma-percentile (spec §6.7); --gamma=auto reads gamma from its variable (0 until the
+        estimate is trusted)."""
         gamma = self.gamma if self.gamma_state is None else tf.convert_to_tensor(self.gamma_state.gamma)
         if self.gamma_state is None and self.gamma <= 0:
             loss, _ = super().unlabeled_loss(logits_u, targets_u)
@@ -103,8 +141,12 @@ class RealMix(MixMatch):
                           "monitors/mask_threshold": replicas.share(0.0)}
         sq_err = layers.l2_consistency(targets_u, logits_u)
         # The percentile over the predictions of every replica (of this one: per_replica).
-        keep, threshold = replicas.percentile_mask(tf.nn.softmax(logits_u), gamma,
-                                                   self.replica_mode)
+        if scores is None:      # the released ranking: each mixed prediction's confidence
+            keep, threshold = replicas.percentile_mask(tf.nn.softmax(logits_u), gamma,
+                                                       self.replica_mode)
+        else:                   # one score per image: its rows in every view [view 0; view 1]
+            keep, threshold = replicas.percentile_mask(scores[:, None], gamma, self.replica_mode)
+            keep = tf.tile(keep, [self.nu])
         loss = replicas.masked_mean(tf.reduce_sum(sq_err, axis=-1), keep, self.replica_mode,
                                     scale=self.loss_nclass or self.nclass)   # masked_l2_mean's
         return loss, {"monitors/mask_ratio": replicas.mean(keep),
