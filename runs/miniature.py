@@ -49,7 +49,8 @@ from runs.experiments import (CIFAR, MISMATCH_GAMMA, MT_CIFAR, PI_CIFAR, RELEASE
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("experiments", ["sizes", "mismatch", "ablation"], "Experiments to run: sizes, "
-                  "mismatch, ablation, gamma_auto (not run by default).", flag_values=FLAGS)
+                  "mismatch, ablation, gamma_auto, ood_score (the last two not run by default).",
+                  flag_values=FLAGS)
 flags.DEFINE_list("methods", ["Supervised", "PiModel", "VAT", "MeanTeacher", "MixMatch", "RealMix"],
                   "Methods to "
                   "run (the ablation is RealMix only).", flag_values=FLAGS)
@@ -85,13 +86,19 @@ flags.DEFINE_string("output", "docs/miniature", "Folder of results.md, results.j
                     "plots.", flag_values=FLAGS)
 flags.DEFINE_bool("data_autotune", True, "Passed to every run (--nodata_autotune: fixed tf.data "
                   "parallelism, for a busy shared CPU; no effect on the results).", flag_values=FLAGS)
+flags.DEFINE_list("levels", ["0", "25", "50", "75", "100"], "Mismatch levels of the ood_score "
+                  "experiment.", flag_values=FLAGS)
 flags.DEFINE_bool("quick", False, "Tiny settings for a smoke test: the first seed and label "
                   "count only, train_kimg 0.25, 2 reports, filters 8, batch 32, Extend 2 copies.",
                   flag_values=FLAGS)
 
-EXPERIMENTS = ("sizes", "mismatch", "ablation", "gamma_auto")
+EXPERIMENTS = ("sizes", "mismatch", "ablation", "gamma_auto", "ood_score")
 DEFAULT_EXPERIMENTS = EXPERIMENTS[:3]
 AUTO_ROWS = (("auto", "RealMix (γ = auto)"), ("hand", "RealMix (γ per level)"), (0.0, "RealMix (γ = 0)"))
+SCORE_ROWS = (("prototype", "hand", "RealMix, prototype mask (γ per level)"),
+              ("prototype", "auto", "RealMix, prototype mask (γ = auto)"),
+              ("confidence", "hand", "RealMix, confidence mask (γ per level)"),
+              ("confidence", 0.0, "RealMix (no mask)"))
 METHODS = ("Supervised", "PiModel", "VAT", "MeanTeacher", "MixMatch", "RealMix")   # registry names
 LEVELS = tuple(MISMATCH_GAMMA)
 ABLATION_GAMMAS = ((0.6, "RealMix (γ = 0.6)"), (0.3, "RealMix (γ = 0.3)"), (0.0, "RealMix w/o OOD mask"))
@@ -117,6 +124,10 @@ PAPER = {   # CIFAR-10 error % of the paper (runs/experiments.py), for the patte
         + f"; supervised {_paper(1, 'Supervised (labeled only)', ['all levels'])}",
     "gamma_auto": "Table 1 (0/25/50/75/100 %), RealMix with γ chosen by hand per level: "
                   f"{_paper(1, 'RealMix', PCTS)} (no paper estimates γ from the data)",
+    "ood_score": "Table 1 (0/25/50/75/100 %), RealMix with its confidence mask: "
+                 f"{_paper(1, 'RealMix', PCTS)}; no mask at 75 %: "
+                 f"{_paper(6, 'RealMix w/o OODMask', ['75% mismatch'])} (the paper has no "
+                 "feature-space mask)",
 }
 
 
@@ -139,6 +150,7 @@ class Settings:
     extend_aug: str = "erase"
     mixed_precision: str = "auto"
     data_autotune: bool = True
+    levels: Tuple[int, ...] = LEVELS       # of the ood_score experiment
 
     @property
     def report_kimg(self) -> float:
@@ -264,6 +276,15 @@ def build_cells(s: Settings) -> List[Cell]:
                     cells.append(Cell("gamma_auto", label, f"{level}%", seed,
                                       make_run("RealMix", mismatch_name(level, seed, s), seed, s,
                                                gamma=g, **_values(RELEASED_LOSS_SCALE))))
+        if "ood_score" in s.experiments and "RealMix" in s.methods:
+            # What the mask ranks by (issue 21): prototype vs confidence vs no mask, per level.
+            for score, gamma, label in SCORE_ROWS:
+                for level in s.levels:
+                    g = MISMATCH_GAMMA[level] if gamma == "hand" else gamma
+                    extra = {} if score == "confidence" else dict(ood_score=score)
+                    cells.append(Cell("ood_score", label, f"{level}%", seed,
+                                      make_run("RealMix", mismatch_name(level, seed, s), seed, s,
+                                               gamma=g, **extra, **_values(RELEASED_LOSS_SCALE))))
     return cells
 
 
@@ -447,6 +468,7 @@ TITLES = {
     "mismatch": "Distribution mismatch: digits 0-5 labeled, error % (paper Table 1 / Fig. 2 pattern)",
     "ablation": "OOD-mask ablation at 75 % mismatch, error % (paper Table 6 pattern)",
     "gamma_auto": "γ from the data (--gamma=auto) vs γ by hand vs no mask, error %",
+    "ood_score": "What the OOD mask ranks by: prototype vs confidence vs no mask, error %",
 }
 
 
@@ -590,6 +612,13 @@ def settings_from_flags(fv) -> Settings:
                         f"and 1 <= median_last <= reports")
     if not 0 <= fv.warmup_fraction <= 1:
         raise UserError(f"--warmup_fraction={fv.warmup_fraction}: use a fraction in [0, 1]")
+    try:
+        levels = tuple(int(x) for x in fv.levels)
+    except ValueError:
+        levels = ()
+    if not levels or any(x not in LEVELS for x in levels):
+        raise UserError(f"--levels={','.join(fv.levels)}: use mismatch levels among "
+                        f"{', '.join(map(str, LEVELS))}")
     from libml.config import positive       # imports TensorFlow: after the checks above
     positive("train_kimg", fv.train_kimg)
     values = dict(seeds=seeds, sizes=sizes, methods=tuple(fv.methods),
@@ -598,7 +627,8 @@ def settings_from_flags(fv) -> Settings:
                   train_kimg=fv.train_kimg, reports=fv.reports, median_last=fv.median_last,
                   warmup_fraction=fv.warmup_fraction, filters=fv.filters, repeat=fv.repeat,
                   batch=fv.batch, extend=fv.extend, extend_aug=fv.extend_aug,
-                  mixed_precision=fv.mixed_precision, data_autotune=fv.data_autotune)
+                  mixed_precision=fv.mixed_precision, data_autotune=fv.data_autotune,
+                  levels=levels)
     if fv.quick:
         values.update(QUICK, seeds=seeds[:1], sizes=sizes[:1])
     s = Settings(**values)
