@@ -72,7 +72,7 @@ def shard_bytes(files):
 def run(root, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("parallel", 2)
-    return extend.extend_unlabeled(kw.pop("dataset", DATASET), str(root), **kw)
+    return extend_unlabeled.extend_unlabeled(kw.pop("dataset", DATASET), str(root), **kw)
 
 
 # ------------------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
     write_split(cut_root)
     expected = shard_bytes(run(full_root, copies=4, aug="erase", seed=2))
 
-    finish = extend._finish_shard
+    finish = extend_unlabeled._finish_shard
     calls = []
 
     def finish_then_die(tmp, path):
@@ -250,10 +250,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, monkeypat
             raise KeyboardInterrupt   # as if killed while renaming the second shard
         finish(tmp, path)
 
-    monkeypatch.setattr(extend, "_finish_shard", finish_then_die)
+    monkeypatch.setattr(extend_unlabeled, "_finish_shard", finish_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(cut_root, copies=4, aug="erase", seed=2)
-    monkeypatch.setattr(extend, "_finish_shard", finish)
+    monkeypatch.setattr(extend_unlabeled, "_finish_shard", finish)
     folder = names.extend_dir(DATASET, str(cut_root), 4, "erase", 2)
     assert sorted(os.listdir(folder)) == ["plan.json", "shard-00000-of-00004.tfrecord"]
     with pytest.raises(UserError, match="incomplete extension .*extend_unlabeled --dataset=toy.1@10-20"):

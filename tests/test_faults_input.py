@@ -350,15 +350,15 @@ def test_extend_unlabeled_negative_parallel_is_one_line(tmp_path):
 
 
 def test_extend_unlabeled_on_a_full_then_a_read_only_disk(small_disk, monkeypatch):
-    from libml import extend
+    from data_prep import extend_unlabeled
     from tests.fixtures_data import make_ssl_dataset
     toy = make_ssl_dataset(os.path.join(small_disk.path, "data"), nlabeled=16, nunlabeled=48,
                            nvalid=8, ntest=16, size=8)
     dataset = toy.name
     small_disk.fill(leave_bytes=60_000)
-    monkeypatch.setattr(extend, "_check_disk", lambda *a, **k: None)   # the disk fills meanwhile
+    monkeypatch.setattr(extend_unlabeled, "_check_disk", lambda *a, **k: None)   # the disk fills meanwhile
     with pytest.raises(UserError) as e:
-        extend.extend_unlabeled(dataset, toy.root, copies=50, aug="erase", seed=0, progress=False)
+        extend_unlabeled.extend_unlabeled(dataset, toy.root, copies=50, aug="erase", seed=0, progress=False)
     assert str(e.value).startswith("no space left on the disk of ") and "\n" not in str(e.value)
     assert "complete shards are kept" in str(e.value)
     folder = os.path.join(toy.root, "SSL", "extend", dataset, "erase50-seed0")
@@ -367,7 +367,7 @@ def test_extend_unlabeled_on_a_full_then_a_read_only_disk(small_disk, monkeypatc
     os.remove(os.path.join(small_disk.path, "filler"))
     small_disk.read_only()
     with pytest.raises(UserError, match=r"cannot write the extension to .* \(read-only file system\)"):
-        extend.extend_unlabeled(dataset, toy.root, copies=50, aug="erase", seed=1, progress=False)
+        extend_unlabeled.extend_unlabeled(dataset, toy.root, copies=50, aug="erase", seed=1, progress=False)
     assert sorted(f for f in os.listdir(folder) if f.startswith("shard-")) == kept
 
 

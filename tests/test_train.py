@@ -305,10 +305,11 @@ def test_transfer_from_another_architecture_is_a_user_error(finished_run, toy4, 
 
 
 def test_corrupt_streamed_record_mid_training_names_the_file(tmp_path, monkeypatch):
+    from data_prep import extend_unlabeled
     from libml import data as data_module, extend
     monkeypatch.setattr(data_module, "CACHE_MAX_DECODED_BYTES", 0)    # stream, as large sets are
     data = make_ssl_dataset(tmp_path / "data", nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
-    extend.extend_unlabeled(data.name, data.root, copies=2, aug="none", seed=0, progress=False,
+    extend_unlabeled.extend_unlabeled(data.name, data.root, copies=2, aug="none", seed=0, progress=False,
                             parallel=1)
     shards = extend.extended_unlabeled_files(data.name, data.root, 2, "none", 0)
     trainer = make_trainer(tiny_config(data, tmp_path / "runs", extend=2, extend_aug="none"))
