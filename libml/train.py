@@ -28,24 +28,22 @@ from typing import Callable, Dict, List, Optional
 
 import tensorflow as tf
 
-from libml import console
+from libml import console, run_modes
 from libml import distribute as devices
-from libml.checkpoint import (READ_ERRORS, make_checkpoint, model_variables, read_model,
-                              read_training_state, resolve_checkpoint)
+from libml.checkpoint import (READ_ERRORS, make_checkpoint, model_variables,
+                              read_training_state)
 from libml.checkpoint_files import latest_checkpoint
 from libml.config import KIMG, TrainConfig
 from libml.errors import UserError, first_line
 from libml.evaluate import SETS as EVAL_SETS, Evaluator
 from libml.export import export_model, join_export, transfer_weights
 from libml.finite import FirstNonFinite, all_finite, loss_values
-from libml.io import write_json
 from libml.platform import cpu_info, isa_line, onednn_enabled
 from libml.runfolder import RunFolder, recorded_precision
-from libml.runlock import RunLock
 from libml.storage import disk_errors
 from libml.worker_folder import WorkerFolder, follow_chief
-from libml.summaries import (HISTORY_FILE, STATS_FILE, accuracy_stats, finite_or_none,
-                             read_history, write_histogram, write_scalar)
+from libml.reports import Reports
+from libml.summaries import accuracy_stats
 
 
 def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
@@ -116,12 +114,8 @@ class Trainer:
         self.evaluator = Evaluator(self.strategy, self.model, self._eval_sets, self.info.nclass)
         self._train_fn = None
         self._nonfinite = FirstNonFinite()      # the step whose loss first went non-finite
-        self._bar = console.RunProgress(0, 0, 1, enabled=False)   # the run's bar, set by train()
-        self.history: List[dict] = []
-        # The algorithm's report hooks (RealMix's --gamma=auto): load_history(step) on resume,
-        # report(trainer, step, kept, accuracy) -> a line to print, at each report. Only the
-        # chief writes.
-        self.hooks = self.model.report_hooks(self.run_dir, writes=self.role.is_chief)
+        self.bar = console.RunProgress(0, 0, 1, enabled=False)   # the run's bar, set by train()
+        self.reports = Reports(self)       # evaluations, summaries, the algorithm's hooks
 
     # -- construction -------------------------------------------------------------------------
     def _build_model(self, make_model: Callable):
@@ -176,9 +170,9 @@ class Trainer:
     # -- entry point --------------------------------------------------------------------------
     def run(self) -> dict:
         if self.config.eval_ckpt:
-            return self.evaluate_checkpoint(self.config.eval_ckpt)
+            return run_modes.evaluate_checkpoint(self, self.config.eval_ckpt)
         if self.config.export_only:
-            return self.export_latest()
+            return run_modes.export_latest(self)
         return self.train()
 
     # -- training -----------------------------------------------------------------------------
@@ -221,7 +215,7 @@ class Trainer:
 
     def _train_loop(self, folder: RunFolder, ckpt, start: str) -> dict:
         c = self.config
-        self._load_history(int(self.model.step.numpy()))
+        self.reports.load_history(int(self.model.step.numpy()))
         writer = (tf.summary.create_file_writer(self.tf_dir) if self.role.is_chief
                   else tf.summary.create_noop_writer())
         step = int(self.model.step.numpy())
@@ -230,14 +224,14 @@ class Trainer:
             print(f"{self.run_dir}: already trained to {step / KIMG:g} kimg", file=sys.stderr)
         else:
             self._print_banner(start, step)
-        self._bar = console.RunProgress(step, c.train_nimg, c.report_nimg, c.progress, self.algorithm)
-        with self._bar:
+        self.bar = console.RunProgress(step, c.train_nimg, c.report_nimg, c.progress, self.algorithm)
+        with self.bar:
             while step < c.train_nimg:
                 end = min((step // c.report_nimg + 1) * c.report_nimg, c.train_nimg)
                 sums, step = self._train_period(step, end, folder, ckpt)
                 folder.check_loss(self._nonfinite.value())     # no report of a diverged period
                 with self._reading_data():
-                    self._report(writer, step, sums)
+                    self.reports.report(writer, step, sums)
                 if (step - c.batch) // c.save_nimg < step // c.save_nimg or step >= c.train_nimg:
                     self._save(folder, ckpt, step)
         writer.close()
@@ -246,7 +240,7 @@ class Trainer:
                 join_export(self.model, self.info)
             else:
                 with disk_errors(self.export_dir, what="the export"):
-                    export_model(self.model, self.info, self.export_dir, self._export_meta())
+                    export_model(self.model, self.info, self.export_dir, run_modes.export_meta(self))
         stats = accuracy_stats(self.history)
         if stats.get("reports"):
             window = min(20, stats["reports"])
@@ -290,7 +284,7 @@ class Trainer:
             if new_step < end and new_step // c.save_nimg > step // c.save_nimg:
                 self._save(folder, ckpt, new_step)
             step = new_step
-            self._bar.update(c.batch)
+            self.bar.update(c.batch)
         step = int(self.model.step.numpy())    # the model's own count (global batch per step)
         elapsed = time.perf_counter() - start
         means = {k: float(v.numpy()) / count for k, v in sums.items()}
@@ -347,7 +341,7 @@ class Trainer:
                     jit_compile=c.jit_compile, load_checkpoint=c.load_checkpoint,
                     image_shape=list(self.info.shape), class_names=list(self.info.class_names))
 
-    # -- evaluation and reporting -------------------------------------------------------------
+    # -- evaluation (the reports: libml/reports.py; --eval_ckpt, --export_only: libml/run_modes.py)
     def _eval_sets(self) -> dict:
         b, d = self.config.eval_batch, self.data
         return {"train_labeled": self.distribute(d.eval_labeled(b)),
@@ -357,85 +351,7 @@ class Trainer:
         """libml.evaluate.Evaluator.evaluate on this run's evaluation sets."""
         return self.evaluator.evaluate(ema, sets, keep)
 
-    def _report(self, writer, step: int, means: dict) -> None:
-        accuracy, kept = self.evaluate(ema=True, keep=("valid", "train_labeled"))
-        confidence = kept["valid"]["probs"].max(axis=1) if len(kept["valid"]["probs"]) else None
-        kimg = step / KIMG
-        with writer.as_default(step=step):
-            write_scalar("accuracy/train_labeled", accuracy["train_labeled"])
-            write_scalar("accuracy/valid", accuracy["valid"])
-            write_scalar("accuracy", accuracy["test"])
-            for key, value in means.items():
-                write_scalar(key, value)
-            write_scalar("monitors/lr", self.config.lr)
-            write_scalar("monitors/kimg", kimg)
-            if confidence is not None:
-                write_histogram("monitors/unlabeled_confidence", confidence)
-            lines = [hook.report(self, step, kept, accuracy) for hook in self.hooks]
-        writer.flush()
-        self.history = [h for h in self.history if h["step"] < step]
-        self.history.append(dict(step=step, kimg=kimg, **{k: finite_or_none(v) for k, v in accuracy.items()}))
-        if not self.role.is_chief:
-            return
-        write_json(os.path.join(self.run_dir, HISTORY_FILE), self.history, overwrite=True)
-        write_json(os.path.join(self.run_dir, STATS_FILE), accuracy_stats(self.history), overwrite=True)
-        self._bar.write(f"kimg {kimg:<8g} accuracy train/valid/test  {accuracy['train_labeled']:.2f}  "
-                        f"{accuracy['valid']:.2f}  {accuracy['test']:.2f}   "
-                        f"{means.get('monitors/img_per_sec', 0):.0f} img/s")
-        self._bar.report(step, accuracy["test"])
-        for line in filter(None, lines):
-            self._bar.write(line)
-
-    def _load_history(self, step: int) -> None:
-        """Report history up to the restored step (reports after it will be redone)."""
-        self.history = [h for h in read_history(self.run_dir) if h["step"] <= step]
-        for hook in self.hooks:
-            hook.load_history(step)
-
-    # -- evaluation only / export -------------------------------------------------------------
-    def evaluate_checkpoint(self, path: str) -> dict:
-        """--eval_ckpt: raw and EMA accuracy on valid and test, printed and written to JSON
-        (`{run}/stats/eval-{checkpoint}.json` beside the checkpoint's run)."""
-        prefix = resolve_checkpoint(path)
-        read_model(self.model, prefix)
-        result = dict(checkpoint=prefix, step=int(self.model.step.numpy()),
-                      kimg=int(self.model.step.numpy()) / KIMG)
-        for ema, label in ((False, "raw"), (True, "ema")):
-            accuracy, _ = self.evaluate(ema=ema, sets=("valid", "test"))
-            result[label] = {k: finite_or_none(v) for k, v in accuracy.items()}
-        print(f"{'':8s} {'valid':>8s} {'test':>8s}")
-        for label in ("raw", "ema"):
-            r = result[label]
-            print(f"{label:8s} {_pct(r['valid']):>8s} {_pct(r['test']):>8s}")
-        run_dir = os.path.dirname(os.path.dirname(prefix))
-        out = os.path.join(run_dir, "stats", f"eval-{os.path.basename(prefix)}.json")
-        if self.role.is_chief:
-            write_json(out, result, overwrite=True)
-        print(f"wrote {out}")
-        result["output"] = out
-        return result
-
-    def export_latest(self) -> dict:
-        """--export_only: exports the newest checkpoint of this run (holding the run's lock)."""
-        prefix = latest_checkpoint(self.tf_dir)
-        if not prefix:
-            raise UserError(f"{self.run_dir} has no complete checkpoint to export: train first "
-                            f"(the same command without --export_only)")
-        if not self.role.is_chief:         # the reads (collectives) only, nothing written
-            read_model(self.model, prefix)
-            join_export(self.model, self.info)
-            return {}
-        with RunLock(self.run_dir):
-            read_model(self.model, prefix)
-            with disk_errors(self.export_dir, what="the export"):
-                paths = export_model(self.model, self.info, self.export_dir, self._export_meta())
-        print(f"exported {prefix} to {self.export_dir}")
-        return paths
-
-    def _export_meta(self) -> dict:
-        return dict(dataset=self.config.dataset, algorithm=self.algorithm,
-                    step=int(self.model.step.numpy()), hparams=self.hparams)
-
-
-def _pct(value) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
+    @property
+    def history(self) -> List[dict]:
+        """The run's reports so far (libml/reports.py)."""
+        return self.reports.history

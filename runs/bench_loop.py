@@ -65,11 +65,11 @@ def main(_):
     means, step = trainer._train_period(step, step + FLAGS.steps * FLAGS.batch, folder, ckpt)
     loop_time = (time.perf_counter() - start) / FLAGS.steps
 
-    trainer._report(writer, step, means)                     # first report traces the eval
+    trainer.reports.report(writer, step, means)                     # first report traces the eval
     reports = []
     for _ in range(2):
         start = time.perf_counter()
-        trainer._report(writer, step, means)
+        trainer.reports.report(writer, step, means)
         reports.append(time.perf_counter() - start)
     report_time = min(reports)
     saves = []
