@@ -85,8 +85,9 @@ class RealMix(MixMatch):
                                              aggregation="only_first_replica")
 
     def hparams(self) -> dict:
-        score = {} if self.ood_score == "confidence" else dict(
-            ood_score=self.ood_score, prototype_momentum=self.prototype_momentum)
+        score = {} if self.ood_score == "confidence" else dict(ood_score=self.ood_score)
+        if self.prototype_momentum != self.HPARAMS["prototype_momentum"].default:
+            score["prototype_momentum"] = self.prototype_momentum   # names stay < 255 bytes
         return dict(super().hparams(), train_kimg=self.train_kimg, tsa=self.tsa,
                     tsa_source=self.tsa_source, gamma=self.gamma, **score)
 
