@@ -20,6 +20,7 @@ input is split over its replicas. With several workers, only the chief writes th
 the others write their (required) saves to a temporary folder (`WorkerRole`).
 """
 import contextlib
+import hashlib
 import dataclasses
 import os
 import sys
@@ -54,9 +55,19 @@ def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
                                  config.worker_timeout, config.collective)
 
 
+MAX_NAME_BYTES = 255
+
+
 def run_folder_name(algorithm: str, hparams: dict) -> str:
-    """libml's `{Algorithm}_{key}{value}_...` with keys sorted (spec §9)."""
-    return "_".join([algorithm] + [f"{k}{_fmt(v)}" for k, v in sorted(hparams.items())])
+    """libml's `{Algorithm}_{key}{value}_...` with keys sorted (spec §9); a name over 255 bytes
+    (many hyper-parameters) keeps its first bytes and ends with a digest of the whole name
+    (args/args.json records every value)."""
+    name = "_".join([algorithm] + [f"{k}{_fmt(v)}" for k, v in sorted(hparams.items())])
+    if len(name.encode()) > MAX_NAME_BYTES:   # file systems refuse longer names: a stable digest
+        digest = hashlib.sha1(name.encode()).hexdigest()[:16]
+        name = name.encode()[:MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore")
+        name = f"{name}_{digest}"
+    return name
 
 
 def _fmt(value) -> str:

@@ -16,7 +16,7 @@ from tests.two_devices import run_script
 # summation orders, as test_pi_vat explains): every registered algorithm is built from the
 # registry.
 TEST_HPARAMS = dict(warmup_kimg=0, w_match=10.0, gamma=0.5, tsa="linear", train_kimg=0.0625,
-                    warmup_pos=0.5, vat_xi=1e-2)
+                    warmup_pos=0.5, vat_xi=1e-1)
 # Settings of a registered algorithm that change its step, checked too.
 VARIANTS = {"realmix_prototype": ("realmix", dict(ood_score="prototype"))}
 
@@ -121,7 +121,9 @@ def test_two_replicas_equal_one_device_on_the_global_batch(results, algorithm):
     for s1, s2 in zip(one["scalars"], two["scalars"]):
         assert set(s1) == set(s2)
         for tag in s1:
-            assert s2[tag] == pytest.approx(s1[tag], rel=1e-5, abs=1e-6), tag
+            # VAT's power iteration divides float32 rounding by xi: its loss agrees to 1e-4.
+            rel = 1e-4 if tag == "losses/vat" else 1e-5
+            assert s2[tag] == pytest.approx(s1[tag], rel=rel, abs=1e-6), tag
     for g1, g2 in zip(one["grads"], two["grads"]):          # summed over the 2 replicas
         for name, a, c in zip(names, g1, g2):
             a, c = np.asarray(a), np.asarray(c)

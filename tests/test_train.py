@@ -119,6 +119,16 @@ def test_run_folder_name_sorts_hyperparameters():
         "RealMix_beta0.75_tsanone_wd0.02"
 
 
+def test_run_folder_name_over_255_bytes_ends_with_a_digest():
+    long = {f"setting{i:02d}": 0.123456 for i in range(30)}
+    name = train.run_folder_name("RealMix", long)
+    assert len(name.encode()) == 255 and name.startswith("RealMix_setting00")
+    assert name == train.run_folder_name("RealMix", dict(long))          # stable
+    assert name != train.run_folder_name("RealMix", dict(long, setting29=0.5))
+    short = train.run_folder_name("RealMix", {"gamma": 0.6})
+    assert short == "RealMix_gamma0.6"                                    # unchanged below it
+
+
 def test_run_folder_name_rounds_long_floats_and_keeps_libml_forms():
     name = train.run_folder_name("RealMix", {"ema": 1 - 10 / 384, "w_match": 75.0, "lr": 0.002,
                                              "train_kimg": 0.03125})
