@@ -102,8 +102,8 @@ class GammaAutoHook:
         and 'train_labeled' ({"features", "labels", ...}, Trainer.evaluate); accuracy: the
         trainer's, in %.
 
-        Estimate: ood_share.estimate_from_features (the score `self.score`, the labeled
-        reference calibrated against the labeled validation images, split-reference BBE
+        Estimate: ood_share.reference_scores and estimate_scores with the score `self.score`
+        and the module's defaults (ood_share.CALIBRATE, ood_share.SPLIT; the split BBE is
         seeded with the step: a resumed run redoes a report exactly). Trust: the accuracy of
         the trust set; with fewer than MIN_REFERENCE labeled validation images, the lower of
         the labeled images' accuracy and their leave-one-out nearest-prototype accuracy in
@@ -125,7 +125,7 @@ class GammaAutoHook:
                                                 valid["features"], valid_labels, self.nclass, self.score)
             n_reference, ref_name, shift = len(scores.reference), scores.name, scores.shift
             if n_reference >= 5:
-                raw = ood_share.estimate_share_split(scores.reference, scores.scores, seed=step).share
+                raw = ood_share.estimate_scores(scores, seed=step).share
         self.state.load(self.auto)
         gamma = self.auto.update(raw, ref_accuracy if np.isfinite(ref_accuracy) else 0.0)
         self.state.store(self.auto)

@@ -45,6 +45,12 @@ MIN_CALIBRATION = 20    # labeled validation images needed to calibrate the labe
 SPLIT_REPEATS = 4       # random halvings of the reference in estimate_share_split
 SCORE_KINDS = ("prototype", "knn")
 DEFAULT_SCORE = "prototype"
+# The estimate's defaults, from the measurements in docs/usage_gamma_auto.md: on the
+# miniature's trained models the labeled validation images (never trained on) score *lower*
+# than the consistency-trained unlabeled inliers, so calibrating on them and the split BBE
+# (which removes an upward bias) both made the estimate err lower; both stay available.
+CALIBRATE = False
+SPLIT = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,12 +316,12 @@ class FeatureScores:
 
 def reference_scores(labeled_features, labeled_labels, unlabeled_features, valid_features=None,
                      valid_labels=None, nclass: Optional[int] = None,
-                     kind: str = DEFAULT_SCORE) -> FeatureScores:
+                     kind: str = DEFAULT_SCORE, calibrate_labeled: bool = CALIBRATE) -> FeatureScores:
     """The scores --gamma=auto estimates from. kind "prototype": cosine similarity to the
     nearest class prototype of the labeled images (leave one out for the labeled images
     themselves); "knn": to the nearest labeled image (bank_rows; leave one out). Reference:
-    the labeled images' scores, calibrated against the labeled validation images' (`calibrate`),
-    then the validation images' own. valid_labels: only rows >= 0 are used (the others may be
+    the labeled images' scores (with calibrate_labeled, shifted to the labeled validation
+    images' median, `calibrate`), then the validation images' own. valid_labels: only rows >= 0 are used (the others may be
     outliers); None = all rows are in distribution."""
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown feature score {kind!r}: use one of {', '.join(SCORE_KINDS)}")
@@ -335,7 +341,7 @@ def reference_scores(labeled_features, labeled_labels, unlabeled_features, valid
         loo = knn_similarity(bank, bank, leave_one_out=True)
         score_of = lambda f: knn_similarity(f, bank)
     valid_scores = score_of(valid) if len(valid) else np.zeros(0)
-    loo, shift = calibrate(loo, valid_scores)
+    loo, shift = calibrate(loo, valid_scores) if calibrate_labeled else (loo, 0.0)
     return FeatureScores(reference=np.concatenate([loo, valid_scores]),
                          scores=score_of(unlabeled_features),
                          name="labeled+valid" if len(valid) else "labeled", kind=kind, shift=shift,
@@ -344,12 +350,22 @@ def reference_scores(labeled_features, labeled_labels, unlabeled_features, valid
 
 def estimate_from_features(labeled_features, labeled_labels, unlabeled_features,
                            valid_features=None, valid_labels=None, nclass: Optional[int] = None,
-                           kind: str = DEFAULT_SCORE, seed: int = 0):
+                           kind: str = DEFAULT_SCORE, seed: int = 0, calibrate_labeled: bool = CALIBRATE,
+                           split: bool = SPLIT):
     """(ShareEstimate, FeatureScores): the out-of-distribution share of the unlabeled images,
-    as --gamma=auto estimates it at a report (reference_scores, then estimate_share_split)."""
+    as --gamma=auto estimates it at a report (reference_scores, then estimate_share_split
+    seeded with `seed` when split, else estimate_share)."""
     scores = reference_scores(labeled_features, labeled_labels, unlabeled_features,
-                              valid_features, valid_labels, nclass, kind)
-    return estimate_share_split(scores.reference, scores.scores, seed=seed), scores
+                              valid_features, valid_labels, nclass, kind, calibrate_labeled)
+    return estimate_scores(scores, seed, split), scores
+
+
+def estimate_scores(scores: FeatureScores, seed: int = 0, split: bool = SPLIT) -> ShareEstimate:
+    """The share estimate of reference_scores' output: estimate_share_split (seeded) or
+    estimate_share. Needs at least 5 reference scores (ValueError)."""
+    if split:
+        return estimate_share_split(scores.reference, scores.scores, seed=seed)
+    return estimate_share(scores.reference, scores.scores)
 
 
 # ---------------------------------------------------------------------------------------------

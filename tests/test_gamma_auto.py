@@ -156,17 +156,15 @@ def test_hook_estimates_the_window_share_from_features(tmp_path):
     hook.auto.trusted = True
     hook.state.store(hook.auto)
     record = hook.report(512, window, kept, dict(valid=90.0, train_labeled=100.0))
-    # the prototype score, the labeled reference calibrated on the 40 labeled validation
-    # images, split-reference BBE seeded with the step
+    # the prototype score, the labeled reference and the 40 labeled validation images
     scores = ood_share.reference_scores(kept["train_labeled"]["features"], kept["train_labeled"]["labels"],
                                         window, kept["valid"]["features"][:40], nclass=3)
     assert scores.name == "labeled+valid" and record["reference"] == scores.name
     assert record["n_reference"] == 100 and record["score"] == "prototype"
-    assert record["calibration_shift"] == pytest.approx(scores.shift) and scores.shift != 0
+    assert record["calibration_shift"] == scores.shift == 0.0
     assert record["trust_set"] == "valid" and record["reference_accuracy"] == 0.9
     assert record["feature_accuracy"] is None
-    assert record["ood_share_raw"] == ood_share.estimate_share_split(scores.reference, scores.scores,
-                                                                     seed=512).share
+    assert record["ood_share_raw"] == ood_share.estimate_scores(scores, seed=512).share
     assert record["ood_share_raw"] == pytest.approx(0.4, abs=0.1)
     assert record["gamma"] == pytest.approx(0.3 * record["ood_share_raw"])   # smoothed from 0
     assert float(hook.state.gamma.numpy()) == pytest.approx(record["gamma"])

@@ -82,7 +82,7 @@ def test_run_folder_writes_csv_summary_and_pngs(tiny_run):
     valid_known = int((~outliers[:NVALID]).sum())
     assert summary["reference"] == "labeled+valid" and summary["n_reference"] == 16 + valid_known
     assert summary["score"] == "prototype_cosine" and summary["mask_ranks_by"] == "confidence"
-    assert summary["calibration_shift"] == 0.0          # 6 labeled validation images: too few
+    assert summary["calibration_shift"] == 0.0          # not calibrated (ood_share.CALIBRATE)
     assert summary["n_masked"] == masked
     assert summary["true_ood_share"] == pytest.approx(outliers[NVALID:].mean())
     assert summary["share_error"] == pytest.approx(summary["estimated_ood_share"] - summary["true_ood_share"])
@@ -96,7 +96,7 @@ def test_run_folder_writes_csv_summary_and_pngs(tiny_run):
     reference = np.r_[loo, (fu[:NVALID][~outliers[:NVALID]] @ protos.T).max(1)]
     assert summary["auroc_reference"] == pytest.approx(ood_share.auroc(reference, similarity[~inside]), abs=1e-3)
     assert summary["estimated_ood_share"] == pytest.approx(
-        ood_share.estimate_share_split(reference, similarity).share, abs=0.02)
+        ood_share.estimate_share(reference, similarity).share, abs=0.02)
     # the mask's ranking is the confidence here; masked images truly out of distribution
     conf_train = confidence[NVALID:]
     assert summary["auroc_mask"] == summary["auroc_confidence"] == pytest.approx(
