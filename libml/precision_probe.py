@@ -172,16 +172,34 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def tf_config_workers(environ=None) -> int:
+    """Training tasks TF_CONFIG names (1 without it; a malformed one is the strategy's error)."""
+    from libml.distribute import parse_tf_config
+    from libml.errors import UserError
+    environ = os.environ if environ is None else environ
+    try:
+        cluster = parse_tf_config(environ.get("TF_CONFIG"))
+    except UserError:
+        return 1
+    return cluster.num_workers if cluster else 1
+
+
 def cpu_precision(path: Optional[str] = None, key: Optional[dict] = None, flags=None,
                   measure_fn: Callable[[], Dict[str, float]] = None,
-                  say: Callable[[str], None] = _say) -> Tuple[str, str]:
+                  say: Callable[[str], None] = _say, environ=None) -> Tuple[str, str]:
     """(policy, reason) for --mixed_precision=auto on this CPU: cached timings when valid for
     `key` (this machine by default), else a measurement (`measure_fn`, default `measure`),
-    written back to `path`."""
+    written back to `path`. With several workers (TF_CONFIG) nothing is measured: each host
+    would measure on its own and could pick another precision, so float32."""
     flags = platform.cpu_info()[1] if flags is None else set(flags)
     if not has_bf16_instructions(flags):
         return "float32", ("CPU without bf16 instructions (no AVX512_BF16, AMX or ARM bf16): "
                            "emulated bf16 is several times slower")
+    workers = tf_config_workers(environ)
+    if workers > 1:
+        return "float32", (f"{workers} workers (TF_CONFIG): not measured, as each host would "
+                           f"measure on its own and could pick another precision; pass "
+                           f"--mixed_precision=bf16 to train in bf16")
     path = path or cache_path()
     key = machine_key() if key is None else key
     memo_key = json.dumps([path, key], sort_keys=True)

@@ -113,6 +113,21 @@ def test_cpu_without_bf16_instructions_is_not_measured(tmp_path):
     assert not (tmp_path / "c.json").exists()
 
 
+def test_several_workers_are_not_measured_and_agree_on_float32(tmp_path):
+    tf_config = json.dumps({"cluster": {"worker": ["h0:1", "h1:1"]},
+                            "task": {"type": "worker", "index": 1}})
+    timer = Timer(1.62, 0.91)
+    policy, reason = precision_probe.cpu_precision(
+        path=str(tmp_path / "c.json"), key=KEY, flags=BF16_CPU, measure_fn=timer,
+        say=print, environ={"TF_CONFIG": tf_config})
+    assert (policy, timer.calls) == ("float32", 0)
+    assert reason.startswith("2 workers (TF_CONFIG): not measured")
+    one = json.dumps({"cluster": {"worker": ["h0:1"]}, "task": {"type": "worker", "index": 0}})
+    assert precision_probe.cpu_precision(
+        path=str(tmp_path / "c.json"), key=KEY, flags=BF16_CPU, measure_fn=timer, say=print,
+        environ={"TF_CONFIG": one})[0] == "mixed_bfloat16"
+
+
 def test_cache_path_follows_xdg_cache_home(tmp_path):
     assert precision_probe.cache_path({"XDG_CACHE_HOME": str(tmp_path)}) == \
         str(tmp_path / "realmix_tf" / "auto_precision.json")
