@@ -377,3 +377,60 @@ def test_a_negative_trainer_seed_is_one_line():
         TrainConfig(seed=-5).validate()
     with pytest.raises(UserError, match=r"^--extend_seed=-1 is negative"):
         TrainConfig(extend_seed=-1).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Silent wrong results: non-finite weights with a finite loss; another --train_kimg
+
+def test_nonfinite_weights_with_a_finite_loss_are_never_reported(tmp_path):
+    """Only the EMA weights go bad (the loss, computed with the raw net, stays finite): the run
+    stops before the report, so neither stats/ nor TensorBoard sees the poisoned figures."""
+    import tensorflow as tf
+    from libml import finite, summaries
+    from tests.test_faults import tiny, trainer_of
+    from tests.fixtures_data import make_ssl_dataset
+    data = make_ssl_dataset(tmp_path / "data", nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
+    trainer = trainer_of(tiny(data, tmp_path / "runs"))
+    period = trainer._train_period
+
+    def poisoned(step, end, folder, ckpt):
+        sums, step = period(step, end, folder, ckpt)
+        if step > 32:
+            variable = trainer.model.ema_net.trainable_variables[0]
+            variable.assign(tf.fill(variable.shape, float("nan")))
+        return sums, step
+
+    trainer._train_period = poisoned
+    with pytest.raises(finite.DivergenceError) as e:
+        trainer.run()
+    assert str(e.value).startswith("weights are not finite (") and "at step 64 (0.0625 kimg)" in str(e.value)
+    history = json.load(open(os.path.join(trainer.run_dir, "stats", "accuracy_history.json")))
+    assert [h["step"] for h in history] == [32]
+    events = summaries.read_events(trainer.tf_dir)
+    assert [step for step, _ in events["accuracy"]] == [32]
+
+
+def _fake_checkpoint(run_dir):
+    tf_dir = os.path.join(run_dir, "tf")
+    os.makedirs(tf_dir)
+    for suffix in (".index", ".data-00000-of-00001"):
+        open(os.path.join(tf_dir, "model.ckpt-64" + suffix), "w").close()
+
+
+def test_a_new_train_kimg_says_that_it_starts_another_run(tmp_path, capsys):
+    from libml.runfolder import RunFolder
+    from libml.train import run_folder_name
+    hparams = dict(gamma=0.5, train_kimg=1024, tsa="linear", wd=0.02)
+    old = tmp_path / run_folder_name("RealMix", hparams)
+    _fake_checkpoint(old)
+    unrelated = tmp_path / run_folder_name("RealMix", dict(hparams, gamma=0.25, train_kimg=512))
+    _fake_checkpoint(unrelated)
+    new = tmp_path / run_folder_name("RealMix", dict(hparams, train_kimg=2048))
+    folder = RunFolder(str(new), keep=2).open({})
+    folder.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"note: this is a new run ({new}): --train_kimg "
+                                                   f"sets this algorithm's schedule")
+    assert "exists with --train_kimg=1024; to continue that run instead" in err
+    RunFolder(str(old), keep=2).open({}).close()        # resuming the old one: no note
+    assert "note:" not in capsys.readouterr().err
