@@ -434,3 +434,21 @@ def test_a_new_train_kimg_says_that_it_starts_another_run(tmp_path, capsys):
     assert "exists with --train_kimg=1024; to continue that run instead" in err
     RunFolder(str(old), keep=2).open({}).close()        # resuming the old one: no note
     assert "note:" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Leftovers: an export killed mid-write
+
+def test_an_export_folder_left_by_a_kill_is_removed_by_the_next_launch(tmp_path, capsys):
+    from libml.runfolder import RunFolder
+    from tests.test_faults import dead_pid
+    run = tmp_path / "run"
+    left = run / f"export.tmp-{dead_pid()}"
+    (left / "saved_model" / "variables").mkdir(parents=True)
+    (left / "model.keras").write_bytes(b"half")
+    (left / "saved_model" / "variables" / "variables.index").write_bytes(b"half")
+    live = run / f"export.tmp-{os.getpid()}"            # a live writer's (this process)
+    live.mkdir()
+    RunFolder(str(run), keep=2).open({}).close()
+    assert not left.exists() and live.exists()
+    assert "removed 1 unfinished temporary file(s) of a stopped run" in capsys.readouterr().err
