@@ -452,3 +452,19 @@ def test_an_export_folder_left_by_a_kill_is_removed_by_the_next_launch(tmp_path,
     RunFolder(str(run), keep=2).open({}).close()
     assert not left.exists() and live.exists()
     assert "removed 1 unfinished temporary file(s) of a stopped run" in capsys.readouterr().err
+
+
+def test_create_datasets_command_on_a_crafted_archive_is_one_line_and_runs_nothing(tmp_path):
+    """The realistic path: the archive sits in $ML_DATA/downloads and is picked up by itself."""
+    marker = tmp_path / "ran"
+    data = tmp_path / "ml_data"
+    (data / "downloads").mkdir(parents=True)
+    _write_archive(data / "downloads" / "cifar-10-python.tar.gz", _cifar_members(
+        lambda n, b: _Exploit(f"touch {marker}") if n == "data_batch_1" else b))
+    env = dict(os.environ, ML_DATA=str(data), TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-m", "data_prep.create_datasets", "cifar10", "--nodownload"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "data_batch_1 is not a CIFAR batch (it names posix.system" in errors[0]
+    assert not marker.exists() and sorted(os.listdir(data)) == ["downloads"]
