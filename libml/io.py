@@ -68,23 +68,38 @@ def pid_alive(pid: int) -> bool:
 def remove_stale_temps(folder: str, recursive: bool = True, min_age: float = STALE_AGE,
                        now: Optional[float] = None) -> List[str]:
     """Removes the `*.tmp-PID` files that atomic_path writers killed mid-write left under
-    `folder` (no process PID exists here) and that have not changed for `min_age` seconds;
-    returns their paths. The age guards folders shared with other hosts, whose pids mean
-    nothing here; a caller that holds the folder's run lock passes min_age=0."""
+    `folder`, and the `*.tmp-PID/` folders of killed folder writers (an export), when no
+    process PID exists here and they have not changed for `min_age` seconds; returns their
+    paths. The age guards folders shared with other hosts, whose pids mean nothing here; a
+    caller that holds the folder's run lock passes min_age=0."""
+    import shutil
     now = time.time() if now is None else now
     removed = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            match = TEMP_NAME.search(name)
+
+    def stale(name, path):
+        match = TEMP_NAME.search(name)
+        if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
+            return False
+        try:
+            return now - os.path.getmtime(path) >= min_age
+        except FileNotFoundError:
+            return False
+
+    for root, dirs, files in os.walk(folder):
+        for name in list(dirs):
             path = os.path.join(root, name)
-            if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
-                continue
-            try:
-                if now - os.path.getmtime(path) >= min_age:
+            if not os.path.islink(path) and stale(name, path):
+                shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(name)
+                removed.append(path)
+        for name in files:
+            path = os.path.join(root, name)
+            if stale(name, path):
+                try:
                     os.remove(path)
                     removed.append(path)
-            except FileNotFoundError:
-                pass
+                except FileNotFoundError:
+                    pass
         if not recursive:
             break
     return sorted(removed)

@@ -15,6 +15,7 @@ skipped, and renamed aside if an older one is resumed from, so the run's next sa
 them. A failed start-up leaves no run folder behind.
 """
 import os
+import re
 import shutil
 import sys
 from typing import Callable, Dict, List, Optional
@@ -44,6 +45,30 @@ def recorded_precision(run_dir: str) -> str:
         return ""
     from libml.config import PRECISIONS
     return precision if precision in PRECISIONS else ""
+
+
+LENGTH_KEY = "train_kimg"
+
+
+def other_length_note(run_dir: str) -> str:
+    """For algorithms whose schedule depends on the run length (RealMix's TSA, Mean Teacher's
+    and VAT's warm-ups), --train_kimg is part of the run folder's name, so another value is
+    another run. When a new run folder has siblings that differ only in train_kimg and hold
+    checkpoints, one line says so (and how to continue one of them) instead of silence."""
+    name, parent = os.path.basename(run_dir.rstrip(os.sep)), os.path.dirname(run_dir.rstrip(os.sep))
+    match = re.search(rf"(?:^|_){LENGTH_KEY}([^_]+)(?:_|$)", name)
+    if not match or not os.path.isdir(parent):
+        return ""
+    pattern = re.compile(re.escape(name[:match.start(1)]) + r"([^_]+)" + re.escape(name[match.end(1):]) + "$")
+    others = sorted(m.group(1) for m in map(pattern.match, os.listdir(parent))
+                    if m and m.group(1) != match.group(1)
+                    and checkpoint_files.list_checkpoints(os.path.join(parent, m.group(0), "tf")))
+    if not others:
+        return ""
+    values = ", ".join(f"--{LENGTH_KEY}={v}" for v in others)
+    return (f"note: this is a new run ({run_dir}): --{LENGTH_KEY} sets this algorithm's schedule "
+            f"and is part of its folder name, and a run of the same settings exists with "
+            f"{values}; to continue that run instead, stop this one and pass its --{LENGTH_KEY}")
 
 
 class RunFolder:
@@ -84,6 +109,10 @@ class RunFolder:
             _say(f"{self.run_dir}: removed {len(removed)} unfinished temporary file(s) of a "
                  f"stopped run")
         self.args = dict(args)
+        if not self._existed:
+            note = other_length_note(self.run_dir)
+            if note:
+                _say(note)
         if os.path.exists(self.args_path):
             from libml.io import read_json
             recorded = read_json(self.args_path, "restore it from a backup, or delete only that "
@@ -135,13 +164,19 @@ class RunFolder:
         if first_bad is not None:
             raise finite.DivergenceError("the loss is not finite", first_bad, self.last_good)
 
-    def save(self, checkpoint, step: int, variables: Dict) -> str:
-        """Writes checkpoint `step` unless a variable is not finite (DivergenceError then,
-        nothing written). A full or read-only disk is a one-line UserError."""
+    def check_weights(self, step: int, variables: Dict) -> None:
+        """DivergenceError naming the variables that hold NaN or Inf (the loss may stay finite
+        meanwhile, e.g. when only the EMA weights or BN statistics went bad). Called before a
+        report (so that no poisoned figure reaches stats/ or TensorBoard) and before a save."""
         bad = finite.nonfinite_variables(variables)
         if bad:
             shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
             raise finite.DivergenceError(f"weights are not finite ({shown})", step, self.last_good)
+
+    def save(self, checkpoint, step: int, variables: Dict) -> str:
+        """Writes checkpoint `step` unless a variable is not finite (DivergenceError then,
+        nothing written). A full or read-only disk is a one-line UserError."""
+        self.check_weights(step, variables)
         prefix = self._write(checkpoint, step, variables)
         self.last_good = prefix
         return prefix

@@ -241,6 +241,7 @@ class Trainer:
                 end = min((step // c.report_nimg + 1) * c.report_nimg, c.train_nimg)
                 sums, step = self._train_period(step, end, folder, ckpt)
                 folder.check_loss(self._nonfinite.value())     # no report of a diverged period
+                folder.check_weights(step, self._variables)    # nor of non-finite weights
                 with self._reading_data():
                     self.reports.report(writer, step, sums)
                 if (step - c.batch) // c.save_nimg < step // c.save_nimg or step >= c.train_nimg:

@@ -377,3 +377,94 @@ def test_a_negative_trainer_seed_is_one_line():
         TrainConfig(seed=-5).validate()
     with pytest.raises(UserError, match=r"^--extend_seed=-1 is negative"):
         TrainConfig(extend_seed=-1).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# Silent wrong results: non-finite weights with a finite loss; another --train_kimg
+
+def test_nonfinite_weights_with_a_finite_loss_are_never_reported(tmp_path):
+    """Only the EMA weights go bad (the loss, computed with the raw net, stays finite): the run
+    stops before the report, so neither stats/ nor TensorBoard sees the poisoned figures."""
+    import tensorflow as tf
+    from libml import finite, summaries
+    from tests.test_faults import tiny, trainer_of
+    from tests.fixtures_data import make_ssl_dataset
+    data = make_ssl_dataset(tmp_path / "data", nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
+    trainer = trainer_of(tiny(data, tmp_path / "runs"))
+    period = trainer._train_period
+
+    def poisoned(step, end, folder, ckpt):
+        sums, step = period(step, end, folder, ckpt)
+        if step > 32:
+            variable = trainer.model.ema_net.trainable_variables[0]
+            variable.assign(tf.fill(variable.shape, float("nan")))
+        return sums, step
+
+    trainer._train_period = poisoned
+    with pytest.raises(finite.DivergenceError) as e:
+        trainer.run()
+    assert str(e.value).startswith("weights are not finite (") and "at step 64 (0.0625 kimg)" in str(e.value)
+    history = json.load(open(os.path.join(trainer.run_dir, "stats", "accuracy_history.json")))
+    assert [h["step"] for h in history] == [32]
+    events = summaries.read_events(trainer.tf_dir)
+    assert [step for step, _ in events["accuracy"]] == [32]
+
+
+def _fake_checkpoint(run_dir):
+    tf_dir = os.path.join(run_dir, "tf")
+    os.makedirs(tf_dir)
+    for suffix in (".index", ".data-00000-of-00001"):
+        open(os.path.join(tf_dir, "model.ckpt-64" + suffix), "w").close()
+
+
+def test_a_new_train_kimg_says_that_it_starts_another_run(tmp_path, capsys):
+    from libml.runfolder import RunFolder
+    from libml.train import run_folder_name
+    hparams = dict(gamma=0.5, train_kimg=1024, tsa="linear", wd=0.02)
+    old = tmp_path / run_folder_name("RealMix", hparams)
+    _fake_checkpoint(old)
+    unrelated = tmp_path / run_folder_name("RealMix", dict(hparams, gamma=0.25, train_kimg=512))
+    _fake_checkpoint(unrelated)
+    new = tmp_path / run_folder_name("RealMix", dict(hparams, train_kimg=2048))
+    folder = RunFolder(str(new), keep=2).open({})
+    folder.close()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"note: this is a new run ({new}): --train_kimg "
+                                                   f"sets this algorithm's schedule")
+    assert "exists with --train_kimg=1024; to continue that run instead" in err
+    RunFolder(str(old), keep=2).open({}).close()        # resuming the old one: no note
+    assert "note:" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Leftovers: an export killed mid-write
+
+def test_an_export_folder_left_by_a_kill_is_removed_by_the_next_launch(tmp_path, capsys):
+    from libml.runfolder import RunFolder
+    from tests.test_faults import dead_pid
+    run = tmp_path / "run"
+    left = run / f"export.tmp-{dead_pid()}"
+    (left / "saved_model" / "variables").mkdir(parents=True)
+    (left / "model.keras").write_bytes(b"half")
+    (left / "saved_model" / "variables" / "variables.index").write_bytes(b"half")
+    live = run / f"export.tmp-{os.getpid()}"            # a live writer's (this process)
+    live.mkdir()
+    RunFolder(str(run), keep=2).open({}).close()
+    assert not left.exists() and live.exists()
+    assert "removed 1 unfinished temporary file(s) of a stopped run" in capsys.readouterr().err
+
+
+def test_create_datasets_command_on_a_crafted_archive_is_one_line_and_runs_nothing(tmp_path):
+    """The realistic path: the archive sits in $ML_DATA/downloads and is picked up by itself."""
+    marker = tmp_path / "ran"
+    data = tmp_path / "ml_data"
+    (data / "downloads").mkdir(parents=True)
+    _write_archive(data / "downloads" / "cifar-10-python.tar.gz", _cifar_members(
+        lambda n, b: _Exploit(f"touch {marker}") if n == "data_batch_1" else b))
+    env = dict(os.environ, ML_DATA=str(data), TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-m", "data_prep.create_datasets", "cifar10", "--nodownload"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "data_batch_1 is not a CIFAR batch (it names posix.system" in errors[0]
+    assert not marker.exists() and sorted(os.listdir(data)) == ["downloads"]
