@@ -101,8 +101,8 @@ class WorkerFolder(RunFolder):
         except (OSError, ValueError):
             holder = {}
         if holder.get("pid") != chief_pid:
-            return (f"worker {self.worker_id} does not see the chief's run folder {self.run_dir} "
-                    f"(no {LOCK_NAME} of the chief there)")
+            return (f"worker {self.worker_id} does not see the chief's run folder at "
+                    f"{self.run_dir} (no {LOCK_NAME} of the chief there)")
         if chief_step >= 0:
             prefix = os.path.join(self.tf_dir, f"{checkpoint_files.CHECKPOINT_NAME}-{chief_step}")
             if not checkpoint_files.is_complete(prefix):

@@ -81,8 +81,7 @@ def compare(names):
     results = {}
     for label, (strategy, model) in models.items():
         read_model(model, prefix)                           # the same initial weights
-        parts = distribute.split_batch(strategy, data) if len(strategy.extended.worker_devices) > 1 \
-            else data
+        parts = distribute.split_batch(strategy, data)     # the batch itself on one device
         step = tf.function(lambda d, m=model, st=strategy: st.run(m.train_step, args=(d,)))
         losses, seconds = [], []
         for i in range(FLAGS.steps):
@@ -94,8 +93,9 @@ def compare(names):
             losses.append(loss)
         probs = model.classify(probe, ema=False)             # the trained net's predictions
         results[label] = dict(devices=len(strategy.extended.worker_devices), losses=losses,
-                              seconds=seconds, probs=np.asarray(probs.numpy()), weights={k: np.asarray(v.numpy()) for k, v in
-                                                        model_variables(model).items()})
+                              seconds=seconds, probs=np.asarray(probs.numpy()),
+                              weights={k: np.asarray(v.numpy())
+                                       for k, v in model_variables(model).items()})
     return results
 
 
@@ -108,8 +108,9 @@ def table(results):
     # Weights for information: a bias before a BatchNorm has a zero gradient up to rounding,
     # which Adam scales up to about lr per step, so weights can differ by ~lr where the
     # network's outputs do not.
-    weight_diff, worst = max((float(np.max(np.abs(a["weights"][k].astype("f8") - c["weights"][k]))), k)
-                             for k in a["weights"] if a["weights"][k].size)
+    weight_diff, worst = max(
+        (float(np.max(np.abs(a["weights"][k].astype("f8") - c["weights"][k]))), k)
+        for k in a["weights"] if a["weights"][k].size)
     lines = [f"RealMix, global batch {FLAGS.batch} (+{2 * FLAGS.batch} unlabeled), WRN "
              f"filters={FLAGS.filters} repeat={FLAGS.repeat}, {FLAGS.size}px, {FLAGS.precision}, "
              f"{FLAGS.steps} steps",

@@ -127,3 +127,28 @@ def test_lost_worker_is_one_line_exit_2_and_the_checkpoints_stay(toy, tmp_path):
     named = errors[0].split("resumes from ", 1)[1].split(",", 1)[0]
     assert os.path.isfile(os.path.join(folder, "tf", named + ".index"))
     assert checkpoint_values(folder)                     # the newest checkpoint reads back
+
+
+@pytest.mark.slow
+def test_a_run_folder_that_is_not_shared_is_one_line_on_every_worker(toy, tmp_path):
+    """Worker 1 given another --train_dir stands for a host whose disk is not the chief's."""
+    configs = tf_configs(free_ports(2))
+    procs = [subprocess.Popen(worker_command(base(toy, tmp_path / f"host{i}")), cwd=REPO,
+                              env=env(TF_CONFIG=config), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+             for i, config in enumerate(configs)]
+    errors = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=TIMEOUT)
+        finally:
+            proc.kill()
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
+        errors.append(lines[0])
+    assert errors[0].startswith("error: worker 1 does not see the chief's run folder "), errors
+    assert errors[1].startswith("error: worker 1 does not see the chief's run folder at "
+                                f"{tmp_path / 'host1'}"), errors
+    for line in errors:
+        assert "--train_dir must be one file system folder that every host sees" in line
+    assert not list((tmp_path / "host0").glob("*/*/tf/model.ckpt-*"))      # nothing trained
