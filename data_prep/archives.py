@@ -19,8 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from data_prep import cifar_pickle
-from libml import datasets, io
-from libml.errors import UserError
+from libml.data import datasets
+from libml.base import files as io
+from libml.base.errors import UserError
 
 MNIST5K_TEST_PER_CLASS = 100
 MAX_MEMBER_BYTES = 2 ** 29     # CIFAR's largest member (cifar-100 train) holds 155 MB

@@ -15,8 +15,14 @@ from typing import Dict, List, Sequence
 import numpy as np
 from absl import flags
 
-from libml import cli, io, names, records
-from libml.errors import UserError
+from libml.base import cli
+
+from libml.base import files as io
+
+from libml.data import names
+
+from libml.data import records
+from libml.base.errors import UserError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("dataset", "", "Dataset name, e.g. cifar10.3@250-5000.", flag_values=FLAGS)

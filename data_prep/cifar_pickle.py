@@ -22,7 +22,7 @@ import pickle
 
 import numpy as np
 
-from libml.errors import UserError
+from libml.base.errors import UserError
 
 _NUMERIC_KINDS = "biuf"
 _PLAIN = (dict, list, tuple, bytes, str, int, float, bool, type(None), np.ndarray)

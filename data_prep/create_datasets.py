@@ -25,8 +25,13 @@ from absl import flags
 from data_prep.archives import Prepared, archive_dirs, load_cifar, load_mnist5k, load_svhn
 from data_prep import stl10
 from data_prep.image_folders import load_custom
-from libml import cli, datasets, images, io, names, records
-from libml.errors import UserError
+from libml.base import cli
+from libml.data import datasets
+from libml.data import images
+from libml.base import files
+from libml.data import names
+from libml.data import records
+from libml.base.errors import UserError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("data_dir", "", "Output folder (default: $ML_DATA).", flag_values=FLAGS)
@@ -115,7 +120,7 @@ def create_imagenet32(root: str, dirs: Sequence[str], overwrite: bool = False,
                       tfds_data_dir: str = "") -> List[str]:
     """Writes imagenet32-train (1,281,167) and imagenet32-test (the 50,000 validation images)
     and imagenet32-meta.json (1000 classes, WordNet ids as class names, flip)."""
-    io.require_free(output_paths(root, "imagenet32", list(IMAGENET32_SPLITS)), overwrite)
+    files.require_free(output_paths(root, "imagenet32", list(IMAGENET32_SPLITS)), overwrite)
     builder = imagenet32_builder(dirs, tfds_data_dir)
     written, counts = [], []
     for subset, split in IMAGENET32_SPLITS.items():
@@ -146,7 +151,7 @@ def output_paths(root: str, name: str, subsets: Sequence[str], copies: Sequence[
 def write_prepared(root: str, prepared: Prepared, overwrite: bool = False) -> List[str]:
     """Writes every subset as PNG records, the copies, then the metadata; returns the paths."""
     written = []
-    io.require_free(output_paths(root, prepared.name, prepared.subsets, prepared.copies), overwrite)
+    files.require_free(output_paths(root, prepared.name, prepared.subsets, prepared.copies), overwrite)
     for subset, (images, labels) in prepared.subsets.items():
         path = names.subset_path(root, prepared.name, subset)
         records.write_images(path, images, labels, overwrite, progress=f"writing {os.path.basename(path)}")
@@ -154,7 +159,7 @@ def write_prepared(root: str, prepared: Prepared, overwrite: bool = False) -> Li
     for copy, subset in prepared.copies.items():
         source = names.subset_path(root, prepared.name, subset)
         path = os.path.join(root, f"{copy}.tfrecord")
-        with io.atomic_path(path, overwrite) as tmp:
+        with files.atomic_path(path, overwrite) as tmp:
             shutil.copyfile(source, tmp)
         written.append(path)
     written.append(datasets.write_meta(root, prepared.meta, overwrite))
@@ -177,7 +182,7 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
         if name in names.BUILTIN_DATASETS:
             raise UserError(f"--name={name} is a built-in dataset: choose another name")
         subsets = ["train", "test"] + (["unlabeled"] if custom.get("unlabeled_dir") else [])
-        io.require_free(output_paths(root, name, subsets), overwrite)
+        files.require_free(output_paths(root, name, subsets), overwrite)
         prepared = load_custom(name, custom.get("labeled_dir", ""), custom.get("unlabeled_dir", ""),
                                custom.get("test_dir", ""), custom.get("size", 32),
                                custom.get("flip", True), custom.get("workers", 0),
@@ -189,7 +194,7 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
         if dataset == "stl10":
             return stl10.create_stl10(root, archive_dirs(archive_dir, root), overwrite)
         copies = ["svhn_noextra-test"] if dataset == "svhn" else []
-        io.require_free(output_paths(root, dataset, expected_subsets(dataset), copies), overwrite)
+        files.require_free(output_paths(root, dataset, expected_subsets(dataset), copies), overwrite)
         dirs = archive_dirs(archive_dir, root)
         if dataset == "mnist5k":
             prepared = load_mnist5k()
@@ -216,7 +221,7 @@ def main(argv=None):
                         f"(the set is held in memory: size x size x 3 bytes per image)")
     root = names.data_dir(FLAGS.data_dir)
     if os.path.isdir(root):
-        io.remove_stale_temps(root, recursive=False)     # files of a killed earlier run
+        files.remove_stale_temps(root, recursive=False)     # files of a killed earlier run
     for dataset in wanted:
         create(dataset, root, FLAGS.overwrite, FLAGS.archive_dir, FLAGS.download, FLAGS.tfds_data_dir,
                name=FLAGS.name, labeled_dir=FLAGS.labeled_dir, unlabeled_dir=FLAGS.unlabeled_dir,

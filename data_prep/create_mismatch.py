@@ -25,8 +25,12 @@ import numpy as np
 from absl import flags
 
 from data_prep import create_split
-from libml import cli, datasets, io, names, records
-from libml.errors import UserError
+from libml.base import cli
+from libml.data import datasets
+from libml.base import files
+from libml.data import names
+from libml.data import records
+from libml.base.errors import UserError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("source", "cifar10", "Source dataset: cifar10 or mnist5k (miniature).", flag_values=FLAGS)
@@ -168,7 +172,7 @@ def _shared_files_match(paths: dict, new_meta: dict) -> bool:
     if not present:
         return False
     if len(present) == 2:
-        if io.read_json(paths["meta"], "pass --overwrite to rewrite it") == new_meta:
+        if files.read_json(paths["meta"], "pass --overwrite to rewrite it") == new_meta:
             return True
     raise UserError(f"{paths[present[0]]} exists but was written with other settings (or is "
                     f"incomplete): pass --overwrite to rewrite it")
@@ -184,7 +188,7 @@ def create_mismatch(root: str, source: str, level: int, seed: int = 1, labels_pe
     name = dataset_name(source, level)
     paths = output_paths(root, name, seed, labels_per_class * len(classes.labeled))
     split_files = {k: paths[k] for k in ("label", "unlabel", "map")}
-    io.require_free(split_files.values(), overwrite)
+    files.require_free(split_files.values(), overwrite)
     meta = source_meta(root, source)
     class_names = (list(meta["class_names"]) if keep_original_ids
                    else [meta["class_names"][c] for c in classes.labeled])
@@ -210,7 +214,7 @@ def create_mismatch(root: str, source: str, level: int, seed: int = 1, labels_pe
                         for i, r in enumerate(records.iterate_serialized(test_path)) if i in keep)
         records.write_serialized(paths["test"], test_records, overwrite, progress=f"writing {name}-test",
                                  total=len(keep))
-        io.write_json(paths["meta"], new_meta, overwrite)
+        files.write_json(paths["meta"], new_meta, overwrite)
     n_ood = int(np.isin(train_labels[split.unlabeled], classes.labeled, invert=True).sum())
     print(f"{name}.{seed}@{len(split.labeled)}: {len(split.labeled)} labeled, {len(split.unlabeled)} unlabeled "
           f"({n_ood} out of distribution), {len(keep)} test")

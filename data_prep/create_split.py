@@ -24,8 +24,13 @@ from typing import List, Sequence
 import numpy as np
 from absl import flags
 
-from libml import cli, io, names, records
-from libml.errors import UserError
+from libml.base import cli
+
+from libml.base import files
+from libml.data import names
+
+from libml.data import records
+from libml.base.errors import UserError
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_integer("seed", 0, "Shuffling seed; 0 = no shuffling (first images of each class).",
@@ -135,12 +140,12 @@ def write_split(serialized, labeled: Sequence[int], order: Sequence[int], paths:
     labeled = frozenset(int(x) for x in labeled)
     wanted = frozenset(int(x) for x in order)
     change = relabel or (lambda pos, record: record)
-    io.require_free(paths.values(), overwrite)
+    files.require_free(paths.values(), overwrite)
     waiting, next_index = {}, 0
-    with io.atomic_path(paths["label"], overwrite) as tmp_label, \
-            io.atomic_path(paths["unlabel"], overwrite) as tmp_unlabel:
+    with files.atomic_path(paths["label"], overwrite) as tmp_label, \
+            files.atomic_path(paths["unlabel"], overwrite) as tmp_unlabel:
         with tf.io.TFRecordWriter(tmp_label) as w_label, tf.io.TFRecordWriter(tmp_unlabel) as w_unlabel:
-            for pos, record in enumerate(io.progress(serialized, "writing split", total)):
+            for pos, record in enumerate(files.progress(serialized, "writing split", total)):
                 if pos in labeled:
                     w_label.write(change(pos, record))
                     continue
@@ -153,7 +158,7 @@ def write_split(serialized, labeled: Sequence[int], order: Sequence[int], paths:
                     next_index += 1
             if waiting or next_index != len(order):
                 raise RuntimeError("the unlabeled positions are not all in the input records")
-        io.write_json(paths["map"], {"label": sorted(labeled), "unlabel": [int(p) for p in order],
+        files.write_json(paths["map"], {"label": sorted(labeled), "unlabel": [int(p) for p in order],
                                      **(map_extra or {})}, overwrite)
 
 
@@ -163,7 +168,7 @@ def create_split(prefix: str, inputs: Sequence[str], size: int, seed: int = 0,
     for path in inputs:
         records.require_file(path, "python -m data_prep.create_datasets <name>")
     paths = names.split_paths(prefix, seed, size)
-    io.require_free(paths.values(), overwrite)
+    files.require_free(paths.values(), overwrite)
     labels = records.load_labels(inputs)
     labeled = choose_labeled(labels, size, seed)
     order = unlabeled_order(labels, labeled)

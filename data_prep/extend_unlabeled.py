@@ -18,9 +18,21 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from libml import augment, cli, extend, io, names, records, storage
-from libml.errors import UserError
-from libml.extend import (MANIFEST, PLAN, PNG_COMPRESSION, REDO, Plan, batch_seed,
+from libml.data import augment
+
+from libml.base import cli
+
+from libml.data import extend
+
+from libml.base import files as io
+
+from libml.data import names
+
+from libml.data import records
+
+from libml.base import storage
+from libml.base.errors import UserError
+from libml.data.extend import (MANIFEST, PLAN, PNG_COMPRESSION, REDO, Plan, batch_seed,
                           copy_permutation, make_plan)
 
 FLAGS = flags.FlagValues()
@@ -29,7 +41,7 @@ flags.DEFINE_string("dataset", "", "Split to extend, {name}.{seed}@{nlabeled}-{n
                     "never extended.", flag_values=FLAGS)
 flags.DEFINE_integer("copies", 50, "Number of augmented copies (paper: 50; Table 5: 25).", flag_values=FLAGS)
 flags.DEFINE_string("aug", "erase", "Augmentation of the copies, one of "
-                    + ", ".join(augment.AUGMENTATIONS) + " (libml/augment.py; erase = random "
+                    + ", ".join(augment.AUGMENTATIONS) + " (libml/data/augment.py; erase = random "
                     "erasing, the paper's 'CutOut' as the released code meant it; none = plain "
                     "duplicates, the released code's effective behaviour).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Seed of the augmentations and shard order; the same seed "
@@ -205,7 +217,7 @@ def extend_unlabeled(dataset, root: str, copies: int = 50, aug: str = "erase", s
         missing = [j for j in range(plan.shards) if not _complete_shard(plan, folder, j)]
     # Checked before anything is deleted or written.
     _check_disk(folder, _estimate_bytes(plan, missing), plan, missing, reclaimable)
-    # Disk faults met while writing (the shards are written outside libml.io) are one line; the
+    # Disk faults met while writing (the shards are written outside libml.base.files) are one line; the
     # shard being written is removed, complete ones stay for the next run.
     with storage.disk_errors(folder, _estimate_bytes(plan, missing), what="the extension",
                              fix=f"free space there (or pass --data_dir on another disk) and "

@@ -1,6 +1,6 @@
 """Custom datasets from folders of images (one sub-folder per class), for data_prep.create_datasets.
 
-Images are read with libml/images.py, the loader `realmix_tf.predict` uses too (formats, EXIF
+Images are read with libml/data/images.py, the loader `realmix_tf.predict` uses too (formats, EXIF
 rotation, 8-bit conversion, shorter-side resize + centre crop): a model is asked about exactly
 the pixels it was trained on. Class folders and the unlabeled folder are searched recursively;
 what was read and what was skipped (and why) is printed per subset.
@@ -11,8 +11,9 @@ from typing import Dict, List
 import numpy as np
 
 from data_prep.archives import Prepared
-from libml import datasets, images
-from libml.errors import UserError
+from libml.data import datasets
+from libml.data import images
+from libml.base.errors import UserError
 
 
 def list_class_folders(folder: str, flag: str, summary: images.ReadSummary) -> Dict[str, List[str]]:

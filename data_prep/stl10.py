@@ -23,8 +23,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from libml import datasets, io, names, records
-from libml.errors import UserError
+from libml.data import datasets
+
+from libml.base import files as io
+
+from libml.data import names
+
+from libml.data import records
+from libml.base.errors import UserError
 
 ARCHIVE = "stl10_binary.tar.gz"
 FOLDER = "stl10_binary"

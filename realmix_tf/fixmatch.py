@@ -2,14 +2,14 @@
 open-set methods (OpenMatch, IOMatch).
 
 Its data, declared: `uratio` unlabeled images per labeled one (7), each as a weak view (flip +
-translate) and a strong view (weak + RandAugment + Cutout; libml/augment.py "strong").
-One step (`train_loss`; libml.ssl.SSLModel.train_step does the rest):
+translate) and a strong view (weak + RandAugment + Cutout; libml/data/augment.py "strong").
+One step (`train_loss`; libml.train.algorithm.SSLModel.train_step does the rest):
   1. one training-mode pass over [x; weak views; strong views] (batch statistics over all the
      rows, which also update the moving statistics, as F:fixmatch.py's single classifier call);
   2. pseudo-labels: argmax of softmax(weak logits), no gradient; kept where its probability
      is >= confidence (0.95);
   3. L = mean xe(x) + wu * mean_u [max p >= confidence] * xe(pseudo-label, strong logits).
-The optimizer is the shared one (Adam, decoupled weight decay, EMA: libml/ssl.py), not F's
+The optimizer is the shared one (Adam, decoupled weight decay, EMA: libml/train/algorithm.py), not F's
 SGD with Nesterov momentum, cosine decay and L2 weight decay (docs/fidelity.md).
 
 Command line:
@@ -17,11 +17,12 @@ Command line:
 """
 import tensorflow as tf
 
-from libml import layers, replicas
-from libml.config import non_negative, positive
-from libml.data import Unlabeled
-from libml.errors import UserError
-from libml.ssl import SSLModel, hparam
+from libml.nn import ops
+from libml.nn import replicas
+from libml.train.config import non_negative, positive
+from libml.data.pipeline import Unlabeled
+from libml.base.errors import UserError
+from libml.train.algorithm import SSLModel, hparam
 from realmix_tf.supervised import labeled_cross_entropy
 
 
@@ -68,7 +69,7 @@ class FixMatch(SSLModel):
 
         # 3. Losses, as this replica's shares of the means over the global batch.
         loss_xe = labeled_cross_entropy(logits_x, labels, self.nclass)
-        loss_xeu = replicas.mean(layers.soft_cross_entropy(pseudo, logits_strong) * mask)
+        loss_xeu = replicas.mean(ops.soft_cross_entropy(pseudo, logits_strong) * mask)
         loss = loss_xe + self.wu * loss_xeu
         return loss, {"losses/xe": loss_xe, "losses/xeu": loss_xeu, "losses/overall": loss,
                       "monitors/mask": replicas.mean(mask)}

@@ -12,9 +12,9 @@ unlabeled file is needed.
 import dataclasses
 import re
 
-from libml import data
-from libml.config import TrainConfig, option
-from libml.errors import UserError
+from libml.data import pipeline as data
+from libml.train.config import TrainConfig, option
+from libml.base.errors import UserError
 from realmix_tf.supervised import Supervised
 
 _NAME = re.compile(r"^(?P<name>[A-Za-z][A-Za-z0-9_]*)(?:-(?P<nvalid>\d+))?$")
@@ -66,7 +66,7 @@ class Config(TrainConfig):
         return parse_fully_supervised_name(self.dataset)
 
     def load_data(self, options=None, shard=(0, 1)) -> data.SSLData:
-        """libml.data.load_supervised: no unlabeled set."""
+        """libml.data.pipeline.load_supervised: no unlabeled set."""
         name = self.dataset_name()
         return data.load_supervised(name.name, name.nvalid, self.data_root(), seed=self.seed,
                                     shuffle_buffer=self.shuffle_buffer, options=options,

@@ -20,10 +20,10 @@ import numbers
 
 import tensorflow as tf
 
-from libml import replicas
-from libml.config import KIMG, fraction, non_negative
-from libml.data import Unlabeled
-from libml.ssl import LOSS_NCLASS, TRAIN_KIMG, SSLModel, hparam
+from libml.nn import replicas
+from libml.train.config import KIMG, fraction, non_negative
+from libml.data.pipeline import Unlabeled
+from libml.train.algorithm import LOSS_NCLASS, TRAIN_KIMG, SSLModel, hparam
 from realmix_tf.supervised import SMOOTHING, labeled_cross_entropy, smoothing_hparams
 
 # Flag defaults of the MixMatch-repo baselines (lr, wd, ema, batch as in RealMix).

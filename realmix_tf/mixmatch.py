@@ -1,6 +1,6 @@
 """MixMatch (Berthelot et al., 2019) as the original (M:mixmatch.py), and the base of RealMix.
 
-One step (`train_loss`; libml.ssl.SSLModel.train_step does the rest), with B labeled images x and B
+One step (`train_loss`; libml.train.algorithm.SSLModel.train_step does the rest), with B labeled images x and B
 unlabeled images u in NU = 2 weak views (declared: `unlabeled`):
   1. guess labels of u: softmax of each view (raw weights, batch-statistics BN, no moving-
      statistics update, no gradient), averaged over the views and sharpened with T;
@@ -10,7 +10,7 @@ unlabeled images u in NU = 2 weak views (declared: `unlabeled`):
      updates the BN moving statistics (spec §6.4);
   4. L = labeled_loss + w_match * ramp(step) * unlabeled_loss, with the two hooks
      labeled_loss = mean soft cross-entropy, unlabeled_loss = mean L2 (RealMix overrides both);
-  5. Adam, decoupled weight decay of the kernels, EMA update (libml.ssl.SSLModel.apply_update).
+  5. Adam, decoupled weight decay of the kernels, EMA update (libml.train.algorithm.SSLModel.apply_update).
 
 BN policy, made explicit: a forward pass that must see its own batch statistics is a "chunk";
 the NU guess passes run as one call with bn_groups=NU and update_bn_stats=False, and the 3
@@ -27,10 +27,11 @@ Command line:
 """
 import tensorflow as tf
 
-from libml import layers, replicas
-from libml.config import KIMG, non_negative, positive, whole_kimg
-from libml.data import Unlabeled
-from libml.ssl import LOSS_NCLASS, SSLModel, hparam
+from libml.nn import ops
+from libml.nn import replicas
+from libml.train.config import KIMG, non_negative, positive, whole_kimg
+from libml.data.pipeline import Unlabeled
+from libml.train.algorithm import LOSS_NCLASS, SSLModel, hparam
 
 
 class MixMatch(SSLModel):
@@ -69,8 +70,8 @@ class MixMatch(SSLModel):
         (seed, step)): every replica draws the same ones."""
         lam_seed, perm_seed = self.step_seeds(step)
         total = replicas.MixPlan(batch, self.nu, self.replica_mode).global_rows
-        return dict(lam=layers.sample_mixup_lambda(total, self.beta, lam_seed),
-                    index=layers.sample_permutation(total, perm_seed))
+        return dict(lam=ops.sample_mixup_lambda(total, self.beta, lam_seed),
+                    index=ops.sample_permutation(total, perm_seed))
 
     def train_loss(self, labeled, unlabeled, step, draws):
         x, labels = labeled["image"], labeled["label"]
@@ -80,14 +81,14 @@ class MixMatch(SSLModel):
         # 1. Label guessing (raw weights, batch statistics, moving stats untouched), and the
         #    unlabeled images' OOD scores where the algorithm ranks by one (RealMix).
         guess = tf.stop_gradient(
-            layers.guess_label(self.forward(views, update_first=False), self.temperature))
+            ops.guess_label(self.forward(views, update_first=False), self.temperature))
         scores = self.unlabeled_scores(x, labels, views)
 
         # 2. MixUp over the concatenation of the labeled and all unlabeled views.
         inputs = tf.concat([x] + views, axis=0)
         targets = tf.concat([tf.one_hot(labels, self.nclass)] + [guess] * self.nu, axis=0)
         #    With several replicas, over the rows of every replica; this one keeps its part
-        #    of each interleaved chunk (libml.replicas.MixPlan).
+        #    of each interleaved chunk (libml.nn.replicas.MixPlan).
         chunks, targets_x, targets_u = plan.mix(inputs, targets, draws["lam"], draws["index"])
 
         # 3. Interleaved passes; only chunk 0 updates the BN moving statistics.
@@ -96,11 +97,11 @@ class MixMatch(SSLModel):
         # 4. Losses: the two hooks, the unlabeled one weighted by the ramped w_match.
         loss_xe, labeled_scalars = self.labeled_loss(logits_x, targets_x, step)
         loss_l2u, unlabeled_scalars = self.unlabeled_loss(logits_u, targets_u, scores)
-        w_match = layers.unlabeled_weight(step, self.w_match, round(self.warmup_kimg * KIMG))
+        w_match = ops.unlabeled_weight(step, self.w_match, round(self.warmup_kimg * KIMG))
         loss = loss_xe + w_match * loss_l2u
 
         confidence = replicas.confidence_stats(tf.nn.softmax(logits_u), self.replica_mode)
-        return loss, {   # every value is this replica's share (libml.replicas.totals sums them)
+        return loss, {   # every value is this replica's share (libml.nn.replicas.totals sums them)
             "losses/xe": loss_xe,
             "losses/l2u": loss_l2u,
             "losses/overall": loss,
@@ -120,12 +121,12 @@ class MixMatch(SSLModel):
                           update_bn_stats=update_first, bn_groups=len(chunks))
         return tf.split(logits, len(chunks))
 
-    # -- the hooks: (loss, {tag: monitor}), both as this replica's share (libml/replicas.py:
+    # -- the hooks: (loss, {tag: monitor}), both as this replica's share (libml/nn/replicas.py:
     #    the shares of all replicas sum to the value; one device: the value itself) ----------
     def labeled_loss(self, logits_x, targets_x, step):
         """Mean soft cross-entropy of the mixed labeled part."""
         del step
-        return replicas.mean(layers.soft_cross_entropy(targets_x, logits_x)), {}
+        return replicas.mean(ops.soft_cross_entropy(targets_x, logits_x)), {}
 
     def unlabeled_scores(self, x, labels, views):
         """Per unlabeled image [B], how in-distribution it looks (None: no score; RealMix's
@@ -136,7 +137,7 @@ class MixMatch(SSLModel):
     def unlabeled_loss(self, logits_u, targets_u, scores=None):
         """Mean L2 between the mixed guesses and the predictions (over loss_nclass classes)."""
         del scores
-        loss = replicas.mean(layers.l2_consistency(targets_u, logits_u))
+        loss = replicas.mean(ops.l2_consistency(targets_u, logits_u))
         if self.loss_nclass:
             loss = loss * (self.nclass / self.loss_nclass)
         return loss, {}

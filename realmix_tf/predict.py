@@ -7,7 +7,7 @@
 training or by `--export_only`), a run folder (its export/ is used), a `.keras` file, or a
 SavedModel folder. Images: files, folders (searched recursively) and shell patterns, as
 arguments or with --images (repeatable). They are read exactly as `create_datasets custom`
-read the training images (libml/images.py: EXIF rotation, 8-bit, shorter side resized to the
+read the training images (libml/data/images.py: EXIF rotation, 8-bit, shorter side resized to the
 model's size with bicubic resampling, centre crop, the model's channel count), so the model
 sees what training saw. Unreadable files stop the command with one line naming them, or are
 left out and listed with --skip_bad_images. The CSV has one row per image: path (relative to
@@ -21,9 +21,14 @@ import sys
 import numpy as np
 from absl import flags
 
-from libml import cli, export, images, saved_model_check
-from libml.errors import UserError, first_line
-from libml.io import atomic_path, check_overwrite, progress, read_json
+from libml.base import cli
+
+from libml.export import saving
+from libml.data import images
+
+from libml.export import saved_model_check
+from libml.base.errors import UserError, first_line
+from libml.base.files import atomic_path, check_overwrite, progress, read_json
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model", "", "Export folder, run folder, .keras file or SavedModel folder.",
@@ -43,10 +48,10 @@ flags.DEFINE_float("max_megapixels", images.MAX_MEGAPIXELS, "Largest image read,
 
 
 class Predictor:
-    """uint8 images [N,H,W,C] -> float32 probabilities [N, nclass], from an export.
+    """uint8 images [N,H,W,C] -> float32 probabilities [N, nclass], from an saving.
 
     A `.keras` file is loaded in Keras safe mode (no Lambda layers, no TFSMLayer, no code of
-    the file's); a SavedModel only after libml/saved_model_check.py found nothing in it but
+    the file's); a SavedModel only after libml/export/saved_model_check.py found nothing in it but
     what the export writes. meta.json, when present, must be well formed and agree with the
     model (image shape, class count)."""
 
@@ -54,11 +59,11 @@ class Predictor:
         path = _resolve_model(path)
         self.path = path
         folder = os.path.dirname(path) if path.endswith(".keras") else os.path.dirname(path.rstrip("/"))
-        self.meta = read_meta(os.path.join(folder, export.META_FILE))
+        self.meta = read_meta(os.path.join(folder, saving.META_FILE))
         meta_shape = (self.meta["height"], self.meta["width"], self.meta["channels"]) if self.meta else None
         meta_nclass = self.meta.get("nclass") if self.meta else None
         if path.endswith(".keras"):
-            self._predict, shape, nclass = export.load_classifier(path)
+            self._predict, shape, nclass = saving.load_classifier(path)
         else:
             shape, nclass = saved_model_check.check(path)     # meta.json compared below
             self._predict = _load_saved_model(path)
@@ -66,7 +71,7 @@ class Predictor:
         if meta_shape is not None and self.shape != meta_shape or (
                 meta_nclass is not None and nclass is not None and int(nclass) != meta_nclass):
             raise UserError(f"{path} takes {_shape_text(self.shape)} images and gives {nclass} "
-                            f"classes, but {os.path.join(folder, export.META_FILE)} says "
+                            f"classes, but {os.path.join(folder, saving.META_FILE)} says "
                             f"{_shape_text(meta_shape)} and {meta_nclass}: the two come from "
                             f"different exports; re-export the run with --export_only")
         if None in self.shape or self.shape[0] != self.shape[1]:
@@ -133,14 +138,14 @@ def _resolve_model(path: str) -> str:
         return path
     if not os.path.isdir(path):
         raise UserError(f"--model={path} not found: pass an export folder, run folder or .keras file")
-    beside = os.path.join(os.path.dirname(os.path.abspath(path)), export.KERAS_FILE)
-    for candidate in (os.path.join(path, "export", export.KERAS_FILE), os.path.join(path, export.KERAS_FILE)):
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), saving.KERAS_FILE)
+    for candidate in (os.path.join(path, "export", saving.KERAS_FILE), os.path.join(path, saving.KERAS_FILE)):
         if os.path.isfile(candidate):
             return candidate
     if os.path.isfile(os.path.join(path, "saved_model.pb")) and os.path.isfile(beside):
         return beside       # a SavedModel of an export: its model.keras loads in safe mode
-    for candidate in (os.path.join(path, "export", export.SAVED_MODEL_DIR),
-                      os.path.join(path, export.SAVED_MODEL_DIR), path):
+    for candidate in (os.path.join(path, "export", saving.SAVED_MODEL_DIR),
+                      os.path.join(path, saving.SAVED_MODEL_DIR), path):
         if os.path.isfile(os.path.join(candidate, "saved_model.pb")):
             return candidate
     raise UserError(f"--model={path} holds no model.keras or saved_model: train to the end, or run "

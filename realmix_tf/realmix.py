@@ -3,8 +3,8 @@ on the labeled loss + an out-of-distribution mask (gamma) on the unlabeled loss 
 
 Algorithm 1 of the paper, line by line, and where each line lives:
    4, 9  Extend(Xu): K augmented copies of the unlabeled set, written beforehand by
-         data_prep.extend_unlabeled and read with --extend=K (libml/extend.py, libml/data.py)
-   5, 12 Augment: flip + translate of every training image (libml/augment.py, libml/data.py)
+         data_prep.extend_unlabeled and read with --extend=K (libml/data/extend.py, libml/data/pipeline.py)
+   5, 12 Augment: flip + translate of every training image (libml/data/augment.py, libml/data/pipeline.py)
    13    generateTargets: label guessing, sharpened       MixMatch._losses_and_gradients_eager, 1.
  15-18   MixUp of labeled and unlabeled with X_l+u        MixMatch._losses_and_gradients_eager, 2.
    19    L_sup = CrossEntropy(f(X'_l), Y'_l)              MixMatch.labeled_loss
@@ -12,8 +12,8 @@ Algorithm 1 of the paper, line by line, and where each line lives:
    23    L_unsup = MSE(f(X'_u), Y'_u)                     MixMatch.unlabeled_loss
    24    L_unsup = OODMask_gamma(L_unsup)                 RealMix.unlabeled_loss
    25    L = L_sup + lambda L_unsup (lambda ramped)       MixMatch._losses_and_gradients_eager, 4.
- 26-27   gradient step, EMA of the weights                libml.ssl.SSLModel.apply_update
-   29    return the EMA weights                           the trainer's export (libml/export.py)
+ 26-27   gradient step, EMA of the weights                libml.train.algorithm.SSLModel.apply_update
+   29    return the EMA weights                           the trainer's export (libml/export/saving.py)
 
 Command line:
     python -m realmix_tf.realmix --dataset=cifar10.3@250-5000 --gamma=0.6 --tsa=linear
@@ -22,10 +22,15 @@ import tensorflow as tf
 
 import keras
 
-from libml import gamma_auto, layers, ood_score, replicas
-from libml.config import KIMG, decay, one_of
-from libml.errors import UserError
-from libml.ssl import TRAIN_KIMG, hparam
+from realmix_tf import gamma_auto
+
+from libml.nn import ops
+from libml.nn import ood_score
+
+from libml.nn import replicas
+from libml.train.config import KIMG, decay, one_of
+from libml.base.errors import UserError
+from libml.train.algorithm import TRAIN_KIMG, hparam
 from realmix_tf.mixmatch import MixMatch
 
 TSA_CHOICES = ("none", "linear", "log", "exp")
@@ -47,7 +52,7 @@ class RealMix(MixMatch):
     """RealMix on a Wide ResNet. train_kimg: run length, TSA progress = step / (train_kimg *
     1024) clipped to [0, 1]; tsa: 'none' | 'linear' | 'log' | 'exp'; tsa_source: 'labels'
     (the paper's rule) | 'logits' (the released code's rule); gamma: OOD-mask percentile in
-    [0, 1), 0 = off, or "auto": estimated during training (libml/gamma_auto.py; then gamma
+    [0, 1), 0 = off, or "auto": estimated during training (realmix_tf/gamma_auto.py; then gamma
     is a variable the report hook sets). Other arguments as MixMatch (defaults are the
     released ones, spec §2)."""
 
@@ -58,7 +63,7 @@ class RealMix(MixMatch):
                    one_of(*TSA_CHOICES), parse_tsa),
         tsa_source=hparam("labels", "What the TSA threshold multiplies: labels (the paper's "
                           "rule) or logits (the released code's, spec §6.6).",
-                          one_of(*layers.TSA_SOURCES)),
+                          one_of(*ops.TSA_SOURCES)),
         gamma=hparam("0", "OOD mask: fraction in [0, 1) of the unlabeled images ranked least "
                      "in-distribution (by --ood_score) left out of the unlabeled loss (0 = off), "
                      "or auto: estimated from the data during training "
@@ -67,7 +72,7 @@ class RealMix(MixMatch):
                          "code: the top probability of each mixed unlabeled prediction) or "
                          "prototype (cosine similarity of the EMA model's features of the "
                          "unmixed image to the nearest class prototype, a moving average of "
-                         "the labeled images' features; libml/ood_score.py).",
+                         "the labeled images' features; libml/nn/ood_score.py).",
                          one_of(*OOD_SCORES)),
         prototype_momentum=hparam(0.99, "Moving-average momentum of the class prototypes "
                                   "(--ood_score=prototype).", decay, float),
@@ -104,10 +109,10 @@ class RealMix(MixMatch):
             loss, _ = super().labeled_loss(logits_x, targets_x, step)
             one = replicas.share(1.0)
             return loss, {"monitors/tsa_threshold": one, "monitors/tsa_kept": one}
-        progress = layers.tsa_progress(step, round(self.train_kimg * KIMG))
-        threshold = layers.tsa_threshold(self.tsa, progress, self.nclass)
-        keep = layers.tsa_mask(logits_x, targets_x, threshold, self.tsa_source)
-        loss = replicas.masked_mean(layers.soft_cross_entropy(targets_x, logits_x), keep,
+        progress = ops.tsa_progress(step, round(self.train_kimg * KIMG))
+        threshold = ops.tsa_threshold(self.tsa, progress, self.nclass)
+        keep = ops.tsa_mask(logits_x, targets_x, threshold, self.tsa_source)
+        loss = replicas.masked_mean(ops.soft_cross_entropy(targets_x, logits_x), keep,
                                     self.replica_mode)
         return loss, {"monitors/tsa_threshold": replicas.share(threshold),
                       "monitors/tsa_kept": replicas.mean(keep)}
@@ -140,7 +145,7 @@ class RealMix(MixMatch):
             loss, _ = super().unlabeled_loss(logits_u, targets_u)
             return loss, {"monitors/mask_ratio": replicas.share(1.0),
                           "monitors/mask_threshold": replicas.share(0.0)}
-        sq_err = layers.l2_consistency(targets_u, logits_u)
+        sq_err = ops.l2_consistency(targets_u, logits_u)
         # The percentile over the predictions of every replica (of this one: per_replica).
         if scores is None:      # the released ranking: each mixed prediction's confidence
             keep, threshold = replicas.percentile_mask(tf.nn.softmax(logits_u), gamma,
@@ -157,7 +162,7 @@ class RealMix(MixMatch):
 class GammaReport:
     """--gamma=auto in the trainer's reports: the EMA model's pooled features of one window of
     unlabeled images (one extra pass of --eval_batch images) go to the estimator, which sets
-    gamma (libml/gamma_auto.py); returns the line the trainer prints."""
+    gamma (realmix_tf/gamma_auto.py); returns the line the trainer prints."""
 
     def __init__(self, hook):
         self.hook = hook

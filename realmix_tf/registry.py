@@ -4,13 +4,13 @@
     launch(name, {"dataset": ..., "gamma": 0.6})   ->  the stats dict of the run (runs/ use this)
 
 Both go through `configure`: the trainer's flags, the algorithm's and the original libml
-flags this project lacks (libml/libml_flags.py: accepted, mapped or noted once) are defined on
+flags this project lacks (realmix_tf/legacy_flags.py: accepted, mapped or noted once) are defined on
 one FlagValues, parsed by absl, turned into a validated TrainConfig plus the algorithm's
 hyper-parameters; the model constructor checks those when the Trainer builds it.
 
 An algorithm module (realmix_tf/<module>.py) defines:
     the model class, named as its REGISTRY entry (= the run-folder prefix), an SSLModel whose
-    HPARAMS declare its hyper-parameters once (flag, default, help, check: libml.ssl.hparam),
+    HPARAMS declare its hyper-parameters once (flag, default, help, check: libml.train.algorithm.hparam),
     whose `unlabeled` declares its data and whose `train_loss` is the algorithm;
     optionally Config (a TrainConfig subclass: another kind of dataset name and data);
     `if __name__ == "__main__": registry.cli("<name>")`.
@@ -23,10 +23,11 @@ from typing import Dict, List, Optional
 
 from absl import flags
 
-from libml import cli as cli_runner
-from libml import config as train_config
-from libml import libml_flags, train
-from libml.errors import UserError
+from libml.base import cli as cli_runner
+from libml.train import config as train_config
+from realmix_tf import legacy_flags
+from libml.train import trainer as train
+from libml.base.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,7 @@ def define_flags(name: str, flag_values: Optional[flags.FlagValues] = None) -> f
     for alias, key in getattr(model_class, "FLAG_ALIASES", {}).items():
         if alias not in flag_values:
             flags.DEFINE_alias(alias, key, flag_values=flag_values)
-    libml_flags.define(flag_values)    # the original libml flags this project lacks, last
+    legacy_flags.define(flag_values)    # the original libml flags this project lacks, last
     return flag_values
 
 
@@ -103,7 +104,7 @@ def configure(name: str, flag_values: flags.FlagValues) -> train_config.TrainCon
         raise UserError(f"--extend is set but {algorithm.name} does not read unlabeled images: "
                         f"drop --extend")
     settings = train_config.flag_settings(flag_values, algorithm.config_class())
-    overrides, notes = libml_flags.resolve(       # the original libml flags: mapped or noted
+    overrides, notes = legacy_flags.resolve(       # the original libml flags: mapped or noted
         flag_values, settings.get("train_kimg", 0), settings.get("report_kimg", 1),
         "shuffle_buffer" in flag_values and flag_values["shuffle_buffer"].present)
     for note in notes:
@@ -129,7 +130,7 @@ def main(name: str, argv: List[str], flag_values: flags.FlagValues = flags.FLAGS
         raise UserError(f"unexpected arguments {' '.join(argv[1:])}: every option is a --flag "
                         f"(see --helpfull)")
     config = configure(name, flag_values)
-    libml_flags.apply_runtime(flag_values)
+    legacy_flags.apply_runtime(flag_values)
     return make_trainer(name, config).run()
 
 

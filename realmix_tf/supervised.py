@@ -1,5 +1,5 @@
 """Supervised baseline: the labeled images only, with RealMix's network, augmentation, Adam,
-decoupled weight decay and EMA (libml.ssl.SSLModel). It is the paper's "supervised baseline"
+decoupled weight decay and EMA (libml.train.algorithm.SSLModel). It is the paper's "supervised baseline"
 (e.g. 20.32 % error with the 2400 labels of the mismatch experiment, section 4.2.2).
 
 One step: logits of the augmented labeled batch (training-mode BN, which updates the moving
@@ -11,19 +11,20 @@ Command line:
 """
 import tensorflow as tf
 
-from libml import layers, replicas
-from libml.errors import UserError
-from libml.ssl import SSLModel, hparam
+from libml.nn import ops
+from libml.nn import replicas
+from libml.base.errors import UserError
+from libml.train.algorithm import SSLModel, hparam
 
 
 def labeled_cross_entropy(logits, labels, nclass, smoothing=0.0):
     """Mean cross-entropy (float32 scalar) of logits [B, C] against integer labels [B], the
-    one-hot targets smoothed as libml: y - smoothing * (y - 1/C) (M:libml/models.py augment);
-    as this replica's share of the mean over every replica's rows (libml/replicas.py)."""
+    one-hot targets smoothed as libml: y - smoothing * (y - 1/C) (M:libml/nn/wrn.py augment);
+    as this replica's share of the mean over every replica's rows (libml/nn/replicas.py)."""
     targets = tf.one_hot(labels, nclass)
     if smoothing:
         targets = targets - smoothing * (targets - 1.0 / nclass)
-    return replicas.mean(layers.soft_cross_entropy(targets, logits))
+    return replicas.mean(ops.soft_cross_entropy(targets, logits))
 
 
 def check_smoothing(name, smoothing) -> None:

@@ -16,7 +16,7 @@ Defaults as M:vat.py: vat 0.3, vat_eps 6, entmin_weight 0.06 (not ramped), warmu
 xi 1e-6; the MixMatch tables ran it with these and --wd=0.02 on CIFAR-10 and SVHN.
 
 The random start d is drawn for the rows of the global batch from (seed, step) and each replica
-takes its rows, so R replicas draw what one device draws (libml.ssl.SSLModel.global_rows). ξ = 1e-6 is below the
+takes its rows, so R replicas draw what one device draws (libml.train.algorithm.SSLModel.global_rows). ξ = 1e-6 is below the
 resolution of bfloat16/float16 inputs, so VAT trains in float32 only: --mixed_precision=auto
 (the default) gives float32 for VAT, an explicit bf16 / fp16 is refused.
 
@@ -25,18 +25,18 @@ Command line:
 """
 import tensorflow as tf
 
-from libml import replicas
-from libml.config import positive, non_negative
-from libml.data import Unlabeled
-from libml.errors import UserError
-from libml.ssl import TRAIN_KIMG, SSLModel, hparam
+from libml.nn import replicas
+from libml.train.config import positive, non_negative
+from libml.data.pipeline import Unlabeled
+from libml.base.errors import UserError
+from libml.train.algorithm import TRAIN_KIMG, SSLModel, hparam
 from realmix_tf.mean_teacher import WARMUP_POS_HPARAM, linear_warmup
 from realmix_tf.supervised import SMOOTHING, labeled_cross_entropy, smoothing_hparams
 
 
 # -- VAT's ops -------------------------------------------------------------------------------
 # Pure ops of virtual adversarial training (Miyato et al., 2018) as the MixMatch repository's
-# VAT baseline uses them (M:vat.py, M:third_party/vat_utils.py, M:libml/layers.py):
+# VAT baseline uses them (M:vat.py, M:third_party/vat_utils.py, M:libml/nn/ops.py):
 # 
 #     d     = xi * normalize(noise)                      noise ~ N(0, 1), one power iteration
 #     g     = d/dd mean_b KL(softmax(logits) || softmax(forward(x + d)))
@@ -86,7 +86,7 @@ def virtual_adversarial_perturbation(x, logits, forward, epsilon, noise, xi=VAT_
     x: inputs [B, ...]; logits: forward(x) [B, C] (its gradient is not used); forward: callable
     x -> logits; noise: the random start [B, ...] (the caller draws it, N(0, 1)); xi: the
     finite-difference step of the power iteration; mean: how the per-example divergences are
-    averaged (several replicas: libml.replicas.mean, this replica's share of the global mean,
+    averaged (several replicas: libml.nn.replicas.mean, this replica's share of the global mean,
     so that the direction's scale is one device's)."""
     target = tf.stop_gradient(logits)
     d = xi * normalize_perturbation(tf.cast(noise, x.dtype))

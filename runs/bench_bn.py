@@ -1,12 +1,12 @@
 """Benchmark of the grouped ("ghost batch") BatchNorm + LeakyReLU of the interleaved passes:
-the way libml.models.BatchNorm does it against two ways that avoid the split and concat.
+the way libml.nn.wrn.BatchNorm does it against two ways that avoid the split and concat.
 
     python -m runs.bench_bn [--batch=192 --groups=3 --rounds=5]
 
 Each variant normalises each of --groups equal chunks of a batch with the chunk's own
 statistics, then applies LeakyReLU(0.1); one forward + backward (gradients of x, gamma, beta)
 at the three WRN-28-2 stage shapes (32x32x32, 16x16x64, 8x8x128) is one call:
-  fused     tf.split, TensorFlow's fused kernel per chunk, tf.concat (libml.models.BatchNorm);
+  fused     tf.split, TensorFlow's fused kernel per chunk, tf.concat (libml.nn.wrn.BatchNorm);
   moments   one reshape to [groups, rows, C], tf.nn.moments, one broadcast affine (no copies);
   xla       the same maths in a jit-compiled function (XLA fuses it into a few loops).
 The variants alternate round by round, so that other jobs slow them alike; the gradients are
@@ -17,8 +17,7 @@ import time
 
 from absl import flags
 
-from libml import cli
-
+from libml.base import cli
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 192, "Rows of the batch (the interleaved step: 3 chunks of 64).")
 flags.DEFINE_integer("groups", 3, "Chunks with their own statistics.")

@@ -14,7 +14,8 @@ import time
 from absl import flags
 
 from data_prep import check_split, create_datasets, create_mismatch, create_split
-from libml import cli, names
+from libml.base import cli
+from libml.data import names
 from runs.bench_fixtures import write_cifar_archive
 
 FLAGS = flags.FlagValues()

@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-from libml import cli  # noqa: E402
+from libml.base import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("devices", 2, "Logical CPU devices (0: the visible GPUs).")
@@ -88,7 +88,7 @@ def describe(summary: dict, resolution: float, goal: float) -> str:
 # A variant's process
 
 def serve(variant: str) -> int:
-    from libml import distribute
+    from libml.train import devices as distribute
     distribute.configure_devices(FLAGS.devices if variant != "one" else 0)
     import numpy as np
     import tensorflow as tf

@@ -22,7 +22,7 @@ import time
 import numpy as np
 from absl import flags
 
-from libml import cli
+from libml.base import cli
 from runs.bench_fixtures import make_ssl_dataset
 
 FLAGS = flags.FLAGS
@@ -104,7 +104,9 @@ def compare_streams(streams: dict, batch: int, steps: int, rounds: int) -> dict:
 
 
 def main(_):
-    from libml import data, extend, names
+    from libml.data import pipeline as data
+    from libml.data import extend
+    from libml.data import names
     root = FLAGS.root
     make_source(root, FLAGS.images)
     d = names.parse_dataset_name(DATASET)

@@ -21,7 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-from libml import cli  # noqa: E402
+from libml.base import cli  # noqa: E402
 from realmix_tf import registry  # noqa: E402
 
 registry.define_flags("realmix", flags.FLAGS)       # --filters, --repeat, --batch, ...
@@ -41,10 +41,11 @@ def _timed(fn, count):
 
 def main(_):
     import tensorflow as tf
-    from libml import checkpoint_files, finite
-    from libml.checkpoint import make_checkpoint
-    from libml.config import TrainConfig
-    from libml.runfolder import RunFolder
+    from libml.run import checkpoint_files
+    from libml.run import finite
+    from libml.run.checkpoint import make_checkpoint
+    from libml.train.config import TrainConfig
+    from libml.run.runfolder import RunFolder
     from runs.bench_fixtures import make_ssl_dataset
 
     work = tempfile.mkdtemp(prefix="bench_faults_")

@@ -16,8 +16,11 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from libml import datasets, names, records
+from libml.data import datasets
 
+from libml.data import names
+
+from libml.data import records
 Arrays = Tuple[np.ndarray, np.ndarray]
 
 

@@ -13,7 +13,7 @@ import time
 
 from absl import flags
 
-from libml import cli
+from libml.base import cli
 from runs.bench_fixtures import make_ssl_dataset
 
 FLAGS = flags.FLAGS
@@ -42,7 +42,7 @@ def measure(data, batch: int, steps: int, warmup: int) -> float:
 
 
 def main(argv):
-    from libml.data import load_ssl
+    from libml.data.pipeline import load_ssl
     root = FLAGS.data_dir
     t0 = time.perf_counter()
     bench = make_ssl_dataset(root, "bench", nlabeled=FLAGS.nlabeled, nunlabeled=FLAGS.count - FLAGS.nlabeled,

@@ -20,7 +20,7 @@ import time
 
 from absl import flags  # noqa: E402
 
-from libml import cli  # noqa: E402
+from libml.base import cli  # noqa: E402
 from realmix_tf import registry  # noqa: E402
 
 registry.define_flags("realmix", flags.FLAGS)       # --filters, --repeat, --batch, ...
@@ -31,9 +31,9 @@ FLAGS = flags.FLAGS
 
 def main(_):
     import tensorflow as tf
-    from libml.checkpoint import make_checkpoint
-    from libml.config import TrainConfig
-    from libml.runfolder import RunFolder
+    from libml.run.checkpoint import make_checkpoint
+    from libml.train.config import TrainConfig
+    from libml.run.runfolder import RunFolder
     from runs.bench_fixtures import make_ssl_dataset
 
     work = tempfile.mkdtemp(prefix="bench_loop_")

@@ -15,7 +15,7 @@ PyTorch MixMatch port's own train() step (runs/peer_step.py; bf16 = torch.autoca
 own process and takes part in every round, so the RealMix/port ratio is measured side by side.
 Warm-up steps (tracing) are excluded; the steps alternate so that other jobs slow all alike.
 
-Beside s/step: the step's FLOPs (libml/flops.py: the Conv2D and MatMul ops of the network's
+Beside s/step: the step's FLOPs (runs/flops.py: the Conv2D and MatMul ops of the network's
 forward pass counted once from their shapes; a step = 2B forward-only images (the label
 guess) + 3B images forward and backward (3x forward) = 11 B x forward FLOPs; RealMix, bare
 and the port do the same arithmetic) and the achieved FLOP/s against the CPU's peak for the
@@ -29,10 +29,13 @@ import numpy as np
 import tensorflow as tf
 from absl import flags
 
-from libml import precision_probe
-from libml import cli, flops, gamma_auto, platform
-from libml.config import PRECISIONS
-from libml.errors import UserError
+from libml.train import precision_probe
+from libml.base import cli
+from runs import flops
+from realmix_tf import gamma_auto
+from libml.base import machine as platform
+from libml.train.config import PRECISIONS
+from libml.base.errors import UserError
 from realmix_tf import registry
 from realmix_tf.realmix import RealMix
 from runs.peer_step import PEER_PRECISIONS, PeerError, PeerProcess
@@ -155,7 +158,7 @@ def measure(precisions):
     return rounds
 
 
-FLOPS = {}        # {"forward": libml.flops.forward_flops of the network}, counted once
+FLOPS = {}        # {"forward": runs.flops.forward_flops of the network}, counted once
 
 
 def step_flops():
@@ -190,7 +193,7 @@ def report(precision, rounds):
     """Prints one precision's figures; returns its median wall seconds per step by name."""
     peak = flops.cpu_peak(precision)
     print(f"{precision:15s} peak " + (peak.formula() if peak else "unknown: the FMA width of "
-                                      "this CPU is not in libml/flops.py"))
+                                      "this CPU is not in runs/flops.py"))
     med = {k: float(np.median([w for w, _ in v])) for k, v in rounds.items()}
     best = {k: min(w for w, _ in v) for k, v in rounds.items()}
     cpu = {k: float(np.median([c for _, c in v])) for k, v in rounds.items()}

@@ -1,4 +1,4 @@
-"""Benchmark of the training views (libml.augment.VIEWS): images per second of each view on
+"""Benchmark of the training views (libml.data.augment.VIEWS): images per second of each view on
 random uint8 batches inside tf.data (graph mode, one map call per batch, seed per batch).
 
     python -m runs.bench_views                                  # weak, strong; 64x32x32x3
@@ -12,10 +12,9 @@ import time
 
 from absl import flags
 
-from libml import cli
-
+from libml.base import cli
 FLAGS = flags.FLAGS
-flags.DEFINE_list("views", ["weak", "strong"], "Views to measure (keys of libml.augment.VIEWS).")
+flags.DEFINE_list("views", ["weak", "strong"], "Views to measure (keys of libml.data.augment.VIEWS).")
 flags.DEFINE_list("shape", ["64", "32", "32", "3"], "Batch shape N,H,W,C.")
 flags.DEFINE_integer("steps", 100, "Measured batches per view.")
 flags.DEFINE_integer("warmup", 10, "Batches run before timing (the first one traces).")
@@ -24,8 +23,7 @@ flags.DEFINE_integer("warmup", 10, "Batches run before timing (the first one tra
 def measure(name: str, shape, steps: int, warmup: int):
     import numpy as np
     import tensorflow as tf
-    from libml import augment
-
+    from libml.data import augment
     images = np.random.RandomState(0).randint(0, 256, size=shape).astype(np.uint8)
     options = tf.data.Options()
     options.autotune.enabled = False

@@ -22,9 +22,9 @@ from typing import Dict, List, Sequence
 
 from absl import flags
 
-from libml import cli
-from libml.errors import UserError
-from libml.summaries import MEDIAN_WINDOWS, TEST_TAGS, run_stats
+from libml.base import cli
+from libml.base.errors import UserError
+from libml.run.summaries import MEDIAN_WINDOWS, TEST_TAGS, run_stats
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("tags", list(TEST_TAGS), "Event tags of the test accuracy, in order of "

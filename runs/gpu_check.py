@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import flags  # noqa: E402
 
-from libml import cli  # noqa: E402
+from libml.base import cli  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("cpu_devices", 0, "Use N logical CPU devices instead of the GPUs "
@@ -41,7 +41,7 @@ NO_GPU = ("no GPU visible: nothing to check here (run it on a GPU host; --cpu_de
 
 def devices():
     """The device names to compare (one device vs all of them), or [] when there is none."""
-    from libml import distribute
+    from libml.train import devices as distribute
     distribute.configure_devices(FLAGS.cpu_devices)
     import tensorflow as tf
     if FLAGS.cpu_devices:
@@ -53,8 +53,8 @@ def compare(names):
     """{label: {"devices", "losses" [steps], "seconds" [steps - 1], "weights" {key: array}}}."""
     import numpy as np
     import tensorflow as tf
-    from libml import distribute
-    from libml.checkpoint import make_checkpoint, model_variables, read_model
+    from libml.train import devices as distribute
+    from libml.run.checkpoint import make_checkpoint, model_variables, read_model
     from realmix_tf.realmix import RealMix
 
     rng = np.random.RandomState(0)

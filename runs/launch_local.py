@@ -22,7 +22,7 @@ from typing import List, Optional
 
 from absl import flags
 
-from libml.errors import UserError
+from libml.base.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("workers", 2, "Number of worker processes.")

@@ -19,7 +19,7 @@ at the released loss scale (--loss_nclass=10); VAT runs in float32 (it refuses m
 
 The script prepares its own data under {work_dir}/ML_DATA (create_datasets mnist5k,
 create_split, create_mismatch --source=mnist5k, extend_unlabeled), trains every run in this
-process with libml.train (fresh model per run) under {work_dir}/train_dir, and writes
+process with libml.train.trainer (fresh model per run) under {work_dir}/train_dir, and writes
 {output}/results.md, results.json and one PNG per experiment. A cell is the mean ± sample
 standard deviation over seeds of the error = 100 - median test accuracy of the last
 --median_last reports. Re-running reuses finished runs (their result is cached in
@@ -39,9 +39,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import flags
 
-from libml import cli
-from libml.errors import UserError
-from libml.io import write_json
+from libml.base import cli
+from libml.base.errors import UserError
+from libml.base.files import write_json
 from runs.experiments import (CIFAR, MISMATCH_GAMMA, MT_CIFAR, PI_CIFAR, RELEASED_LOSS_SCALE,
                               VAT_FLAGS, paper_error)
 
@@ -297,7 +297,7 @@ def unique_runs(cells: Sequence[Cell]) -> List[Run]:
 
 def prepare_data(cells: Sequence[Cell], s: Settings, root: str) -> None:
     from data_prep import create_datasets, create_mismatch, create_split
-    from libml.names import parse_dataset_name
+    from libml.data.names import parse_dataset_name
     os.makedirs(os.path.join(root, "SSL"), exist_ok=True)
     datasets = list(dict.fromkeys(c.run.dataset for c in cells))
     if not all(os.path.exists(os.path.join(root, f"mnist5k-{p}")) for p in
@@ -326,7 +326,7 @@ def prepare_data(cells: Sequence[Cell], s: Settings, root: str) -> None:
 
 def prepare_extension(dataset: str, copies: int, aug: str, root: str) -> None:
     from data_prep import extend_unlabeled
-    from libml.extend import extended_unlabeled_files
+    from libml.data.extend import extended_unlabeled_files
     try:
         extended_unlabeled_files(dataset, root, copies, aug, 0)
         return
@@ -340,14 +340,14 @@ def prepare_extension(dataset: str, copies: int, aug: str, root: str) -> None:
 # Training
 
 def median_error(test_accuracies: Sequence[float], last: int) -> Optional[float]:
-    from libml.summaries import median_last
+    from libml.run.summaries import median_last
     median = median_last(test_accuracies, last)
     return None if median is None else 100.0 - median
 
 
 def run_decay(s: Settings) -> float:
     """EMA decay and BN momentum of every run: what --short_run_scaling gives (1 - 10/steps)."""
-    from libml.config import TrainConfig
+    from libml.train.config import TrainConfig
     return TrainConfig(batch=s.batch, train_kimg=s.train_kimg, short_run_scaling=True).effective_decays()[0]
 
 
@@ -369,7 +369,7 @@ def train_run(run: Run, s: Settings, root: str, train_dir: str) -> dict:
     flag parsing and checks as its command line; returns its per-report test accuracies, run
     folder and wall time."""
     import keras
-    from libml.summaries import read_history
+    from libml.run.summaries import read_history
     from realmix_tf import registry
     keras.backend.clear_session()
     gc.collect()
@@ -386,10 +386,10 @@ def train_run(run: Run, s: Settings, root: str, train_dir: str) -> dict:
 
 def ood_share(run_dir: str, root: str) -> dict:
     """--gamma=auto runs: the last report's estimate and gamma (stats/gamma_auto.json), and
-    realmix_tf.inspect on the final model (whole-set estimate, true share, AUROC)."""
-    from libml.gamma_auto import HISTORY_FILE
-    from libml.io import read_json
-    from realmix_tf import inspect
+    realmix_tf.outliers on the final model (whole-set estimate, true share, AUROC)."""
+    from realmix_tf.gamma_auto import HISTORY_FILE
+    from libml.base.files import read_json
+    from realmix_tf import outliers as inspect
     last = read_json(os.path.join(run_dir, HISTORY_FILE), "re-run the miniature")[-1]
     summary = inspect.inspect(run_dir, root=root, overwrite=True)
     return dict(gamma_final=last["gamma"], estimate_final=last["ood_share_estimate"],
@@ -619,7 +619,7 @@ def settings_from_flags(fv) -> Settings:
     if not levels or any(x not in LEVELS for x in levels):
         raise UserError(f"--levels={','.join(fv.levels)}: use mismatch levels among "
                         f"{', '.join(map(str, LEVELS))}")
-    from libml.config import positive       # imports TensorFlow: after the checks above
+    from libml.train.config import positive       # imports TensorFlow: after the checks above
     positive("train_kimg", fv.train_kimg)
     values = dict(seeds=seeds, sizes=sizes, methods=tuple(fv.methods),
                   experiments=tuple(e for e in EXPERIMENTS if e in fv.experiments),

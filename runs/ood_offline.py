@@ -21,8 +21,9 @@ import sys
 import numpy as np
 from absl import flags
 
-from libml import cli, ood_share
+from libml.base import cli
 
+from realmix_tf import ood_share
 FLAGS = flags.FlagValues()
 flags.DEFINE_bool("synthetic", False, "Measure on the synthetic worlds.", flag_values=FLAGS)
 flags.DEFINE_list("runs", [], "Run folders to measure.", flag_values=FLAGS)
@@ -77,15 +78,15 @@ def synthetic(seeds) -> list:
 
 
 def measure_run(run_dir: str, root: str) -> dict:
-    from libml.names import data_dir, parse_dataset_name
-    from realmix_tf import inspect
-    net, meta, _ = inspect.load_model(run_dir)
+    from libml.data.names import data_dir, parse_dataset_name
+    from realmix_tf import outliers
+    net, meta, _ = outliers.load_model(run_dir)
     name = parse_dataset_name(meta["dataset"])
-    xl, yl, xu, yu, truth = inspect.load_split(name, data_dir(root))
+    xl, yl, xu, yu, truth = outliers.load_split(name, data_dir(root))
     if truth is None:
         raise ValueError(f"{name} has no ground truth (not a mismatch set)")
-    fu, logits = inspect.features_and_logits_of(net, xu, 512)
-    fl = inspect.features_and_logits_of(net, xl, 512)[0]
+    fu, logits = outliers.features_and_logits_of(net, xu, 512)
+    fl = outliers.features_and_logits_of(net, xl, 512)[0]
     nv, nclass = name.nvalid, int(logits.shape[1])
     inside = truth["in_distribution"][nv:]
     protos = ood_share.prototypes(fl, yl, nclass)

@@ -26,9 +26,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from absl import flags
 
-from libml import cli
-from libml.config import positive
-from libml.errors import UserError
+from libml.base import cli
+from libml.train.config import positive
+from libml.base.errors import UserError
 from realmix_tf import registry
 from runs.experiments import EXPERIMENTS, REPORT_KIMG, TABLES, TRAIN_KIMG, Experiment
 
@@ -112,7 +112,7 @@ def prep_commands(exp: Experiment, dataset: str, s: Settings) -> List[Command]:
     """The data-preparation commands a training run needs, in order."""
     if exp.module == "realmix_tf.fully_supervised":
         return [create_datasets_command(dataset.split("-")[0], s)]
-    from libml.names import parse_dataset_name
+    from libml.data.names import parse_dataset_name
     d = parse_dataset_name(dataset)
     split = f"{{data}}/SSL/{d.split}"
     split_outputs = (f"{split}-label.tfrecord", f"{split}-unlabel.tfrecord")
@@ -334,7 +334,7 @@ def run_commands(commands: Sequence[Command], s: Settings, data: str, train: str
 
 def results_lines(table: int, s: Settings, train: str) -> List[str]:
     """Measured median-of-last-20 error (mean ± std over seeds) beside the paper's number."""
-    from libml.summaries import run_stats
+    from libml.run.summaries import run_stats
     from runs.extract_accuracy import mean_std
     lines = [f"## Table {table}: {TABLES[table]}", "",
              "| method | setting | paper | measured (mean ± std) | seeds done |", "|---|---|---|---|---|"]
@@ -400,7 +400,7 @@ def main(argv=None):
         data = s.data_dir or "$ML_DATA"
         print("\n".join(format_table(t, s, data, train) for t in tables))
         return 0
-    from libml.names import data_dir
+    from libml.data.names import data_dir
     data = data_dir(s.data_dir)
     commands: List[Command] = []
     for t in tables:

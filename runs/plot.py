@@ -17,9 +17,11 @@ from typing import Dict, List, Sequence, Tuple
 
 from absl import flags
 
-from libml import cli, summaries
-from libml.errors import UserError
-from libml.io import atomic_path, check_overwrite
+from libml.base import cli
+
+from libml.run import summaries
+from libml.base.errors import UserError
+from libml.base.files import atomic_path, check_overwrite
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("output", "curves.png", "PNG file to write.", flag_values=FLAGS)

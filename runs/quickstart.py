@@ -18,10 +18,12 @@ import sys
 
 from absl import flags
 
-from libml import cli, storage
-from libml.config import positive
-from libml.errors import EXIT_USER_ERROR, UserError
-from libml.summaries import median_last, run_test_accuracies
+from libml.base import cli
+
+from libml.base import storage
+from libml.train.config import positive
+from libml.base.errors import EXIT_USER_ERROR, UserError
+from libml.run.summaries import median_last, run_test_accuracies
 from realmix_tf.registry import REGISTRY
 
 FLAG_VALUES = flags.FlagValues()

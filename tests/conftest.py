@@ -1,7 +1,6 @@
 import os
 
-from libml import platform as _platform
-
+from libml.base import machine as _platform
 _platform.setup()   # before anything imports TensorFlow, as every entry point does
 os.environ.setdefault("TF_DETERMINISTIC_OPS", "0")
 
@@ -12,9 +11,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from libml import precision_probe
-
-# --mixed_precision=auto never times steps in the tests (slow, and flaky on a shared machine):
+from libml.train import precision_probe  # --mixed_precision=auto never times steps in the tests (slow, and flaky on a shared machine):
 # the cache folder, inherited by the subprocesses the tests start, holds a fixed answer for
 # this machine: float32 (timings 1.0 s vs 2.0 s).
 _CACHE_HOME = tempfile.mkdtemp(prefix="realmix_tests_cache_")

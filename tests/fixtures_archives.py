@@ -57,7 +57,7 @@ def write_image_folders(root: str, counts: Dict[str, int], shape=(40, 48, 3), ex
 
 def write_record_dataset(root: str, name: str, subsets: Dict[str, Arrays]) -> Dict[str, str]:
     """Writes {root}/{name}-{subset}.tfrecord for each (images, labels); returns the paths."""
-    from libml import records
+    from libml.data import records
     paths = {}
     for subset, (images, labels) in subsets.items():
         path = os.path.join(root, f"{name}-{subset}.tfrecord")

@@ -13,9 +13,7 @@ from typing import Tuple
 
 import numpy as np
 
-from libml import records
-
-
+from libml.data import records
 @dataclasses.dataclass
 class ToyDataset:
     root: str

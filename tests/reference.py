@@ -1,7 +1,7 @@
 """Independent references shared by the step tests: a cloned network and numpy softmax."""
 import numpy as np
 
-from libml.models import WideResNet
+from libml.nn.wrn import WideResNet
 
 
 def clone_network(net, input_shape):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import augment
+from libml.data import augment
 from tests.fixtures_data import test_options
 
 SEED = tf.constant([7, 11], tf.int64)

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import cli, config as train_config
-from libml import data as ssl_data
-from libml.errors import UserError
+from libml.base import cli
+
+from libml.train import config as train_config
+from libml.data import pipeline as ssl_data
+from libml.base.errors import UserError
 from realmix_tf import registry
 from realmix_tf.fully_supervised import Config as FullySupervisedConfig, FullySupervised, parse_fully_supervised_name
 from realmix_tf.mean_teacher import MeanTeacher

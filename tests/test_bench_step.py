@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from libml import platform
+from libml.base import machine as platform
 from runs import peer_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

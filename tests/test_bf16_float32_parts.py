@@ -4,7 +4,7 @@ and the losses. Checked on a real RealMix step under the mixed_bfloat16 policy."
 import numpy as np
 import tensorflow as tf
 
-from libml import layers
+from libml.nn import ops
 from realmix_tf.realmix import RealMix
 
 
@@ -31,7 +31,7 @@ def test_realmix_bf16_step_keeps_weights_ema_bn_stats_and_losses_in_float32():
 
 def test_label_guess_is_float32_from_bf16_logits():
     logits = tf.constant([[2.0, 0.0, -1.0], [0.5, 0.25, 0.0]], tf.bfloat16)
-    guess = layers.guess_label([logits, logits], 0.5)
+    guess = ops.guess_label([logits, logits], 0.5)
     assert guess.dtype == tf.float32
     p = tf.nn.softmax(tf.cast(logits, tf.float32)).numpy() ** 2
     np.testing.assert_allclose(guess.numpy(), p / p.sum(1, keepdims=True), rtol=1e-6)

@@ -9,8 +9,8 @@ import pytest
 
 from data_prep import check_split as ck
 from data_prep import create_split
-from libml import records
-from libml.errors import UserError
+from libml.data import records
+from libml.base.errors import UserError
 from tests import fixtures_archives as fx
 
 

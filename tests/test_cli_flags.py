@@ -6,9 +6,11 @@ import sys
 
 import pytest
 
-from libml import precision_probe
-from libml import config as train_config, platform, train
-from libml.errors import UserError
+from libml.train import precision_probe
+from libml.train import config as train_config
+from libml.base import machine
+from libml.train import trainer as train
+from libml.base.errors import UserError
 from realmix_tf import registry
 from realmix_tf.realmix import RealMix
 from tests.fixtures_data import make_ssl_dataset
@@ -152,7 +154,7 @@ def test_command_exit_code_2_and_one_line_on_bad_values_and_bad_types():
 
 def test_original_libml_command_lines_are_accepted(capsys):
     """libml's flags parse with every algorithm; --shuffle and --epochs are mapped, the flags
-    without meaning here are named once on one line (libml/libml_flags.py)."""
+    without meaning here are named once on one line (realmix_tf/legacy_flags.py)."""
     for algorithm in ("realmix", "mixmatch", "mean_teacher", "supervised"):
         config = registry.configure(algorithm, parse(
             "--arch=resnet", "--whiten", "--shuffle=64", "--para_parse=4", "--para_augment=4", "--nu=2",

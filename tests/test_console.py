@@ -1,11 +1,9 @@
-"""libml/console.py: the start banner and the whole-run progress bar."""
+"""libml/base/console.py: the start banner and the whole-run progress bar."""
 import re
 
 import pytest
 
-from libml import console
-
-
+from libml.base import console
 def test_human_and_strategy():
     assert console.human(1234) == "1,234" and console.human(1_470_000) == "1.47 M"
     import tensorflow as tf

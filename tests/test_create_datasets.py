@@ -10,9 +10,10 @@ import pytest
 
 from data_prep import archives, image_folders
 from data_prep import create_datasets as cd
-from libml import datasets, records
-from libml.errors import UserError
-from libml.images import same_channels
+from libml.data import datasets
+from libml.data import records
+from libml.base.errors import UserError
+from libml.data.images import same_channels
 from tests import fixtures_archives as fx
 
 
@@ -75,7 +76,7 @@ def test_svhn_mat_files_labels_minus_one_and_noextra_copy(tmp_path):
     meta = read_meta(out, "svhn")
     assert meta["flip"] is False and meta["class_names"][0] == "1" and meta["class_names"][9] == "0"
     # Records without a meta.json (e.g. made by the released code) get the same names.
-    from libml import datasets
+    from libml.data import datasets
     for name in ("svhn", "svhn_noextra"):
         assert list(datasets.REGISTRY[name].class_names) == meta["class_names"]
 

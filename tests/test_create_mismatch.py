@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from data_prep import create_mismatch as cm
-from libml import names, records
-from libml.errors import UserError
+from libml.data import names
+from libml.data import records
+from libml.base.errors import UserError
 from tests import fixtures_archives as fx
 
 ANIMALS = [2, 3, 4, 5, 6, 7]
@@ -125,7 +126,7 @@ def test_second_seed_reuses_the_seed_independent_files(mnist_root):
 
 
 def test_map_keeps_each_unlabeled_records_origin_class(mnist_root):
-    """--gamma=auto / realmix_tf.inspect read the truth from the -map.json: the source class
+    """--gamma=auto / realmix_tf.outliers read the truth from the -map.json: the source class
     and the in-distribution flag of every unlabeled record, in file order."""
     cm.create_mismatch(mnist_root, "mnist5k", 25, seed=3, labels_per_class=30, overwrite=True)
     dataset = names.parse_dataset_name("mnist6_mismatch25.3@180-1")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from data_prep import create_split as cs
-from libml import records
-from libml.errors import UserError
+from libml.data import records
+from libml.base.errors import UserError
 from tests import fixtures_archives as fx
 
 

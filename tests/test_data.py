@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import data as data_lib
-from libml.augment import to_float
-from libml import datasets
-from libml.data import load_ssl
-from libml.datasets import dataset_info
-from libml.errors import UserError
+from libml.data import pipeline as data_lib
+from libml.data.augment import to_float
+from libml.data import datasets
+from libml.data.pipeline import load_ssl
+from libml.data.datasets import dataset_info
+from libml.base.errors import UserError
 from tests.fixtures_data import make_ssl_dataset, test_options, toy_images, write_set
 
 NUNLABELED, NVALID = 60, 10

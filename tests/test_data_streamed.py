@@ -1,11 +1,11 @@
-"""The streamed (batch-decoded) training path of libml/data.py: the Extend shards and sets too
+"""The streamed (batch-decoded) training path of libml/data/pipeline.py: the Extend shards and sets too
 large to cache. Shuffled serialized records are batched, parsed in one call and decoded per
 batch (unrolled up to UNROLL_MAX_BATCH, a while loop above)."""
 import numpy as np
 import pytest
 
-from libml import data as data_lib
-from libml.data import load_ssl
+from libml.data import pipeline as data_lib
+from libml.data.pipeline import load_ssl
 from tests.fixtures_data import test_options
 from tests.fixtures_data import make_ssl_dataset, toy_images, write_set
 from tests.test_data import take, views_of

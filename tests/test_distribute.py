@@ -1,5 +1,5 @@
 """Strategy choice, TF_CONFIG parsing, worker roles, the start-up rendezvous and the local
-launcher (libml/distribute.py, runs/launch_local.py)."""
+launcher (libml/train/devices.py, runs/launch_local.py)."""
 import json
 import os
 import socket
@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from libml import distribute
-from libml.errors import UserError
+from libml.train import devices
+from libml.base.errors import UserError
 from runs import launch_local
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,12 +25,12 @@ def config(workers, task_type="worker", index=0, chief=None):
 
 def test_tf_config_roles():
     two = ["127.0.0.1:2001", "127.0.0.1:2002"]
-    assert distribute.parse_tf_config("") is None and distribute.parse_tf_config(None) is None
-    w0, w1 = (distribute.parse_tf_config(config(two, index=i)) for i in (0, 1))
+    assert devices.parse_tf_config("") is None and devices.parse_tf_config(None) is None
+    w0, w1 = (devices.parse_tf_config(config(two, index=i)) for i in (0, 1))
     assert (w0.num_workers, w0.worker_id, w0.is_chief) == (2, 0, True)
     assert (w1.worker_id, w1.is_chief) == (1, False)
-    chief = distribute.parse_tf_config(config(two, "chief", 0, chief=["10.0.0.1:2000"]))
-    worker = distribute.parse_tf_config(config(two, "worker", 0, chief=["10.0.0.1:2000"]))
+    chief = devices.parse_tf_config(config(two, "chief", 0, chief=["10.0.0.1:2000"]))
+    worker = devices.parse_tf_config(config(two, "worker", 0, chief=["10.0.0.1:2000"]))
     assert chief.num_workers == 3 and chief.is_chief and chief.workers[0] == "10.0.0.1:2000"
     assert (worker.worker_id, worker.is_chief) == (1, False)
 
@@ -45,45 +45,45 @@ def test_tf_config_roles():
 ])
 def test_malformed_tf_config_is_one_line(text, match):
     with pytest.raises(UserError, match=match) as info:
-        distribute.parse_tf_config(text)
+        devices.parse_tf_config(text)
     assert "\n" not in str(info.value) and ": " in str(info.value)
 
 
 def test_resolve_kind():
-    two = distribute.parse_tf_config(config(["h:1", "h:2"]))
-    one = distribute.parse_tf_config(config(["h:1"]))
-    assert distribute.resolve_kind("auto", two) == "multiworker"
-    assert distribute.resolve_kind("auto", one, gpus=0, cpus=1) == "none"
-    assert distribute.resolve_kind("auto", None, gpus=4) == "mirrored"
-    assert distribute.resolve_kind("auto", None, cpus=2) == "mirrored"
-    assert distribute.resolve_kind("none", two) == "none"
-    assert distribute.resolve_kind("mirrored", None) == "mirrored"
+    two = devices.parse_tf_config(config(["h:1", "h:2"]))
+    one = devices.parse_tf_config(config(["h:1"]))
+    assert devices.resolve_kind("auto", two) == "multiworker"
+    assert devices.resolve_kind("auto", one, gpus=0, cpus=1) == "none"
+    assert devices.resolve_kind("auto", None, gpus=4) == "mirrored"
+    assert devices.resolve_kind("auto", None, cpus=2) == "mirrored"
+    assert devices.resolve_kind("none", two) == "none"
+    assert devices.resolve_kind("mirrored", None) == "mirrored"
     with pytest.raises(UserError, match="needs TF_CONFIG"):
-        distribute.resolve_kind("multiworker", None)
+        devices.resolve_kind("multiworker", None)
     with pytest.raises(UserError, match="unknown"):
-        distribute.resolve_kind("tpu", None)
+        devices.resolve_kind("tpu", None)
 
 
 def test_cpu_devices_env(monkeypatch):
-    monkeypatch.setenv(distribute.CPU_DEVICES_ENV, "3")
-    assert distribute.env_cpu_devices() == 3
-    monkeypatch.setenv(distribute.CPU_DEVICES_ENV, "two")
+    monkeypatch.setenv(devices.CPU_DEVICES_ENV, "3")
+    assert devices.env_cpu_devices() == 3
+    monkeypatch.setenv(devices.CPU_DEVICES_ENV, "two")
     with pytest.raises(UserError, match="not a number"):
-        distribute.env_cpu_devices()
+        devices.env_cpu_devices()
 
 
 def test_worker_role():
-    assert distribute.WorkerRole().is_chief
-    worker = distribute.WorkerRole(distribute.parse_tf_config(config(["h:1", "h:2"], index=1)))
+    assert devices.WorkerRole().is_chief
+    worker = devices.WorkerRole(devices.parse_tf_config(config(["h:1", "h:2"], index=1)))
     assert not worker.is_chief and worker.worker_id == 1 and worker.num_workers == 2
 
 
 def test_rendezvous_names_the_unreachable_worker():
     port, dead = launch_local.free_ports(2)
-    cluster = distribute.parse_tf_config(config([f"127.0.0.1:{port}", f"127.0.0.1:{dead}"]))
+    cluster = devices.parse_tf_config(config([f"127.0.0.1:{port}", f"127.0.0.1:{dead}"]))
     start = time.monotonic()
     with pytest.raises(UserError, match=f"worker 1 at 127.0.0.1:{dead} not reachable within 1 s"):
-        distribute.rendezvous(cluster, timeout=1)
+        devices.rendezvous(cluster, timeout=1)
     assert time.monotonic() - start < 10
 
 
@@ -93,8 +93,8 @@ def test_rendezvous_passes_when_every_worker_listens():
     listener.bind(("127.0.0.1", peer))
     listener.listen(4)
     try:
-        cluster = distribute.parse_tf_config(config([f"127.0.0.1:{port}", f"127.0.0.1:{peer}"]))
-        distribute.rendezvous(cluster, timeout=5)
+        cluster = devices.parse_tf_config(config([f"127.0.0.1:{port}", f"127.0.0.1:{peer}"]))
+        devices.rendezvous(cluster, timeout=5)
     finally:
         listener.close()
 
@@ -135,28 +135,28 @@ def test_launcher_without_command_is_one_line():
 def test_collective_flag_maps_to_the_communication_implementation():
     import tensorflow as tf
     kinds = tf.distribute.experimental.CommunicationImplementation
-    assert distribute.communication("auto", 0) == kinds.AUTO
-    assert distribute.communication("ring", 0) == kinds.RING
-    assert distribute.communication("nccl", 2) == kinds.NCCL
+    assert devices.communication("auto", 0) == kinds.AUTO
+    assert devices.communication("ring", 0) == kinds.RING
+    assert devices.communication("nccl", 2) == kinds.NCCL
     with pytest.raises(UserError, match="--collective=nccl needs GPUs and this worker sees none"):
-        distribute.communication("nccl", 0)
+        devices.communication("nccl", 0)
     with pytest.raises(UserError, match="--collective='mpi' is unknown: use one of auto, ring, nccl"):
-        distribute.communication("mpi", 0)
-    from libml.config import TrainConfig
+        devices.communication("mpi", 0)
+    from libml.train.config import TrainConfig
     assert TrainConfig().collective == "auto"
     with pytest.raises(UserError, match="collective"):
         TrainConfig(collective="mpi").validate()
 
 
 def test_lost_worker_message_names_the_worker_and_the_checkpoint():
-    cluster = distribute.parse_tf_config(config(["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]))
+    cluster = devices.parse_tf_config(config(["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"]))
     text = ("Collective ops is aborted by: failed to connect to all addresses ... "
             "from remote target /job:worker/replica:0/task:2 while calling ...")
-    line = distribute.lost_worker_message(text, cluster, 0, "/r/tf/model.ckpt-640")
+    line = devices.lost_worker_message(text, cluster, 0, "/r/tf/model.ckpt-640")
     assert line == ("worker 2 (10.0.0.3:1) was lost: relaunch every worker with the same command "
                     "(each host its own TF_CONFIG, as before): it resumes from model.ckpt-640, "
                     "which is intact")
-    line = distribute.lost_worker_message("peer 10.0.0.2:1 unavailable", cluster, 0, "")
+    line = devices.lost_worker_message("peer 10.0.0.2:1 unavailable", cluster, 0, "")
     assert line.startswith("worker 1 (10.0.0.2:1) was lost") and "starts over" in line
-    assert distribute.lost_worker_message("deadline", cluster, 0, "").startswith(
+    assert devices.lost_worker_message("deadline", cluster, 0, "").startswith(
         "another worker (of 10.0.0.1:1, 10.0.0.2:1, 10.0.0.3:1) was lost")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml.data import load_ssl
+from libml.data.pipeline import load_ssl
 from runs.launch_local import free_ports
 from tests.fixtures_data import make_ssl_dataset, test_options
 

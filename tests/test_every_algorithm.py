@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from libml import cli
-from libml.errors import UserError
+from libml.base import cli
+from libml.base.errors import UserError
 from realmix_tf import registry
 from tests.fixtures_data import make_ssl_dataset, write_set
 from tests.fixtures_train import run

@@ -1,4 +1,4 @@
-"""Extend step (issue 3): libml/extend.py and data_prep/extend_unlabeled.py."""
+"""Extend step (issue 3): libml/data/extend.py and data_prep/extend_unlabeled.py."""
 import json
 import os
 import subprocess
@@ -10,8 +10,16 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from libml import augment, extend, names, records, storage
-from libml.errors import UserError
+from libml.data import augment
+
+from libml.data import extend
+
+from libml.data import names
+
+from libml.data import records
+
+from libml.base import storage
+from libml.base.errors import UserError
 from data_prep import extend_unlabeled
 from tests.fixtures_data import test_options
 
@@ -341,7 +349,7 @@ def test_cli_in_process_and_exit_code(ml_data, capsys):
 
 
 def test_training_stream_reads_the_extension(ml_data):
-    from libml import data
+    from libml.data import pipeline as data
     write_split(ml_data, n=60)
     d = names.parse_dataset_name(DATASET)
     labeled = never_grey(10, 16, seed=9)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml.data import load_ssl
+from libml.data.pipeline import load_ssl
 from tests.fixtures_data import make_ssl_dataset, test_options, toy_images, write_set
 
 COPIES, PER_COPY, BATCH = 50, 120, 64

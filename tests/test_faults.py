@@ -19,8 +19,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import checkpoint_files, finite, records, runargs, runlock, storage
-from libml.errors import UserError, first_line
+from libml.run import checkpoint_files
+
+from libml.run import finite
+
+from libml.data import records
+
+from libml.run import runargs
+
+from libml.run import runlock
+
+from libml.base import storage
+from libml.base.errors import UserError, first_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +95,7 @@ def test_second_lock_names_the_holder_and_release_frees_it(tmp_path):
 
 HOLD = """
 import sys, time
-from libml.runlock import RunLock
+from libml.run.runlock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -110,7 +120,7 @@ def test_lock_of_a_killed_process_is_stale_and_taken_over(tmp_path):
 
 
 def test_stale_temporaries_are_removed_and_live_ones_kept(tmp_path):
-    from libml import io
+    from libml.base import files as io
     folder = tmp_path / "run"
     (folder / "tf" / "model.ckpt-64_temp").mkdir(parents=True)
     (folder / "tf" / "model.ckpt-64_temp" / "part-00000-of-00001.data-00000-of-00001").write_text("x")
@@ -319,7 +329,7 @@ def test_resume_with_permitted_changes_records_them():
 # Damaged records
 
 def write_records(path, pngs):
-    from libml.records import serialize_example
+    from libml.data.records import serialize_example
     with tf.io.TFRecordWriter(path) as w:
         for i, png in enumerate(pngs):
             w.write(serialize_example(png, i % 3))
@@ -372,7 +382,7 @@ def test_find_bad_record_names_file_and_record(tmp_path):
 # The run folder as the trainer uses it
 
 def test_run_folder_restores_the_newest_finite_checkpoint_and_sets_others_aside(tmp_path, capsys):
-    from libml.runfolder import RunFolder
+    from libml.run.runfolder import RunFolder
     run_dir = str(tmp_path / "run")
     tf_dir = os.path.join(run_dir, "tf")
     for step, value in ((32, 1.0), (64, 2.0), (96, np.nan)):     # 96: written by an old version
@@ -399,7 +409,7 @@ def test_run_folder_restores_the_newest_finite_checkpoint_and_sets_others_aside(
 
 
 def test_run_folder_without_a_resumable_checkpoint_never_advises_deleting(tmp_path):
-    from libml.runfolder import RunFolder
+    from libml.run.runfolder import RunFolder
     run_dir = str(tmp_path / "run")
     checkpoint_files.save_checkpoint(tiny_checkpoint(), os.path.join(run_dir, "tf"), 8, keep=2)
     folder = RunFolder(run_dir, keep=2).open({})
@@ -413,7 +423,7 @@ def test_run_folder_without_a_resumable_checkpoint_never_advises_deleting(tmp_pa
 
 
 def test_failed_start_up_leaves_no_folder_and_args_record_the_permitted_changes(tmp_path):
-    from libml.runfolder import RunFolder
+    from libml.run.runfolder import RunFolder
     run_dir = str(tmp_path / "data" / "RealMix_x")
     folder = RunFolder(run_dir, keep=2).open(dict(RECORDED))
     folder.close(failed=True)                      # e.g. --load_checkpoint did not fit
@@ -436,7 +446,7 @@ def test_failed_start_up_leaves_no_folder_and_args_record_the_permitted_changes(
 
 FP16_SKIP = """
 import numpy as np, tensorflow as tf
-from libml.ssl import SSLModel
+from libml.train.algorithm import SSLModel
 
 def check(strategy):
     with strategy.scope():
@@ -581,7 +591,7 @@ def test_create_datasets_on_a_full_and_a_read_only_disk(small_disk, tmp_path, mo
 
 
 def test_damaged_image_in_a_cached_set_names_file_and_record(tmp_path):
-    from libml.data import load_ssl
+    from libml.data.pipeline import load_ssl
     from tests.fixtures_data import make_ssl_dataset, test_options
     toy = make_ssl_dataset(tmp_path, nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
     serialized = list(records.iterate_serialized(toy.label_path))
@@ -606,7 +616,7 @@ def test_create_split_of_a_file_without_labels_says_so():
 # End to end, in this process (tiny supervised runs: 8 steps of 8 images, saves every 4)
 
 def tiny(toy, train_dir, **changes):
-    from libml.config import TrainConfig
+    from libml.train.config import TrainConfig
     values = dict(dataset=toy.name, data_dir=toy.root, train_dir=str(train_dir), batch=8,
                   filters=8, repeat=1, train_kimg=0.0625, report_kimg=0.03125, save_kimg=0.03125,
                   keep_ckpt=10, eval_batch=64, progress=False, export=False)
@@ -664,7 +674,7 @@ def test_divergence_keeps_the_last_finite_checkpoint_and_resume_starts_there(toy
     assert not os.path.exists(os.path.join(trainer.run_dir, runlock.LOCK_NAME))
 
     # An older version did write non-finite checkpoints: one at step 64.
-    from libml.checkpoint import make_checkpoint
+    from libml.run.checkpoint import make_checkpoint
     old = trainer_of(tiny(toy, tmp_path))
     old.model.net.trainable_variables[0].assign(tf.fill(old.model.net.trainable_variables[0].shape, np.nan))
     checkpoint_files.save_checkpoint(make_checkpoint(old.model), trainer.tf_dir, 64, keep=10)
@@ -725,8 +735,8 @@ def test_failed_start_up_leaves_no_run_folder(done, toy, tmp_path):
 
 
 def test_damaged_image_in_the_streamed_path_gives_the_cached_message(tmp_path, monkeypatch):
-    from libml import data as data_module
-    from libml.data import load_ssl
+    from libml.data import pipeline as data_module
+    from libml.data.pipeline import load_ssl
     from tests.fixtures_data import make_ssl_dataset, test_options
     toy = make_ssl_dataset(tmp_path / "data", nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
     serialized = list(records.iterate_serialized(toy.label_path))
@@ -762,7 +772,7 @@ def test_training_on_a_full_then_freed_disk(toy, small_disk):
 def test_read_only_outputs_are_one_line(done, toy, small_disk, tmp_path):
     from realmix_tf import predict
     from runs import quickstart
-    from libml import cli
+    from libml.base import cli
     folder = tmp_path / "images"
     folder.mkdir()
     from PIL import Image
@@ -783,7 +793,7 @@ def test_read_only_outputs_are_one_line(done, toy, small_disk, tmp_path):
 def test_every_float_flag_refuses_nan_and_inf():
     from realmix_tf import registry
     from runs import paper_commands, quickstart
-    from libml import cli
+    from libml.base import cli
     cases = [("realmix", "--wd=nan"), ("realmix", "--lr=inf"), ("realmix", "--beta=nan"),
              ("realmix", "--train_kimg=inf"), ("realmix", "--w_match=inf"), ("realmix", "--gamma=nan"),
              ("realmix", "--ema=nan"), ("realmix", "--report_kimg=nan"),

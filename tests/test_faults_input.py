@@ -16,7 +16,7 @@ import tarfile
 import numpy as np
 import pytest
 
-from libml.errors import UserError
+from libml.base.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +184,7 @@ def test_a_saved_model_that_writes_a_file_is_refused_before_it_runs(export_dir, 
 
 def test_the_export_saved_model_alone_passes_the_check_and_beside_a_keras_file_yields_to_it(
         export_dir, tmp_path):
-    from libml import saved_model_check
+    from libml.export import saved_model_check
     from realmix_tf import predict
     assert saved_model_check.check(str(export_dir / "saved_model"), (8, 8, 3), 3) == ((8, 8, 3), 3)
     alone = export_copy(export_dir, tmp_path, keep=("saved_model", "meta.json"))
@@ -198,13 +198,13 @@ def test_the_export_saved_model_alone_passes_the_check_and_beside_a_keras_file_y
 
 def test_a_keras_file_with_a_lambda_layer_is_refused_in_safe_mode(tmp_path):
     import keras
-    from libml import export
+    from libml.export import saving
     marker = tmp_path / "ran"
     inputs = keras.Input([8, 8, 3])
     outputs = keras.layers.Lambda(lambda x: x * 2, name="logits")(inputs)
     keras.Model(inputs, outputs).save(tmp_path / "model.keras")
     with pytest.raises(UserError, match=r"cannot load .*model\.keras \(ValueError: .*[Ll]ambda"):
-        export.load_classifier(str(tmp_path / "model.keras"))
+        saving.load_classifier(str(tmp_path / "model.keras"))
     assert not marker.exists()
 
 
@@ -256,7 +256,7 @@ def test_output_that_is_a_folder_is_one_line_even_with_overwrite(export_dir, tmp
 
 def test_an_image_above_the_pixel_cap_is_refused_before_decoding(tmp_path):
     from PIL import Image
-    from libml import images
+    from libml.data import images
     path = tmp_path / "wide.png"
     Image.new("I;16", (3000, 2000)).save(path)            # 6 megapixels, a few KB of PNG
     with pytest.raises(images.TooLarge, match=r"3000x2000 is 6\.0 megapixels, above the cap of 5: "
@@ -282,7 +282,7 @@ def test_predict_command_takes_max_megapixels(export_dir, tmp_path):
 
 
 def test_a_symlink_loop_is_walked_once(tmp_path):
-    from libml import images
+    from libml.data import images
     image_folder(tmp_path, names=("a.png",))
     root = tmp_path / "images"
     (root / "sub").mkdir()
@@ -299,7 +299,7 @@ def test_a_symlink_loop_is_walked_once(tmp_path):
 
 
 def test_fifos_are_skipped_and_never_opened(tmp_path):
-    from libml import images
+    from libml.data import images
     folder = image_folder(tmp_path, names=("a.png",))
     os.mkfifo(folder / "blocks.png")
     summary = images.ReadSummary()
@@ -372,7 +372,7 @@ def test_extend_unlabeled_on_a_full_then_a_read_only_disk(small_disk, monkeypatc
 
 
 def test_a_negative_trainer_seed_is_one_line():
-    from libml.config import TrainConfig
+    from libml.train.config import TrainConfig
     with pytest.raises(UserError, match=r"^--seed=-5 is negative: use a seed >= 0$"):
         TrainConfig(seed=-5).validate()
     with pytest.raises(UserError, match=r"^--extend_seed=-1 is negative"):
@@ -386,7 +386,8 @@ def test_nonfinite_weights_with_a_finite_loss_are_never_reported(tmp_path):
     """Only the EMA weights go bad (the loss, computed with the raw net, stays finite): the run
     stops before the report, so neither stats/ nor TensorBoard sees the poisoned figures."""
     import tensorflow as tf
-    from libml import finite, summaries
+    from libml.run import finite
+    from libml.run import summaries
     from tests.test_faults import tiny, trainer_of
     from tests.fixtures_data import make_ssl_dataset
     data = make_ssl_dataset(tmp_path / "data", nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
@@ -418,8 +419,8 @@ def _fake_checkpoint(run_dir):
 
 
 def test_a_new_train_kimg_says_that_it_starts_another_run(tmp_path, capsys):
-    from libml.runfolder import RunFolder
-    from libml.train import run_folder_name
+    from libml.run.runfolder import RunFolder
+    from libml.train.trainer import run_folder_name
     hparams = dict(gamma=0.5, train_kimg=1024, tsa="linear", wd=0.02)
     old = tmp_path / run_folder_name("RealMix", hparams)
     _fake_checkpoint(old)
@@ -440,14 +441,14 @@ def test_a_new_train_kimg_says_that_it_starts_another_run(tmp_path, capsys):
 # Leftovers: an export killed mid-write
 
 def test_an_export_folder_left_by_a_kill_is_removed_by_the_next_launch(tmp_path, capsys):
-    from libml.runfolder import RunFolder
+    from libml.run.runfolder import RunFolder
     from tests.test_faults import dead_pid
     run = tmp_path / "run"
-    left = run / f"export.tmp-{dead_pid()}"
+    left = run / f"saving.tmp-{dead_pid()}"
     (left / "saved_model" / "variables").mkdir(parents=True)
     (left / "model.keras").write_bytes(b"half")
     (left / "saved_model" / "variables" / "variables.index").write_bytes(b"half")
-    live = run / f"export.tmp-{os.getpid()}"            # a live writer's (this process)
+    live = run / f"saving.tmp-{os.getpid()}"            # a live writer's (this process)
     live.mkdir()
     RunFolder(str(run), keep=2).open({}).close()
     assert not left.exists() and live.exists()

@@ -1,10 +1,10 @@
-"""libml/flops.py: the FLOPs of a network counted from its graph against hand-computed values,
+"""runs/flops.py: the FLOPs of a network counted from its graph against hand-computed values,
 and the peak FLOP/s formula on the CPU kinds of docs/benchmarks.md (from written cpuinfo)."""
 import pytest
 import tensorflow as tf
 
-from libml import flops
-from libml.models import WideResNet
+from runs import flops
+from libml.nn.wrn import WideResNet
 
 
 def test_graph_flops_of_a_tiny_network_by_hand():

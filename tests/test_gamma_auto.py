@@ -11,10 +11,15 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from libml import gamma_auto, layers, ood_share, summaries
-from libml.config import TrainConfig
-from libml.data import load_ssl
-from libml.errors import UserError
+from realmix_tf import gamma_auto
+
+from libml.nn import ops
+from realmix_tf import ood_share
+
+from libml.run import summaries
+from libml.train.config import TrainConfig
+from libml.data.pipeline import load_ssl
+from libml.base.errors import UserError
 from realmix_tf.realmix import RealMix
 from tests.fixtures_data import make_ssl_dataset, test_options, toy_images, write_set
 from tests.fixtures_train import run
@@ -27,10 +32,10 @@ REPORTS = [32, 64, 96, 128]
 @pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 0.9])
 def test_mask_with_a_tensor_gamma_equals_the_float_rule(gamma):
     probs = tf.nn.softmax(tf.random.stateless_normal([37, 5], seed=[1, 2]) * 3)
-    want_mask, want_threshold = layers.ood_mask(probs, gamma, return_threshold=True)
+    want_mask, want_threshold = ops.ood_mask(probs, gamma, return_threshold=True)
     variable = tf.Variable(gamma, dtype=tf.float32)
     got_mask, got_threshold = tf.function(
-        lambda: layers.ood_mask(probs, tf.convert_to_tensor(variable), return_threshold=True))()
+        lambda: ops.ood_mask(probs, tf.convert_to_tensor(variable), return_threshold=True))()
     np.testing.assert_array_equal(got_mask.numpy(), want_mask.numpy())
     assert float(got_threshold) == pytest.approx(float(want_threshold))
 

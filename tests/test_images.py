@@ -1,4 +1,4 @@
-"""libml/images.py: every PIL mode, EXIF rotation, shorter-side resize + centre crop, listing,
+"""libml/data/images.py: every PIL mode, EXIF rotation, shorter-side resize + centre crop, listing,
 read summaries and --skip_bad_images."""
 import io
 import os
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from libml import images
-from libml.errors import UserError
+from libml.data import images
+from libml.base.errors import UserError
 
 
 def save(path, image, fmt=None, **kwargs):

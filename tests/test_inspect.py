@@ -1,4 +1,4 @@
-"""realmix_tf.inspect on a tiny finished run: one CSV row per unlabeled record with the truth of
+"""realmix_tf.outliers on a tiny finished run: one CSV row per unlabeled record with the truth of
 the -map.json, the summary, and the two PNGs; run folder, export and errors."""
 import csv
 import json
@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from libml import ood_share, train
-from libml.config import TrainConfig
-from libml.errors import UserError
-from realmix_tf import inspect
+from realmix_tf import ood_share
+
+from libml.train import trainer as train
+from libml.train.config import TrainConfig
+from libml.base.errors import UserError
+from realmix_tf import outliers as inspect
 from realmix_tf.realmix import RealMix
 from tests.fixtures_data import make_ssl_dataset, test_options
 
@@ -60,7 +62,7 @@ def test_run_folder_writes_csv_summary_and_pngs(tiny_run):
     confidence = np.array([float(r["confidence"]) for r in rows])
     ood = np.array([float(r["ood_score"]) for r in rows])
     # ood_score: the cosine distance of the EMA net's pooled features to the nearest class
-    # prototype of the labeled images', computed here independently of libml.ood_share.
+    # prototype of the labeled images', computed here independently of realmix_tf.ood_share.
     net = trainer.model.ema_net
     pooled = lambda x: net.features_and_logits(x.astype(np.float32) * (2 / 255) - 1)[0].numpy()
     unit = lambda f: f / np.linalg.norm(f, axis=1, keepdims=True)

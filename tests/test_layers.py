@@ -1,10 +1,9 @@
-"""libml.layers against the worked values of the spec (section 12), in eager, tf.function and XLA."""
+"""libml.nn.ops against the worked values of the spec (section 12), in eager, tf.function and XLA."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import layers
-
+from libml.nn import ops as layers
 MODES = ["eager", "function", "jit"]
 
 

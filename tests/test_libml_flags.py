@@ -1,9 +1,9 @@
-"""libml/libml_flags.py: the original libml flags are accepted, mapped or announced once."""
+"""realmix_tf/legacy_flags.py: the original libml flags are accepted, mapped or announced once."""
 import pytest
 from absl import flags
 
-from libml import libml_flags
-from libml.errors import UserError
+from realmix_tf import legacy_flags
+from libml.base.errors import UserError
 
 
 @pytest.fixture
@@ -11,8 +11,8 @@ def parse():
     def parse_args(*args):
         fv = flags.FlagValues()
         flags.DEFINE_integer("batch", 64, "", flag_values=fv)   # a flag the project owns
-        libml_flags.define(fv)
-        libml_flags.define(fv)                                   # idempotent
+        legacy_flags.define(fv)
+        legacy_flags.define(fv)                                   # idempotent
         fv(["prog", *args])
         return fv
     return parse_args
@@ -24,7 +24,7 @@ def test_libml_command_line_parses(parse):
                "--custom_dataset", "--nclass=10", "--img_size=32", "--label_size=250 500",
                "--valid_size=1 500", "--augment=cifar10", "--nomemoize", "--batch=32")
     assert fv.batch == 32 and fv.label_size == ["250", "500"]
-    overrides, notes = libml_flags.resolve(fv, train_kimg=65536, report_kimg=64,
+    overrides, notes = legacy_flags.resolve(fv, train_kimg=65536, report_kimg=64,
                                            shuffle_buffer_given=False)
     assert overrides == {"shuffle_buffer": 8192}           # epochs x report = train_kimg: no cut
     assert len(notes) == 1
@@ -37,14 +37,14 @@ def test_libml_command_line_parses(parse):
 
 
 def test_nothing_given_nothing_said(parse):
-    assert libml_flags.resolve(parse(), 64, 1, False) == ({}, [])
+    assert legacy_flags.resolve(parse(), 64, 1, False) == ({}, [])
 
 
 def test_mappings(parse):
-    overrides, notes = libml_flags.resolve(parse("--epochs=3"), train_kimg=100, report_kimg=4,
+    overrides, notes = legacy_flags.resolve(parse("--epochs=3"), train_kimg=100, report_kimg=4,
                                            shuffle_buffer_given=False)
     assert overrides == {"train_kimg": 12} and notes == ["--epochs=3: run length 12 kimg (3 reports of 4 kimg)"]
-    overrides, notes = libml_flags.resolve(parse("--shuffle=100"), 64, 1, shuffle_buffer_given=True)
+    overrides, notes = legacy_flags.resolve(parse("--shuffle=100"), 64, 1, shuffle_buffer_given=True)
     assert overrides == {} and notes == ["--shuffle ignored: --shuffle_buffer is given"]
 
 
@@ -56,4 +56,4 @@ def test_mappings(parse):
 ])
 def test_impossible_values(parse, args, message):
     with pytest.raises(UserError, match=message):
-        libml_flags.resolve(parse(*args), 64, 1, False)
+        legacy_flags.resolve(parse(*args), 64, 1, False)

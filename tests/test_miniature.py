@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from libml.errors import UserError
+from libml.base.errors import UserError
 from runs import miniature
 
 

@@ -1,11 +1,11 @@
-"""Wide ResNet and BatchNorm of libml/models.py against spec §5 and §12.9."""
+"""Wide ResNet and BatchNorm of libml/nn/wrn.py against spec §5 and §12.9."""
 import math
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml.models import BatchNorm, WideResNet, scales_for_size
+from libml.nn.wrn import BatchNorm, WideResNet, scales_for_size
 
 
 def n_params(variables):

@@ -1,4 +1,4 @@
-"""Dataset-name parser, file layout and record I/O (libml/names.py, libml/records.py)."""
+"""Dataset-name parser, file layout and record I/O (libml/data/names.py, libml/data/records.py)."""
 import json
 import os
 import subprocess
@@ -10,8 +10,14 @@ import tensorflow as tf
 
 from absl import flags
 
-from libml import cli, errors, names, records
-from libml.errors import UserError
+from libml.base import cli
+
+from libml.base import errors
+
+from libml.data import names
+
+from libml.data import records
+from libml.base.errors import UserError
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -152,25 +158,25 @@ def test_first_line_is_one_bounded_line():
 
 
 def test_io_json_atomic_refuses_existing_and_reads_back(tmp_path):
-    from libml import io
+    from libml.base import files
     path = str(tmp_path / "sub" / "a.json")
-    io.write_json(path, {"b": np.float32(0.5), "a": np.int64(3)})
+    files.write_json(path, {"b": np.float32(0.5), "a": np.int64(3)})
     assert open(path).read() == '{\n  "a": 3,\n  "b": 0.5\n}\n'
     with pytest.raises(UserError, match="already exists: pass --overwrite"):
-        io.write_json(path, {"a": 1})
-    assert io.read_json(path, "fix it") == {"a": 3, "b": 0.5}          # refused write left it whole
-    io.write_json(path, {"a": 1}, overwrite=True)
-    assert io.read_json(path, "fix it") == {"a": 1}
+        files.write_json(path, {"a": 1})
+    assert files.read_json(path, "fix it") == {"a": 3, "b": 0.5}          # refused write left it whole
+    files.write_json(path, {"a": 1}, overwrite=True)
+    assert files.read_json(path, "fix it") == {"a": 1}
     assert os.listdir(tmp_path / "sub") == ["a.json"]                   # no temp file left
     open(path, "w").write("{half")
     with pytest.raises(UserError, match=r"unreadable .*a.json .*: fix it"):
-        io.read_json(path, "fix it")
+        files.read_json(path, "fix it")
     with pytest.raises(RuntimeError):
-        with io.atomic_path(str(tmp_path / "b.bin")) as tmp:
+        with files.atomic_path(str(tmp_path / "b.bin")) as tmp:
             open(tmp, "w").write("partial")
             raise RuntimeError("writer died")
     assert not os.path.exists(tmp_path / "b.bin") and os.listdir(tmp_path) == ["sub"]
-    assert io.progress([1, 2]) == [1, 2] and io.progress(total=3) is None   # no desc, no bar
+    assert files.progress([1, 2]) == [1, 2] and files.progress(total=3) is None   # no desc, no bar
 
 
 def test_the_one_encoder_is_deterministic_protobuf():

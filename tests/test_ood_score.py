@@ -1,5 +1,5 @@
-"""libml.ood_score: the in-step prototype and nearest-labeled-feature scores against a NumPy
-reference (libml.ood_share's twin), the moving-average update, replica sums, and a two-replica
+"""libml.nn.ood_score: the in-step prototype and nearest-labeled-feature scores against a NumPy
+reference (realmix_tf.ood_share's twin), the moving-average update, replica sums, and a two-replica
 MirroredStrategy update equal to one device's."""
 import json
 
@@ -7,7 +7,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import ood_score, ood_share, replicas
+from libml.nn import ood_score
+
+from realmix_tf import ood_share
+
+from libml.nn import replicas
 from tests.two_devices import run_script
 
 
@@ -106,7 +110,8 @@ def test_knn_score_and_ring_bank():
 MIRRORED = """
 import json
 import numpy as np
-from libml import ood_score, replicas
+from libml.nn import ood_score
+from libml.nn import replicas
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(0)
 f = rng.normal(size=(16, 8)).astype("f4"); y = rng.integers(0, 3, 16)

@@ -1,4 +1,4 @@
-"""libml.ood_share: scores, the nearest-neighbour feature score, the share estimate on synthetic
+"""realmix_tf.ood_share: scores, the nearest-neighbour feature score, the share estimate on synthetic
 mixtures with a known share (scores and features), AUROC, and the trust / smoothing rule of
 --gamma=auto."""
 import itertools
@@ -6,9 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from libml import ood_share
-
-
+from realmix_tf import ood_share
 def _mixture(rng, share, n, in_mean=3.0, out_mean=0.0):
     n_out = int(round(share * n))
     return np.concatenate([rng.normal(out_mean, 1.0, n_out), rng.normal(in_mean, 1.0, n - n_out)])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml.errors import UserError
-from libml import names
-from libml.names import parse_dataset_name
-from libml import summaries
+from libml.base.errors import UserError
+from libml.data import names
+from libml.data.names import parse_dataset_name
+from libml.run import summaries
 from runs import extract_accuracy as ea
 from runs import paper_commands as pc
 
@@ -145,7 +145,7 @@ def test_hyper_parameters_follow_the_paper():
 
 def test_preparation_commands_and_their_outputs(tmp_path):
     from data_prep import create_mismatch, create_split
-    from libml import extend
+    from libml.data import extend
     s, data = pc.Settings(), str(tmp_path)
     realmix = experiment(1, "RealMix", "75%")
     steps = pc.prep_commands(realmix, "cifar6_mismatch75.2@2400-500", s)
@@ -269,9 +269,9 @@ def test_matching_runs_compares_recorded_flags(tmp_path):
 # extract_accuracy
 
 def write_tf2_events(folder, values, start_step=1):
-    """tf.summary event files as the trainer writes them (libml.train.write_scalar: the
+    """tf.summary event files as the trainer writes them (libml.train.trainer.write_scalar: the
     scalars plugin's tensor summaries; TensorBoard itself is not needed)."""
-    from libml.summaries import write_scalar
+    from libml.run.summaries import write_scalar
     writer = tf.summary.create_file_writer(folder)
     for i, v in enumerate(values):
         with writer.as_default(step=(start_step + i) * 65536):

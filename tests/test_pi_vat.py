@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import precision_probe
-from libml import cli
+from libml.train import precision_probe
+from libml.base import cli
 from realmix_tf import vat as vat_ops
-from libml.errors import UserError
+from libml.base.errors import UserError
 from realmix_tf import registry
 from realmix_tf.mean_teacher import MeanTeacher
 from realmix_tf.mixmatch import MixMatch
@@ -266,8 +266,8 @@ def test_smoke_run(toy, tmp_path, name, prefix):
 def test_vat_auto_precision_is_float32_even_where_auto_means_bf16(monkeypatch):
     import types
 
-    from libml import platform
-    from libml.config import TrainConfig
+    from libml.base import machine
+    from libml.train.config import TrainConfig
     monkeypatch.setattr(precision_probe, "auto_precision", lambda: ("mixed_bfloat16", "AMX (test)"))
     info = types.SimpleNamespace(nclass=NCLASS, shape=(SIZE, SIZE, 3))
     config = TrainConfig(mixed_precision="auto", filters=8, repeat=1)

@@ -1,10 +1,10 @@
-"""libml/plain_keras.py: the exported model is plain Keras and predicts what the in-memory EMA
+"""libml/export/plain_keras.py: the exported model is plain Keras and predicts what the in-memory EMA
 model predicts (the fresh-process load of a real export: tests/test_predict_export.py)."""
 import numpy as np
 import pytest
 
-from libml import plain_keras
-from libml.ssl import SSLModel
+from libml.export import plain_keras
+from libml.train.algorithm import SSLModel
 
 SHAPE = (12, 10, 3)
 

@@ -1,4 +1,4 @@
-"""libml.platform: machine set-up before TensorFlow is imported, and the hardware precision
+"""libml.base.machine: machine set-up before TensorFlow is imported, and the hardware precision
 choice (faked CPU flags / GPU details; this machine's own kind is only one of them)."""
 import os
 import subprocess
@@ -6,9 +6,8 @@ import sys
 
 import pytest
 
-from libml import precision_probe
-from libml import platform
-
+from libml.train import precision_probe
+from libml.base import machine as platform
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # /proc/cpuinfo excerpts of the two CPU kinds the project runs on, and an ARM server.
@@ -96,7 +95,7 @@ def test_onednn_default_matches_tensorflows_rule(tmp_path):
     (INTEL_AMX, True),                       # faster (AMD Zen 4): measured (precision_probe)
 ])
 def test_auto_precision_on_cpus_measures_where_bf16_exists(tmp_path, cpu, measured):
-    from libml import precision_probe
+    from libml.train import precision_probe
     flags = platform.cpu_info(write(tmp_path, cpu))[1]
     timings = {"float32": 1.62, "mixed_bfloat16": 0.91}
     calls = []
@@ -155,7 +154,7 @@ import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "tensorflow":
-            p = sys.modules.get("libml.platform")     # not imported here: that would run setup
+            p = sys.modules.get("libml.base.machine")     # not imported here: that would run setup
             raise SystemExit("setup-before-tf" if p and p._state["done"] else "tf-first")
 sys.meta_path.insert(0, Block())
 import {module}
@@ -171,7 +170,7 @@ def first_tensorflow_import(module):
 
 
 @pytest.mark.parametrize("module", ["realmix_tf.realmix", "data_prep.create_split",
-                                    "runs.bench_step", "libml.train"])
+                                    "runs.bench_step", "libml.train.trainer"])
 def test_every_entry_point_runs_setup_before_tensorflow_is_imported(module):
     assert first_tensorflow_import(module) == "setup-before-tf"
 
@@ -192,7 +191,7 @@ def test_importing_tensorflow_after_libml_prints_no_cuda_probe_lines():
 
 
 def test_trainer_default_precision_is_auto_and_asks_the_platform(monkeypatch):
-    from libml.config import TrainConfig
+    from libml.train.config import TrainConfig
     config = TrainConfig()
     assert config.mixed_precision == "auto"
     monkeypatch.setattr(precision_probe, "auto_precision", lambda: ("mixed_float16", "GPU cc 7.0"))

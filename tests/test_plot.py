@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from libml.errors import UserError
+from libml.base.errors import UserError
 from runs import plot
 
 

@@ -1,4 +1,4 @@
-"""--mixed_precision=auto on CPUs (libml/precision_probe.py): the choice from timings, the
+"""--mixed_precision=auto on CPUs (libml/train/precision_probe.py): the choice from timings, the
 cache per CPU model / TensorFlow version and its invalidation, and a resumed run keeping the
 precision it recorded. Timings are injected: no test times real steps (tests/conftest.py makes
 the real measurement fail)."""
@@ -7,8 +7,10 @@ import os
 
 import pytest
 
-from libml import platform, precision_probe
-from libml.config import TrainConfig
+from libml.base import machine as platform
+
+from libml.train import precision_probe
+from libml.train.config import TrainConfig
 
 BF16_CPU = {"avx2", "avx512f", "avx512_bf16"}
 KEY = {"cpu": "AMD EPYC 9R14 96-Core Processor", "tensorflow": "2.21.0",

@@ -11,8 +11,9 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from libml import export, records
-from libml.errors import UserError
+from libml.export import saving
+from libml.data import records
+from libml.base.errors import UserError
 from realmix_tf import predict
 from tests.fixtures_data import toy_images
 from tests.test_train import finished_run, make_trainer, tiny_config, toy  # noqa: F401 (fixtures)
@@ -24,7 +25,7 @@ def images():
 
 
 def ema_probs(trainer, images):
-    return trainer.model.classify(export.normalize(images), ema=True).numpy()
+    return trainer.model.classify(saving.normalize(images), ema=True).numpy()
 
 
 def test_export_folder_contents(finished_run):
@@ -39,7 +40,7 @@ def test_keras_export_is_plain_keras_and_predicts_like_the_ema_model(finished_ru
     """model.keras loads with keras.models.load_model in a fresh Python that cannot import this
     project (isolated mode, no PYTHONPATH) and predicts what the in-memory EMA model predicts."""
     trainer, _ = finished_run
-    path = os.path.join(trainer.export_dir, export.KERAS_FILE)
+    path = os.path.join(trainer.export_dir, saving.KERAS_FILE)
     np.save(tmp_path / "images.npy", images)
     script = textwrap.dedent(f"""
         import importlib.util
@@ -54,13 +55,13 @@ def test_keras_export_is_plain_keras_and_predicts_like_the_ema_model(finished_ru
     assert result.returncode == 0, result.stderr[-2000:]
     probs = np.load(tmp_path / "out.npy")
     np.testing.assert_allclose(probs, ema_probs(trainer, images), rtol=0, atol=2e-6)
-    raw = trainer.model.classify(export.normalize(images), ema=False).numpy()
+    raw = trainer.model.classify(saving.normalize(images), ema=False).numpy()
     assert not np.allclose(raw, probs, atol=1e-6)     # it is the EMA net, not the raw one
 
 
 def test_saved_model_predicts_like_the_ema_model(finished_run, images):
     trainer, _ = finished_run
-    loaded = tf.saved_model.load(os.path.join(trainer.export_dir, export.SAVED_MODEL_DIR))
+    loaded = tf.saved_model.load(os.path.join(trainer.export_dir, saving.SAVED_MODEL_DIR))
     out = loaded.signatures["serving_default"](images=tf.constant(images))
     np.testing.assert_allclose(out["probabilities"].numpy(), ema_probs(trainer, images), atol=1e-6)
     np.testing.assert_array_equal(out["class"].numpy(), ema_probs(trainer, images).argmax(-1))
@@ -99,7 +100,7 @@ def test_predict_command_writes_one_row_per_image(finished_run, images, tmp_path
 
     with pytest.raises(UserError, match="already exists"):
         predict.main(["predict", f"--model={trainer.export_dir}", f"--images={folder}", f"--output={output}"])
-    saved_model = os.path.join(trainer.export_dir, export.SAVED_MODEL_DIR)
+    saved_model = os.path.join(trainer.export_dir, saving.SAVED_MODEL_DIR)
     assert predict.main(["predict", f"--model={saved_model}", f"--images={folder}",
                          f"--output={output}", "--overwrite"]) == 0
     with open(output) as f:
@@ -131,7 +132,7 @@ def test_predict_errors(finished_run, tmp_path):
 
 def test_export_only_re_exports_the_newest_checkpoint(finished_run, toy, tmp_path):  # noqa: F811
     trainer, _ = finished_run
-    stamp = os.path.getmtime(os.path.join(trainer.export_dir, export.KERAS_FILE))
+    stamp = os.path.getmtime(os.path.join(trainer.export_dir, saving.KERAS_FILE))
     config = tiny_config(toy, trainer.config.train_dir, export_only=True)
     paths = make_trainer(config).run()
     assert os.path.getmtime(paths["keras"]) > stamp

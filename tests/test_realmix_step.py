@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import layers
-from libml.errors import UserError
-from libml.ssl import SSLModel
+from libml.nn import ops
+from libml.base.errors import UserError
+from libml.train.algorithm import SSLModel
 from realmix_tf.realmix import RealMix
 from tests.reference import clone_network, softmax
 from tests.two_devices import run_script, toy_mirrored
@@ -42,8 +42,8 @@ def reference_step(model, data):
     x, labels, u = labeled["image"].numpy(), labeled["label"].numpy(), unlabeled["image"].numpy()
     step = int(model.step.numpy())
     lam_seed, perm_seed = model.step_seeds(tf.constant(step, tf.int64))
-    lam = layers.sample_mixup_lambda(3 * B, model.beta, lam_seed).numpy()
-    index = layers.sample_permutation(3 * B, perm_seed).numpy()
+    lam = ops.sample_mixup_lambda(3 * B, model.beta, lam_seed).numpy()
+    index = ops.sample_permutation(3 * B, perm_seed).numpy()
     ref = clone_net(model)
     probs = [softmax(ref(u[:, k], training=True, update_bn_stats=False).numpy()) for k in (0, 1)]
     p = ((probs[0] + probs[1]) / 2) ** 2

@@ -1,4 +1,4 @@
-"""Cross-replica arithmetic (libml/replicas.py) on 2 logical CPU devices against 1 device on
+"""Cross-replica arithmetic (libml/nn/replicas.py) on 2 logical CPU devices against 1 device on
 the global batch: BatchNorm statistics and gradients, MixUp rows and interleave, the OOD
 percentile, loss shares; and the per-replica variant differs."""
 import numpy as np
@@ -8,8 +8,8 @@ from tests.two_devices import run_script
 SCRIPT = """
 import json
 import numpy as np
-from libml import layers, replicas
-
+from libml.nn import ops
+from libml.nn import replicas
 R, b, C, NU, G = 2, 4, 3, 2, 3
 B = R * b
 rng = np.random.RandomState(0)
@@ -64,14 +64,14 @@ np.testing.assert_allclose(dg_r[0] + dg_r[1], g_gamma, rtol=1e-4, atol=1e-3)
 np.testing.assert_allclose(db_r[0] + db_r[1], g_beta, rtol=1e-4, atol=1e-3)
 out["bn"] = "ok"
 
-# --- MixPlan against layers.mixup + layers.interleave on the global rows.
+# --- MixPlan against ops.mixup + ops.interleave on the global rows.
 images = rng.uniform(-1, 1, (NU + 1, B, 2, 2, 1)).astype("f4")      # [x; view_1; view_2]
 targets = rng.uniform(0, 1, (NU + 1, B, C)).astype("f4")
 total = (NU + 1) * B
-lam = layers.sample_mixup_lambda(total, 0.75, tf.constant([1, 2], tf.int64))
-index = layers.sample_permutation(total, tf.constant([3, 4], tf.int64))
-mixed_x, mixed_t = layers.mixup(images.reshape(total, 2, 2, 1), targets.reshape(total, C), lam, index)
-chunks = [c.numpy() for c in layers.interleave(tf.split(mixed_x, NU + 1), B)]
+lam = ops.sample_mixup_lambda(total, 0.75, tf.constant([1, 2], tf.int64))
+index = ops.sample_permutation(total, tf.constant([3, 4], tf.int64))
+mixed_x, mixed_t = ops.mixup(images.reshape(total, 2, 2, 1), targets.reshape(total, C), lam, index)
+chunks = [c.numpy() for c in ops.interleave(tf.split(mixed_x, NU + 1), B)]
 mixed_t = mixed_t.numpy()
 
 def mix_step(imgs, tgts):
@@ -97,7 +97,7 @@ out["mix"] = "ok"
 probs = tf.nn.softmax(rng.normal(0, 2, (2 * B, C)).astype("f4")).numpy()
 probs[:B] = tf.nn.softmax(rng.normal(0, 0.3, (B, C)).astype("f4")).numpy()   # replica 0: unsure
 values = rng.uniform(0, 1, 2 * B).astype("f4")
-mask_1, thr_1 = layers.ood_mask(probs, 0.5, return_threshold=True)
+mask_1, thr_1 = ops.ood_mask(probs, 0.5, return_threshold=True)
 mask_1 = mask_1.numpy()
 want_masked = (values * mask_1).sum() / max(mask_1.sum() * C, 1)
 

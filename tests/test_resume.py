@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from libml import config as train_config
+from libml.train import config as train_config
 from tests.fixtures_data import make_ssl_dataset
 from tests.fixtures_train import run
 

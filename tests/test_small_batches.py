@@ -7,17 +7,17 @@ import json
 
 import pytest
 
-from libml import distribute
-from libml.errors import UserError
+from libml.train import devices as distribute
+from libml.base.errors import UserError
 from tests.two_devices import run_script
 
 SCRIPT = """
 import json, tempfile
 import numpy as np
-from libml import distribute
-from libml.checkpoint import make_checkpoint, read_model
-from libml.evaluate import Evaluator
-from libml.platform import onednn_enabled
+from libml.train import devices as distribute
+from libml.run.checkpoint import make_checkpoint, read_model
+from libml.train.evaluate import Evaluator
+from libml.base.machine import onednn_enabled
 from realmix_tf.realmix import RealMix
 
 SIZE, NCLASS, BATCH = 8, 3, 4

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data_prep import stl10
-from libml import datasets
-from libml.errors import UserError
+from libml.data import datasets
+from libml.base.errors import UserError
 
 COUNTS = {"train": 3, "test": 2, "unlabeled": 5}
 
@@ -97,8 +97,9 @@ def test_create_datasets_split_and_training_stream(tmp_path, monkeypatch):
     """create_datasets stl10 -> create_split over train + unlabeled -> the training streams,
     augmented with libml's STL-10 settings (flip, translation 12)."""
     from data_prep import create_datasets, create_split
-    from libml import augment, records
-    from libml.data import load_ssl
+    from libml.data import augment
+    from libml.data import records
+    from libml.data.pipeline import load_ssl
     from tests.fixtures_data import test_options
     expected = write_stl10(str(tmp_path / "dl"))
     root = tmp_path / "data"

@@ -8,9 +8,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml import precision_probe
-from libml import checkpoint, config as train_config, export, platform, summaries, train
-from libml.errors import UserError
+from libml.train import precision_probe
+from libml.run import checkpoint
+from libml.train import config as train_config
+from libml.export import saving
+from libml.base import machine as platform
+from libml.run import summaries
+from libml.train import trainer as train
+from libml.base.errors import UserError
 from realmix_tf.realmix import RealMix
 from tests.fixtures_data import make_ssl_dataset, test_options
 
@@ -173,7 +178,7 @@ def copy_run(trainer, tmp_path):
 
 
 def restore_only(config):
-    from libml.runfolder import RunFolder
+    from libml.run.runfolder import RunFolder
     trainer = make_trainer(config)
     trainer.iterators = trainer._make_iterators()
     folder = RunFolder(trainer.run_dir, keep=5).open(trainer._args())
@@ -274,8 +279,8 @@ def test_transfer_keeps_a_fresh_head_and_copies_every_other_weight(finished_run,
     target = make_trainer(tiny_config(toy4, tmp_path, load_checkpoint=trainer.run_dir, seed=5))
     model = target.model
     fresh_head = [v.numpy() for v in model.net.classifier.weights + model.ema_net.classifier.weights]
-    path = trainer.run_dir if source == "checkpoint" else os.path.join(trainer.export_dir, export.KERAS_FILE)
-    export.transfer_weights(model, path, target.info)
+    path = trainer.run_dir if source == "checkpoint" else os.path.join(trainer.export_dir, saving.KERAS_FILE)
+    saving.transfer_weights(model, path, target.info)
     prefix = checkpoint.resolve_checkpoint(trainer.run_dir)
     for net in (model.net, model.ema_net):
         head = {id(v) for v in net.classifier.weights}
@@ -308,15 +313,16 @@ def test_transfer_from_another_architecture_is_a_user_error(finished_run, toy4, 
     trainer, _ = finished_run
     target = make_trainer(tiny_config(toy4, tmp_path, filters=16))
     with pytest.raises(UserError, match="different architecture"):
-        export.transfer_weights(target.model, trainer.run_dir, target.info)
-    keras_file = os.path.join(trainer.export_dir, export.KERAS_FILE)
+        saving.transfer_weights(target.model, trainer.run_dir, target.info)
+    keras_file = os.path.join(trainer.export_dir, saving.KERAS_FILE)
     with pytest.raises(UserError, match="different architecture"):
-        export.transfer_weights(target.model, keras_file, target.info)
+        saving.transfer_weights(target.model, keras_file, target.info)
 
 
 def test_corrupt_streamed_record_mid_training_names_the_file(tmp_path, monkeypatch):
     from data_prep import extend_unlabeled
-    from libml import data as data_module, extend
+    from libml.data import pipeline as data_module
+    from libml.data import extend
     monkeypatch.setattr(data_module, "CACHE_MAX_DECODED_BYTES", 0)    # stream, as large sets are
     data = make_ssl_dataset(tmp_path / "data", nlabeled=16, nunlabeled=48, nvalid=8, ntest=16, size=8)
     extend_unlabeled.extend_unlabeled(data.name, data.root, copies=2, aug="none", seed=0, progress=False,

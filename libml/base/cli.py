@@ -1,0 +1,81 @@
+"""The one command-line runner of every script (training, data preparation, runs/).
+
+Two kinds of script:
+- trainers and benchmarks define their flags on absl's global ``flags.FLAGS``;
+  ``run(main)`` is ``absl.app.run`` (so --help/--helpfull work as usual) with one-line flag
+  errors;
+- data preparation and runs/ tools define their flags on their own ``flags.FlagValues`` (so
+  several can be imported in one process, and ``--size`` can mean different things); their
+  ``main(argv)`` calls ``parse(FLAGS, argv)`` and they end with ``run(main, FLAGS)``.
+
+Either way a ``UserError`` becomes one line ``error: <problem>: <fix>`` on stderr and exit code
+2; an int result is the exit code, any other result (None, a stats dict) exits 0.
+"""
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from absl import flags
+
+from libml.base.errors import EXIT_USER_ERROR, UserError, first_line
+
+HELP_ARGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+
+
+def parse(flag_values: flags.FlagValues, argv: Optional[Sequence[str]] = None) -> List[str]:
+    """Parses argv (argv[0] = program) into flag_values; returns the positional arguments.
+
+    Flags not on the command line are reset to their defaults first, so a main can be called
+    several times in one process. A bad flag is a UserError; --help prints the flags and exits.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if any(a in HELP_ARGS for a in argv[1:]):
+        print(f"usage: python -m {_program(argv)} [flags]\n")
+        print(flag_values.get_help(include_special_flags=False))
+        sys.exit(0)
+    flag_values.unparse_flags()
+    try:
+        rest = flag_values(argv)
+    except flags.Error as e:
+        raise UserError(f"{first_line(e)}: see --help for the flags") from None
+    return rest[1:]
+
+
+def run(main, flag_values: Optional[flags.FlagValues] = flags.FLAGS,
+        argv: Optional[Sequence[str]] = None):
+    """Runs main(argv) as a program and exits: see the module docstring. With flag_values other
+    than flags.FLAGS (or None) main parses its own flags with `parse`."""
+    if flag_values is not flags.FLAGS:
+        sys.exit(_call(main, argv))
+    from absl import app
+    app.run(lambda args: _call(main, args, quiet=True), argv=argv, flags_parser=_parse_global)
+
+
+def _call(main, argv, quiet: bool = False) -> int:
+    if quiet and not flags.FLAGS["verbosity"].present:
+        # TensorFlow logs every checkpoint and export at INFO: keep the console to our own lines
+        # and warnings unless the user asks for more (--verbosity=0).
+        from absl import logging
+        import tensorflow as tf
+        logging.set_verbosity(logging.WARNING)
+        tf.get_logger().setLevel("WARNING")
+    try:
+        result = main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def _parse_global(argv):
+    """absl `flags_parser` for flags.FLAGS whose parse errors are one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {first_line(e)}: see --helpfull for the flags", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def _program(argv) -> str:
+    name = os.path.splitext(os.path.basename(argv[0] or "script"))[0]
+    return f"data_prep.{name}" if name != "__main__" else "data_prep"

@@ -1,0 +1,1 @@
+"""Export: the plain-Keras inference model, .keras / SavedModel, transfer."""

@@ -1,0 +1,1 @@
+"""Networks and their arithmetic: the Wide ResNet, SSL ops, cross-replica maths."""

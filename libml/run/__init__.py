@@ -1,0 +1,1 @@
+"""A run's folder and its survival: checkpoints, finite checks, lock, args, summaries."""
