@@ -4,7 +4,7 @@ decoupled weight decay and EMA (libml.train.algorithm.SSLModel). It is the paper
 
 One step: logits of the augmented labeled batch (training-mode BN, which updates the moving
 statistics), loss = mean cross-entropy against the labels, then SSLModel.apply_update.
-The unlabeled batch the trainer passes is ignored (`uses_unlabeled = False`).
+It declares no unlabeled data (`unlabeled = None`): the trainer reads none.
 
 Command line:
     python -m realmix_tf.supervised --dataset=cifar10.3@250-5000

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from libml.train import precision_probe
 from libml.base import cli
-from realmix_tf import vat as vat_ops
+from realmix_tf import vat
 from libml.base.errors import UserError
 from realmix_tf import registry
 from realmix_tf.mean_teacher import MeanTeacher
@@ -40,7 +40,7 @@ def test_normalize_perturbation(mode):
     # [3, -4] / max 4 = [0.75, -1]; / sqrt(1e-6 + 1.5625) = [0.6, -0.8] (to 3e-7). Each example
     # on its own: [0, 2] -> [0, 1] / sqrt(1 + 1e-6).
     d = np.float32([[[3.0], [-4.0]], [[0.0], [2.0]]])
-    out = run(mode, vat_ops.normalize_perturbation, d)
+    out = run(mode, vat.normalize_perturbation, d)
     np.testing.assert_allclose(out[..., 0], [[0.6, -0.8], [0.0, 1.0]], atol=1e-6)
 
 
@@ -50,16 +50,16 @@ def test_kl_and_entropy(mode):
     # KL(q||p) = 1/3 (ln(2/3) + 2 ln(4/3)) = 0.0566330; H(p) = 1/2 ln 2 + 1/2 ln 4 = 1.0397208.
     p = np.log(np.float32([[0.5, 0.25, 0.25]]))
     q = np.float32([[7.0, 7.0, 7.0]])
-    np.testing.assert_allclose(run(mode, vat_ops.kl_divergence_from_logits, p, q), [0.0588915], atol=1e-6)
-    np.testing.assert_allclose(run(mode, vat_ops.kl_divergence_from_logits, q, p), [0.0566330], atol=1e-6)
-    np.testing.assert_allclose(run(mode, vat_ops.entropy_from_logits, p), [1.0397208], atol=1e-6)
-    np.testing.assert_allclose(run(mode, vat_ops.entropy_from_logits, q), [np.log(3)], atol=1e-6)
+    np.testing.assert_allclose(run(mode, vat.kl_divergence_from_logits, p, q), [0.0588915], atol=1e-6)
+    np.testing.assert_allclose(run(mode, vat.kl_divergence_from_logits, q, p), [0.0566330], atol=1e-6)
+    np.testing.assert_allclose(run(mode, vat.entropy_from_logits, p), [1.0397208], atol=1e-6)
+    np.testing.assert_allclose(run(mode, vat.entropy_from_logits, q), [np.log(3)], atol=1e-6)
 
 
 def test_vat_loss_is_kl_student_to_teacher_gradient_to_student_only():
     student, teacher = tf.Variable(np.log([[0.5, 0.25, 0.25]])), tf.Variable([[7.0, 7.0, 7.0]], dtype=tf.float64)
     with tf.GradientTape() as tape:
-        loss = vat_ops.vat_loss(student, teacher)
+        loss = vat.vat_loss(student, teacher)
     np.testing.assert_allclose(float(loss), 0.0588915, atol=1e-6)
     g_student, g_teacher = tape.gradient(loss, [student, teacher])
     assert g_teacher is None and np.abs(g_student.numpy()).sum() > 0
@@ -70,7 +70,7 @@ def test_perturbation_two_classes_hand_computed():
     # d = xi [1, 0]; p(x + d) - q = [xi/4, -xi/4] (to O(xi^3)), so the direction is [1, -1]
     # and delta = 6 [1, -1] / sqrt(2 + 1e-6) = [4.2426396, -4.2426396].
     x = tf.zeros([1, 2], tf.float64)
-    delta = vat_ops.virtual_adversarial_perturbation(x, tf.zeros([1, 2], tf.float64), lambda v: v,
+    delta = vat.virtual_adversarial_perturbation(x, tf.zeros([1, 2], tf.float64), lambda v: v,
                                                      6.0, tf.constant([[1.0, 0.0]], tf.float64))
     np.testing.assert_allclose(delta.numpy(), [[4.2426396, -4.2426396]], atol=1e-6)
 
@@ -90,7 +90,7 @@ def test_perturbation_matches_closed_form_on_a_linear_model(xi):
     q, p = softmax(x.reshape(3, 6) @ w), softmax((x + d).reshape(3, 6) @ w)
     expected = 2.5 * normalize(((p - q) @ w.T / 3).reshape(3, 2, 3))
     forward = lambda v: tf.reshape(v, [3, 6]) @ tf.constant(w)          # noqa: E731
-    delta = vat_ops.virtual_adversarial_perturbation(tf.constant(x), forward(tf.constant(x)), forward,
+    delta = vat.virtual_adversarial_perturbation(tf.constant(x), forward(tf.constant(x)), forward,
                                                      2.5, tf.constant(noise), xi)
     np.testing.assert_allclose(delta.numpy(), expected, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(np.sqrt((delta.numpy() ** 2).reshape(3, -1).sum(1)), 2.5, rtol=1e-6)
@@ -144,13 +144,13 @@ def test_vat_step_matches_reference():
     net = clone(model.net)
     logits_y = net(y, training=True, update_bn_stats=False)
     noise = tf.random.stateless_normal(y.shape, model.step_seed(tf.constant(256, tf.int64)))
-    d = 1e-2 * vat_ops.normalize_perturbation(noise)
+    d = 1e-2 * vat.normalize_perturbation(noise)
     with tf.GradientTape() as tape:                          # the power iteration, written out
         tape.watch(d)
         p = tf.nn.softmax(logits_y)
         logq = tf.nn.log_softmax(net(y + d, training=True, update_bn_stats=False))
         kl = tf.reduce_mean(tf.reduce_sum(p * (tf.math.log(p) - logq), 1))
-    delta = 6.0 * vat_ops.normalize_perturbation(tape.gradient(kl, d))
+    delta = 6.0 * vat.normalize_perturbation(tape.gradient(kl, d))
     student = softmax(net(y + delta, training=True, update_bn_stats=False).numpy())
     teacher = softmax(logits_y.numpy())
     loss_vat = (student * (np.log(student) - np.log(teacher))).sum(1).mean()
