@@ -266,7 +266,6 @@ def test_smoke_run(toy, tmp_path, name, prefix):
 def test_vat_auto_precision_is_float32_even_where_auto_means_bf16(monkeypatch):
     import types
 
-    from libml.base import machine
     from libml.train.config import TrainConfig
     monkeypatch.setattr(precision_probe, "auto_precision", lambda: ("mixed_bfloat16", "AMX (test)"))
     info = types.SimpleNamespace(nclass=NCLASS, shape=(SIZE, SIZE, 3))
