@@ -66,11 +66,11 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str, recursive: bool = True, min_age: float = STALE_AGE,
-                       now: Optional[float] = None) -> List[str]:
+                       now: Optional[float] = None, folders: bool = False) -> List[str]:
     """Removes the `*.tmp-PID` files that atomic_path writers killed mid-write left under
-    `folder`, and the `*.tmp-PID/` folders of killed folder writers (an export), when no
-    process PID exists here and they have not changed for `min_age` seconds; returns their
-    paths. The age guards folders shared with other hosts, whose pids mean nothing here; a
+    `folder` (with `folders`, also the `*.tmp-PID/` folders of killed folder writers: a run's
+    export), when no process PID exists here and they have not changed for `min_age` seconds;
+    returns their paths. The age guards folders shared with other hosts, whose pids mean nothing here; a
     caller that holds the folder's run lock passes min_age=0."""
     import shutil
     now = time.time() if now is None else now
@@ -86,7 +86,7 @@ def remove_stale_temps(folder: str, recursive: bool = True, min_age: float = STA
             return False
 
     for root, dirs, files in os.walk(folder):
-        for name in list(dirs):
+        for name in list(dirs) if folders else []:
             path = os.path.join(root, name)
             if not os.path.islink(path) and stale(name, path):
                 shutil.rmtree(path, ignore_errors=True)
