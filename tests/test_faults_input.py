@@ -469,3 +469,18 @@ def test_create_datasets_command_on_a_crafted_archive_is_one_line_and_runs_nothi
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "data_batch_1 is not a CIFAR batch (it names posix.system" in errors[0]
     assert not marker.exists() and sorted(os.listdir(data)) == ["downloads"]
+
+
+def test_an_export_killed_between_its_renames_gets_its_previous_export_back(tmp_path):
+    from libml.runfolder import RunFolder
+    from tests.test_faults import dead_pid
+    run = tmp_path / "run"
+    pid = dead_pid()
+    (run / f"export.tmp-{pid}").mkdir(parents=True)           # the new export, maybe complete
+    (run / f"export.old-{pid}").mkdir()                       # the previous one, set aside
+    (run / f"export.old-{pid}" / "meta.json").write_text("{}")
+    RunFolder(str(run), keep=2).open({}).close()
+    assert sorted(os.listdir(run)) == ["export"] and (run / "export" / "meta.json").exists()
+    (run / f"export.old-{pid}").mkdir()                       # with export/ present: removed
+    RunFolder(str(run), keep=2).open({}).close()
+    assert sorted(os.listdir(run)) == ["export"]

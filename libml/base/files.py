@@ -49,6 +49,7 @@ def atomic_path(path: str, overwrite: bool = False, need_bytes=0):
 
 
 TEMP_NAME = re.compile(r"\.tmp-(\d+)$")     # atomic_path's temporaries: {path}.tmp-{pid}
+OLD_NAME = re.compile(r"\.old-(\d+)$")      # export_model's previous export while it swaps
 STALE_AGE = 600.0
 
 
@@ -66,18 +67,20 @@ def pid_alive(pid: int) -> bool:
 
 
 def remove_stale_temps(folder: str, recursive: bool = True, min_age: float = STALE_AGE,
-                       now: Optional[float] = None) -> List[str]:
+                       now: Optional[float] = None, folders: bool = False) -> List[str]:
     """Removes the `*.tmp-PID` files that atomic_path writers killed mid-write left under
-    `folder`, and the `*.tmp-PID/` folders of killed folder writers (an export), when no
-    process PID exists here and they have not changed for `min_age` seconds; returns their
-    paths. The age guards folders shared with other hosts, whose pids mean nothing here; a
-    caller that holds the folder's run lock passes min_age=0."""
+    `folder` (with `folders`, also the `*.tmp-PID/` folders of killed folder writers: a run's
+    export), when no process PID exists here and they have not changed for `min_age` seconds;
+    returns their paths. The age guards folders shared with other hosts, whose pids mean nothing here; a
+    caller that holds the folder's run lock passes min_age=0. With `folders`, an `X.old-PID/`
+    folder (the previous export, set aside by a writer killed between its two renames) is put
+    back as X when X is missing, and removed otherwise."""
     import shutil
     now = time.time() if now is None else now
     removed = []
 
-    def stale(name, path):
-        match = TEMP_NAME.search(name)
+    def stale(name, path, pattern=TEMP_NAME):
+        match = pattern.search(name)
         if not match or int(match.group(1)) == os.getpid() or pid_alive(int(match.group(1))):
             return False
         try:
@@ -86,10 +89,20 @@ def remove_stale_temps(folder: str, recursive: bool = True, min_age: float = STA
             return False
 
     for root, dirs, files in os.walk(folder):
-        for name in list(dirs):
+        for name in list(dirs) if folders else []:
             path = os.path.join(root, name)
-            if not os.path.islink(path) and stale(name, path):
+            if os.path.islink(path):
+                continue
+            if stale(name, path):
                 shutil.rmtree(path, ignore_errors=True)
+                dirs.remove(name)
+                removed.append(path)
+            elif stale(name, path, OLD_NAME):
+                target = os.path.join(root, name[:OLD_NAME.search(name).start()])
+                if os.path.exists(target):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.replace(path, target)
                 dirs.remove(name)
                 removed.append(path)
         for name in files:

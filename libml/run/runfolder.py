@@ -108,7 +108,7 @@ class RunFolder:
         if holder:
             _say(f"{self.run_dir}: took over the lock of {runlock.describe_holder(holder)}, "
                  f"which no longer runs")
-        removed = remove_stale_temps(self.run_dir, min_age=0)
+        removed = remove_stale_temps(self.run_dir, min_age=0, folders=True)
         removed += checkpoint_files.remove_incomplete(self.tf_dir)
         if removed:
             _say(f"{self.run_dir}: removed {len(removed)} unfinished temporary file(s) of a "
