@@ -472,7 +472,7 @@ def test_create_datasets_command_on_a_crafted_archive_is_one_line_and_runs_nothi
 
 
 def test_an_export_killed_between_its_renames_gets_its_previous_export_back(tmp_path):
-    from libml.runfolder import RunFolder
+    from libml.run.runfolder import RunFolder
     from tests.test_faults import dead_pid
     run = tmp_path / "run"
     pid = dead_pid()
