@@ -324,8 +324,8 @@ def reference_scores(labeled_features, labeled_labels, unlabeled_features, valid
     nearest class prototype of the labeled images (leave one out for the labeled images
     themselves); "knn": to the nearest labeled image (bank_rows; leave one out). Reference:
     the labeled images' scores (with calibrate_labeled, shifted to the labeled validation
-    images' median, `calibrate`), then the validation images' own. valid_labels: only rows >= 0 are used (the others may be
-    outliers); None = all rows are in distribution."""
+    images' median, `calibrate`), then the validation images' own. valid_labels: only rows
+    >= 0 are used (the others may be outliers); None = all rows are in distribution."""
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown feature score {kind!r}: use one of {', '.join(SCORE_KINDS)}")
     labeled = np.asarray(labeled_features, np.float32)
