@@ -21,14 +21,17 @@ confidence (`confidence_score`, `energy_score`, kept for comparison) separated i
 out-of-distribution images at chance level on the miniature's models (AUROC 0.41-0.57): MixMatch's
 sharpening makes the model confident on outliers too.
 
-Issue 21 (`estimate_from_features`, what --gamma=auto and inspect use): the score is the
-cosine similarity to the nearest class prototype (the mean direction of the labeled images of
-a class; `prototype_similarity`, the NumPy twin of libml/nn/ood_score.py's in-step score) or the
-nearest-neighbour score above (`kind="knn"`); the labeled images' leave-one-out scores are
-shifted so that their median is the labeled validation images' (`calibrate`: the model has
-fitted its labeled images, which then look more typical than unseen inliers); and BBE picks
-its threshold on one random half of the reference and reads the ratio on the other half
-(`estimate_share_split`: the minimum over thresholds is otherwise biased towards a high share).
+Issue 21 (`reference_scores` + `estimate_scores` = `estimate_from_features`, what --gamma=auto
+and inspect use): the score is the cosine similarity to the nearest class prototype (the mean
+direction of the labeled images of a class; `prototype_similarity`, the NumPy twin of
+libml/ood_score.py's in-step score) or the nearest-neighbour score above (`kind="knn"`).
+Options, off by default (CALIBRATE, SPLIT; measurements in docs/usage_gamma_auto.md): the
+labeled images' leave-one-out scores shifted so that their median is the labeled validation
+images' (`calibrate`: for a model that has fitted its labeled images but not its unlabeled
+ones), and BBE choosing its threshold on one random half of the reference and reading the
+ratio on the other half (`estimate_share_split`: the minimum over thresholds is otherwise
+biased towards a high share). Trust with few labeled validation images also asks the
+features to separate the labeled classes (`prototype_accuracy_loo`).
 """
 import dataclasses
 import math
@@ -321,8 +324,8 @@ def reference_scores(labeled_features, labeled_labels, unlabeled_features, valid
     nearest class prototype of the labeled images (leave one out for the labeled images
     themselves); "knn": to the nearest labeled image (bank_rows; leave one out). Reference:
     the labeled images' scores (with calibrate_labeled, shifted to the labeled validation
-    images' median, `calibrate`), then the validation images' own. valid_labels: only rows >= 0 are used (the others may be
-    outliers); None = all rows are in distribution."""
+    images' median, `calibrate`), then the validation images' own. valid_labels: only rows
+    >= 0 are used (the others may be outliers); None = all rows are in distribution."""
     if kind not in SCORE_KINDS:
         raise ValueError(f"unknown feature score {kind!r}: use one of {', '.join(SCORE_KINDS)}")
     labeled = np.asarray(labeled_features, np.float32)

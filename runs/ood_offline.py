@@ -6,13 +6,13 @@
 --synthetic: for every failure mode of tests/ood_synthetic.py and mismatch level, 3 seeds:
 the error of the share estimate before issue 21 (kNN score, raw labeled reference, plain BBE),
 after (ood_share.estimate_from_features: the prototype score) and after with the calibrated
-reference and the split BBE (calibrate_labeled=True, split=True), and the AUROC (in vs out) of the kNN score, of the
-prototype score and of the confidence of a cosine classifier over the prototypes (temperature
-10: a stand-in, the synthetic worlds have no trained classifier).
+reference and the split BBE (calibrate_labeled=True, split=True), and the AUROC (in vs out) of
+the kNN score, of the prototype score and of the confidence of a cosine classifier over the
+prototypes (temperature 10: a stand-in, the synthetic worlds have no trained classifier).
 --runs: for each finished run of a mismatch set (the truth is in its -map.json): the AUROC of
 the confidence (max softmax of the EMA model, what RealMix's mask ranks by), of the prototype
 score and of the kNN score on the training unlabeled images, and the share estimates before
-and after, against the truth. Prints a markdown table.
+and after, against the truth, and the run's gamma trace: one JSON line per run.
 """
 import json
 import os
@@ -101,7 +101,8 @@ def measure_run(run_dir: str, root: str) -> dict:
     loo = ood_share.prototype_similarity_loo(fl, yl, nclass)
     valid = fu[:nv][yu[:nv] >= 0]
     medians = dict(labeled_loo=float(np.median(loo)),
-                   valid=float(np.median(ood_share.prototype_similarity(valid, protos)[0])) if len(valid) else None,
+                   valid=float(np.median(ood_share.prototype_similarity(valid, protos)[0]))
+                   if len(valid) else None,
                    unlabeled_in=float(np.median(scores["prototype"][inside])) if inside.any() else None,
                    unlabeled_out=float(np.median(scores["prototype"][~inside])) if (~inside).any() else None)
     history_path = os.path.join(run_dir, "stats", "gamma_auto.json")

@@ -97,7 +97,8 @@ def test_knn_score_and_ring_bank():
     filled, position = 0, 0
     queries = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
     assert np.all(ood_score.knn_score(queries, bank, filled).numpy() == -1.0)
-    bank, filled, position = ood_score.bank_insert(bank, filled, position, [[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]])
+    rows = [[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]]
+    bank, filled, position = ood_score.bank_insert(bank, filled, position, rows)
     assert (int(filled), int(position)) == (3, 3)
     np.testing.assert_allclose(ood_score.knn_score(queries, bank, filled).numpy(), [1.0, 1.0], atol=1e-6)
     bank, filled, position = ood_score.bank_insert(bank, filled, position, [[1.0, -1.0], [-1.0, 0.0]])
@@ -116,7 +117,8 @@ strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(0)
 f = rng.normal(size=(16, 8)).astype("f4"); y = rng.integers(0, 3, 16)
 with strategy.scope():
-    protos = tf.Variable(tf.zeros([4, 8]), trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+    protos = tf.Variable(tf.zeros([4, 8]), trainable=False,
+                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 data = tf.data.Dataset.from_tensor_slices((f, y)).batch(16)
 def step(batch):
     features, labels = batch

@@ -96,9 +96,12 @@ def test_run_folder_writes_csv_summary_and_pngs(tiny_run):
         own = [fl[(yl == c) & (np.arange(len(yl)) != i)].sum(0) for c in classes]
         loo.append(max(float(fl[i] @ v / np.linalg.norm(v)) if np.linalg.norm(v) > 0 else -1.0 for v in own))
     reference = np.r_[loo, (fu[:NVALID][~outliers[:NVALID]] @ protos.T).max(1)]
-    assert summary["auroc_reference"] == pytest.approx(ood_share.auroc(reference, similarity[~inside]), abs=1e-3)
+    assert summary["auroc_reference"] == pytest.approx(ood_share.auroc(reference, similarity[~inside]),
+                                                       abs=1e-3)
+    # (the tiny model's scores agree with these to 1e-4 and many lie within 1e-3 of each
+    # other, which can move an image or two of the 40 across the threshold)
     assert summary["estimated_ood_share"] == pytest.approx(
-        ood_share.estimate_share(reference, similarity).share, abs=0.02)
+        ood_share.estimate_share(reference, similarity).share, abs=0.05)
     # the mask's ranking is the confidence here; masked images truly out of distribution
     conf_train = confidence[NVALID:]
     assert summary["auroc_mask"] == summary["auroc_confidence"] == pytest.approx(
