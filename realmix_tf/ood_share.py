@@ -24,7 +24,7 @@ sharpening makes the model confident on outliers too.
 Issue 21 (`reference_scores` + `estimate_scores` = `estimate_from_features`, what --gamma=auto
 and inspect use): the score is the cosine similarity to the nearest class prototype (the mean
 direction of the labeled images of a class; `prototype_similarity`, the NumPy twin of
-libml/ood_score.py's in-step score) or the nearest-neighbour score above (`kind="knn"`).
+libml/nn/ood_score.py's in-step score) or the nearest-neighbour score above (`kind="knn"`).
 Options, off by default (CALIBRATE, SPLIT; measurements in docs/usage_gamma_auto.md): the
 labeled images' leave-one-out scores shifted so that their median is the labeled validation
 images' (`calibrate`: for a model that has fitted its labeled images but not its unlabeled
