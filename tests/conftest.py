@@ -11,16 +11,23 @@ import tempfile
 import numpy as np
 import pytest
 
-from libml.train import precision_probe  # --mixed_precision=auto never times steps in the tests (slow, and flaky on a shared machine):
-# the cache folder, inherited by the subprocesses the tests start, holds a fixed answer for
-# this machine: float32 (timings 1.0 s vs 2.0 s).
-_CACHE_HOME = tempfile.mkdtemp(prefix="realmix_tests_cache_")
-atexit.register(shutil.rmtree, _CACHE_HOME, True)
-os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+from libml.train import precision_probe
+
+# --mixed_precision=auto never times steps in the tests (slow, and flaky on a shared machine):
+# the cache folder ($REALMIX_CACHE_DIR, inherited by the subprocesses the tests start; other
+# tools' caches stay where they are) holds a fixed answer for this machine: float32 (timings
+# 1.0 s vs 2.0 s).
+_CACHE_DIR = tempfile.mkdtemp(prefix="realmix_tests_cache_")
+atexit.register(shutil.rmtree, _CACHE_DIR, True)
+os.environ[precision_probe.CACHE_DIR_ENV] = _CACHE_DIR
 FIXED_AUTO_TIMINGS = {"float32": 1.0, "mixed_bfloat16": 2.0}
 precision_probe.write_cache(precision_probe.cache_path(), dict(
     precision_probe.machine_key(), seconds_per_step=FIXED_AUTO_TIMINGS,
     probe="fixed by tests/conftest.py", measured="never"), print)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

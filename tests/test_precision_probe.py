@@ -133,6 +133,9 @@ def test_several_workers_are_not_measured_and_agree_on_float32(tmp_path):
 def test_cache_path_follows_xdg_cache_home(tmp_path):
     assert precision_probe.cache_path({"XDG_CACHE_HOME": str(tmp_path)}) == \
         str(tmp_path / "realmix_tf" / "auto_precision.json")
+    assert precision_probe.cache_path({"XDG_CACHE_HOME": str(tmp_path),
+                                       "REALMIX_CACHE_DIR": str(tmp_path / "x")}) == \
+        str(tmp_path / "x" / "auto_precision.json")
     assert precision_probe.cache_path({}) == os.path.join(
         os.path.expanduser("~"), ".cache", "realmix_tf", "auto_precision.json")
 
@@ -151,7 +154,7 @@ def test_auto_precision_measures_on_cpus_only():
 
 def test_the_suite_uses_the_fixed_answer_and_never_measures():
     """tests/conftest.py: the cache holds float32 for this machine; measuring fails."""
-    assert precision_probe.cache_path().startswith(os.environ["XDG_CACHE_HOME"])
+    assert precision_probe.cache_path().startswith(os.environ["REALMIX_CACHE_DIR"])
     with pytest.raises(AssertionError, match="real precision measurement"):
         precision_probe.measure()
     if precision_probe.has_bf16_instructions(platform.cpu_info()[1]):

@@ -6,7 +6,8 @@ was 1.7x slower in bf16 on an Intel Xeon and 1.79x faster on an AMD EPYC Zen 4
 (WideResNet, 32x32, forward + backward + Adam; `PROBE`) are timed in each candidate precision,
 alternating, and the median CPU time of each decides: bf16 when it is at least 5 % faster
 (`MARGIN`), else float32. That takes seconds and is done once: the timings are kept in
-`{XDG_CACHE_HOME or ~/.cache}/realmix_tf/auto_precision.json` for this CPU model, this
+`{XDG_CACHE_HOME or ~/.cache}/realmix_tf/auto_precision.json` ($REALMIX_CACHE_DIR overrides
+the folder) for this CPU model, this
 TensorFlow version and this TF_ENABLE_ONEDNN_OPTS; when any of them changes, or the file is
 unreadable, the probe runs again and the file is replaced (written atomically; a cache folder
 that cannot be written costs a note, never the run).
@@ -38,8 +39,14 @@ PROBE = dict(filters=32, repeat=2, size=32, batch=32, warmup=1, rounds=5)
 _memo: Dict[str, Tuple[str, str]] = {}      # cache path -> choice, once per process
 
 
+CACHE_DIR_ENV = "REALMIX_CACHE_DIR"      # overrides the folder (the tests point it elsewhere)
+
+
 def cache_path(environ=None) -> str:
+    """$REALMIX_CACHE_DIR/auto_precision.json, else {XDG_CACHE_HOME or ~/.cache}/realmix_tf/."""
     environ = os.environ if environ is None else environ
+    if environ.get(CACHE_DIR_ENV):
+        return os.path.join(environ[CACHE_DIR_ENV], CACHE_NAME)
     root = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "realmix_tf", CACHE_NAME)
 
