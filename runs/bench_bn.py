@@ -18,6 +18,7 @@ import time
 from absl import flags
 
 from libml.base import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch", 192, "Rows of the batch (the interleaved step: 3 chunks of 64).")
 flags.DEFINE_integer("groups", 3, "Chunks with their own statistics.")

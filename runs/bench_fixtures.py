@@ -21,6 +21,7 @@ from libml.data import datasets
 from libml.data import names
 
 from libml.data import records
+
 Arrays = Tuple[np.ndarray, np.ndarray]
 
 

@@ -13,6 +13,7 @@ import time
 from absl import flags
 
 from libml.base import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("views", ["weak", "strong"], "Views to measure (keys of libml.data.augment.VIEWS).")
 flags.DEFINE_list("shape", ["64", "32", "32", "3"], "Batch shape N,H,W,C.")

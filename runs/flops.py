@@ -22,6 +22,7 @@ import os
 from typing import Dict, Optional, Sequence, Tuple
 
 from libml.base import machine as platform
+
 CPUFREQ = "/sys/devices/system/cpu/cpu{}/cpufreq/cpuinfo_max_freq"
 
 

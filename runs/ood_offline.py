@@ -24,6 +24,7 @@ from absl import flags
 from libml.base import cli
 
 from realmix_tf import ood_share
+
 FLAGS = flags.FlagValues()
 flags.DEFINE_bool("synthetic", False, "Measure on the synthetic worlds.", flag_values=FLAGS)
 flags.DEFINE_list("runs", [], "Run folders to measure.", flag_values=FLAGS)

@@ -1,6 +1,7 @@
 import os
 
 from libml.base import machine as _platform
+
 _platform.setup()   # before anything imports TensorFlow, as every entry point does
 os.environ.setdefault("TF_DETERMINISTIC_OPS", "0")
 

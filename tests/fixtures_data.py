@@ -14,6 +14,7 @@ from typing import Tuple
 import numpy as np
 
 from libml.data import records
+
 @dataclasses.dataclass
 class ToyDataset:
     root: str

@@ -4,6 +4,7 @@ import re
 import pytest
 
 from libml.base import console
+
 def test_human_and_strategy():
     assert console.human(1234) == "1,234" and console.human(1_470_000) == "1.47 M"
     import tensorflow as tf

@@ -96,6 +96,7 @@ def test_second_lock_names_the_holder_and_release_frees_it(tmp_path):
 HOLD = """
 import sys, time
 from libml.run.runlock import RunLock
+
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)

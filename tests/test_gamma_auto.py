@@ -223,6 +223,7 @@ def test_resume_keeps_the_estimate(toy_ood, tmp_path, quick_trust):
 
 MIRRORED_SCRIPT = """
 import json
+
 with strategy.scope():
     model = RealMix(4, (8, 8, 3), filters=4, repeat=1, warmup_kimg=0, gamma="auto")
 batches = iter(strategy.experimental_distribute_dataset(data))

@@ -8,6 +8,7 @@ import pytest
 
 from libml.train import precision_probe
 from libml.base import machine as platform
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # /proc/cpuinfo excerpts of the two CPU kinds the project runs on, and an ARM server.
@@ -151,6 +152,7 @@ def test_caught_stderr_writes_back_what_is_not_noise(capfd):
 
 BLOCK_TF = """
 import importlib.abc, sys
+
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "tensorflow":
@@ -158,6 +160,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise SystemExit("setup-before-tf" if p and p._state["done"] else "tf-first")
 sys.meta_path.insert(0, Block())
 import {module}
+
 print("no-tf")
 """
 

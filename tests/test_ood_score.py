@@ -113,6 +113,7 @@ import json
 import numpy as np
 from libml.nn import ood_score
 from libml.nn import replicas
+
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.default_rng(0)
 f = rng.normal(size=(16, 8)).astype("f4"); y = rng.integers(0, 3, 16)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from realmix_tf import ood_share
+
 def _mixture(rng, share, n, in_mean=3.0, out_mean=0.0):
     n_out = int(round(share * n))
     return np.concatenate([rng.normal(out_mean, 1.0, n_out), rng.normal(in_mean, 1.0, n - n_out)])

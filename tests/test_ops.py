@@ -4,6 +4,7 @@ import pytest
 import tensorflow as tf
 
 from libml.nn import ops as layers
+
 MODES = ["eager", "function", "jit"]
 
 

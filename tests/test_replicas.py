@@ -10,6 +10,7 @@ import json
 import numpy as np
 from libml.nn import ops
 from libml.nn import replicas
+
 R, b, C, NU, G = 2, 4, 3, 2, 3
 B = R * b
 rng = np.random.RandomState(0)

@@ -9,6 +9,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PRELUDE = """
 import tensorflow as tf
+
 _cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * {n})
 """
@@ -36,6 +37,7 @@ def toy_mirrored(batch: int) -> str:
     return f"""
 import numpy as np
 from realmix_tf.realmix import RealMix
+
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 rng = np.random.RandomState(0)
 lab = tf.data.Dataset.from_tensor_slices({{"image": rng.uniform(-1, 1, (32, 8, 8, 3)).astype("f4"),

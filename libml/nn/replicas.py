@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from libml.nn import ops
+
 GLOBAL, PER_REPLICA = "global", "per_replica"      # --replica_mode
 REPLICA_MODES = (GLOBAL, PER_REPLICA)
 

@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from libml.nn import replicas
+
 BN_MOMENTUM = 0.999
 BN_EPSILON = 1e-3
 LEAKY_SLOPE = 0.1

@@ -14,6 +14,7 @@ from absl import logging
 
 from libml.run.checkpoint_files import CHECKPOINT_NAME, latest_checkpoint
 from libml.base.errors import UserError, first_line
+
 # What a damaged checkpoint raises when read (the reader raises IndexError on a short file).
 READ_ERRORS = (tf.errors.OpError, ValueError, AssertionError, IndexError, RuntimeError)
 

@@ -28,6 +28,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from libml.base import machine
+
 CANDIDATES = ("float32", "mixed_bfloat16")
 SHORT = {"float32": "float32", "mixed_bfloat16": "bf16"}
 MARGIN = 0.95          # bf16 only when its step takes <= 95 % of float32's
