@@ -43,7 +43,8 @@ def test_defaults_are_the_released_ones():
     assert (config.train_kimg, config.report_kimg, config.save_kimg, config.keep_ckpt) == (65536, 64, 64, 50)
     assert (config.filters, config.repeat, config.scales) == (32, 4, 0)
     assert config.algorithm == dict(beta=0.75, w_match=75.0, warmup_kimg=1024, tsa="none",
-                                    tsa_source="labels", gamma=0.0, loss_nclass=0)
+                                    tsa_source="labels", gamma=0.0, loss_nclass=0,
+                                    ood_score="confidence", prototype_momentum=0.99)
     assert config.train_nimg == 65536 * 1024 and config.report_nimg == 65536
 
 
