@@ -17,7 +17,8 @@ determinism).
 Devices: `make_strategy(config)` is the one place where the tf.distribute strategy is chosen
 (libml/distribute.py: --distribute, TF_CONFIG), and `Trainer.distribute` the one place where
 input is split over its replicas. With several workers, only the chief writes the run folder;
-the others write their (required) saves to a temporary folder (`WorkerRole`).
+the others make their (required) saves in memory and keep only their own input positions
+(libml/worker_folder.py).
 """
 import contextlib
 import os
@@ -43,9 +44,9 @@ from libml.platform import cpu_info, isa_line, onednn_enabled
 from libml.runfolder import RunFolder
 from libml.runlock import RunLock
 from libml.storage import disk_errors
-from libml.worker_folder import WorkerFolder, follow_chief
 from libml.summaries import (HISTORY_FILE, STATS_FILE, accuracy_stats, finite_or_none,
                              read_history, write_histogram, write_scalar)
+from libml.worker_folder import WorkerFolder, follow_chief
 
 
 def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
@@ -196,7 +197,7 @@ class Trainer:
         from their files, never a non-finite one, disk faults and damaged records in one line."""
         c = self.config
         # Every worker saves (saving reads replicated state with collectives); only the
-        # chief's saves land in the run folder, and every worker resumes from those.
+        # chief's saves land in the run folder, the others keep their input positions there.
         folder = (RunFolder(self.run_dir, keep=c.keep_ckpt) if self.role.is_chief else
                   WorkerFolder(self.run_dir, c.keep_ckpt, self.role.worker_id)).open(self._args())
         try:
