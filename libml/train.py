@@ -205,8 +205,9 @@ class Trainer:
             ckpt = make_checkpoint(self.model, self.iterators)
             read = lambda p: read_training_state(self.model, self.iterators, p)  # noqa: E731
             if self.role.num_workers > 1:     # the chief's step, each worker's own input position
-                restored = follow_chief(self.strategy, self.role, folder, read, self.model,
-                                        self.iterators, c.batch)
+                with devices.lost_workers(self.role, lambda: latest_checkpoint(self.tf_dir)):
+                    restored = follow_chief(self.strategy, self.role, folder, read, self.model,
+                                            self.iterators, c.batch)
             else:
                 restored = folder.restore(read, READ_ERRORS)
             start = "fresh start"
