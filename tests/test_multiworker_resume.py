@@ -5,7 +5,6 @@ beside the chief's checkpoint, or rebuilt from its shard when that file is missi
 non-chief writes nothing but its input positions; a lost worker ends the chief in one line
 with exit code 2; a run folder that is not shared is refused in one line. Every process is
 bounded by a timeout."""
-import json
 import os
 import signal
 import subprocess

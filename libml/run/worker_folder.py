@@ -19,10 +19,13 @@ non-chief worker:
 `follow_chief` also checks that every worker sees the chief's run folder: a `--train_dir` that
 is not one shared folder fails at start, in one line, on every worker.
 """
+import glob
 import json
 import os
+import shutil
 import sys
-from typing import Dict, Optional
+import tempfile
+from typing import Dict, List, Optional
 
 import tensorflow as tf
 
@@ -69,7 +72,24 @@ class WorkerFolder(RunFolder):
 
     def open(self, args: Dict) -> "WorkerFolder":
         self.args = dict(args)
+        self.remove_old_copies()
         return self
+
+    def remove_old_copies(self) -> List[str]:
+        """Removes what earlier versions' non-chief worker w left for this run in the system
+        temp folder after a kill (`realmix-worker{w}-*/<absolute run path>/`: a full copy of
+        the checkpoints and exports). No one else uses them: the chief holds the run's lock."""
+        inside = os.path.abspath(self.run_dir).lstrip(os.sep)
+        removed = []
+        for folder in glob.glob(os.path.join(glob.escape(tempfile.gettempdir()),
+                                             f"realmix-worker{self.worker_id}-*")):
+            if os.path.isdir(os.path.join(folder, inside)):
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+        if removed:
+            print(f"worker {self.worker_id}: removed {len(removed)} old temporary copy(ies) of "
+                  f"this run: {', '.join(removed)}", file=sys.stderr)
+        return removed
 
     def restore(self, read, read_errors=(Exception,)) -> str:
         return ""           # the chief chooses the checkpoint: follow_chief

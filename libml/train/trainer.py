@@ -17,11 +17,12 @@ determinism).
 Devices: `make_strategy(config)` is the one place where the tf.distribute strategy is chosen
 (libml/train/devices.py: --distribute, TF_CONFIG), and `Trainer.distribute` the one place where
 input is split over its replicas. With several workers, only the chief writes the run folder;
-the others write their (required) saves to a temporary folder (`WorkerRole`).
+the others make their (required) saves in memory and keep only their own input positions
+(libml/worker_folder.py).
 """
 import contextlib
-import hashlib
 import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -30,11 +31,9 @@ from typing import Callable, Dict, List, Optional
 import tensorflow as tf
 
 from libml.base import console
-
-from libml.train import run_modes
-from libml.train import devices
+from libml.train import devices, run_modes
 from libml.run.checkpoint import (READ_ERRORS, make_checkpoint, model_variables,
-                              read_training_state)
+                                  read_training_state)
 from libml.run.checkpoint_files import latest_checkpoint
 from libml.train.config import KIMG, PRECISIONS, TrainConfig
 from libml.base.errors import UserError, first_line
@@ -195,7 +194,7 @@ class Trainer:
         from their files, never a non-finite one, disk faults and damaged records in one line."""
         c = self.config
         # Every worker saves (saving reads replicated state with collectives); only the
-        # chief's saves land in the run folder, and every worker resumes from those.
+        # chief's saves land in the run folder, the others keep their input positions there.
         folder = (RunFolder(self.run_dir, keep=c.keep_ckpt) if self.role.is_chief else
                   WorkerFolder(self.run_dir, c.keep_ckpt, self.role.worker_id)).open(self._args())
         try:
@@ -203,8 +202,9 @@ class Trainer:
             ckpt = make_checkpoint(self.model, self.iterators)
             read = lambda p: read_training_state(self.model, self.iterators, p)  # noqa: E731
             if self.role.num_workers > 1:     # the chief's step, each worker's own input position
-                restored = follow_chief(self.strategy, self.role, folder, read, self.model,
-                                        self.iterators, c.batch)
+                with devices.lost_workers(self.role, lambda: latest_checkpoint(self.tf_dir)):
+                    restored = follow_chief(self.strategy, self.role, folder, read, self.model,
+                                            self.iterators, c.batch)
             else:
                 restored = folder.restore(read, READ_ERRORS)
             start = "fresh start"
