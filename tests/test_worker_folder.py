@@ -1,11 +1,9 @@
-"""libml/worker_folder.py without a cluster (issue 26): the old temporary copies a killed
+"""libml/run/worker_folder.py without a cluster (issue 26): the old temporary copies a killed
 non-chief worker left are removed for this run only; the input position files are pruned to
 the chief's step."""
 import os
 
-from libml import worker_folder
-
-
+from libml.run import worker_folder
 def test_old_temporary_copies_of_this_run_are_removed(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     import tempfile

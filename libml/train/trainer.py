@@ -18,7 +18,7 @@ Devices: `make_strategy(config)` is the one place where the tf.distribute strate
 (libml/train/devices.py: --distribute, TF_CONFIG), and `Trainer.distribute` the one place where
 input is split over its replicas. With several workers, only the chief writes the run folder;
 the others make their (required) saves in memory and keep only their own input positions
-(libml/worker_folder.py).
+(libml/run/worker_folder.py).
 """
 import contextlib
 import dataclasses
