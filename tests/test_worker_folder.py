@@ -4,6 +4,8 @@ the chief's step."""
 import os
 
 from libml.run import worker_folder
+
+
 def test_old_temporary_copies_of_this_run_are_removed(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
     import tempfile
