@@ -32,7 +32,7 @@ HISTORY_FILE = os.path.join("stats", "gamma_auto.json")    # in the run folder
 class GammaState(keras.layers.Layer):
     """The checkpointed variables of --gamma=auto (create under the strategy scope). A Keras
     layer, so that the model tracks them: they are in `model.variables`, hence in every
-    checkpoint (libml.run.checkpoint.model_variables)."""
+    checkpoint (libml.run.checkpoints.model_variables)."""
 
     def __init__(self):
         super().__init__(name="gamma_auto", trainable=False)

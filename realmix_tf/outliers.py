@@ -78,7 +78,7 @@ def _checkpoint_net(run_dir: str):
     """The EMA net of the newest checkpoint of a run, rebuilt from its args.json."""
     from libml.export import saving as export
     from libml.nn.wrn import WideResNet
-    from libml.run.checkpoint import resolve_checkpoint
+    from libml.run.checkpoints import resolve_checkpoint
     args = _read_json(os.path.join(run_dir, "args", "args.json"))
     shape = tuple(args["image_shape"])
     template = WideResNet(int(args["nclass"]), filters=args["filters"], repeat=args["repeat"],

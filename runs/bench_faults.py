@@ -41,9 +41,9 @@ def _timed(fn, count):
 
 def main(_):
     import tensorflow as tf
-    from libml.run import checkpoint_files
+    from libml.run import checkpoints as checkpoint_files
     from libml.run import finite
-    from libml.run.checkpoint import make_checkpoint
+    from libml.run.checkpoints import make_checkpoint
     from libml.train.config import TrainConfig
     from libml.run.runfolder import RunFolder
     from runs.bench_fixtures import make_ssl_dataset

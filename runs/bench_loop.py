@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 
 def main(_):
     import tensorflow as tf
-    from libml.run.checkpoint import make_checkpoint
+    from libml.run.checkpoints import make_checkpoint
     from libml.train.config import TrainConfig
     from libml.run.runfolder import RunFolder
     from runs.bench_fixtures import make_ssl_dataset

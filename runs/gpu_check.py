@@ -54,7 +54,7 @@ def compare(names):
     import numpy as np
     import tensorflow as tf
     from libml.train import devices as distribute
-    from libml.run.checkpoint import make_checkpoint, model_variables, read_model
+    from libml.run.checkpoints import make_checkpoint, model_variables, read_model
     from realmix_tf.realmix import RealMix
 
     rng = np.random.RandomState(0)

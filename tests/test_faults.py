@@ -19,15 +19,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from libml.run import checkpoint_files
+from libml.run import checkpoints as checkpoint_files
 
 from libml.run import finite
 
 from libml.data import records
 
-from libml.run import runargs
+from libml.run import relaunch as runargs
 
-from libml.run import runlock
+from libml.run import relaunch as runlock
 
 from libml.base import storage
 from libml.base.errors import UserError, first_line
@@ -95,7 +95,7 @@ def test_second_lock_names_the_holder_and_release_frees_it(tmp_path):
 
 HOLD = """
 import sys, time
-from libml.run.runlock import RunLock
+from libml.run.relaunch import RunLock
 
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
@@ -675,7 +675,7 @@ def test_divergence_keeps_the_last_finite_checkpoint_and_resume_starts_there(toy
     assert not os.path.exists(os.path.join(trainer.run_dir, runlock.LOCK_NAME))
 
     # An older version did write non-finite checkpoints: one at step 64.
-    from libml.run.checkpoint import make_checkpoint
+    from libml.run.checkpoints import make_checkpoint
     old = trainer_of(tiny(toy, tmp_path))
     old.model.net.trainable_variables[0].assign(tf.fill(old.model.net.trainable_variables[0].shape, np.nan))
     checkpoint_files.save_checkpoint(make_checkpoint(old.model), trainer.tf_dir, 64, keep=10)

@@ -15,7 +15,7 @@ SCRIPT = """
 import json, tempfile
 import numpy as np
 from libml.train import devices as distribute
-from libml.run.checkpoint import make_checkpoint, read_model
+from libml.run.checkpoints import make_checkpoint, read_model
 from libml.train.evaluate import Evaluator
 from libml.base.machine import onednn_enabled
 from realmix_tf.realmix import RealMix

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from libml.train import precision_probe
-from libml.run import checkpoint
+from libml.run import checkpoints as checkpoint
 from libml.train import config as train_config
 from libml.export import saving
 from libml.base import machine as platform

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from libml.export import plain_keras
-from libml.run.checkpoint import checkpoint_key, resolve_checkpoint
+from libml.run.checkpoints import checkpoint_key, resolve_checkpoint
 from libml.base.errors import UserError, first_line
 from libml.base.files import write_json
 from libml.nn.wrn import WideResNet

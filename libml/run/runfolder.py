@@ -9,7 +9,7 @@
     folder.save(checkpoint, step, variables)   # never non-finite, never over an existing one
     folder.close()               # or close(failed=True): removes a folder that start-up created
 
-Checkpoints are found from the files (libml.run.checkpoint_files), not from TensorFlow's index;
+Checkpoints are found from the files (libml.run.checkpoints), not from TensorFlow's index;
 ones that are not finite (written before these checks existed) or that do not read back are
 skipped, and renamed aside if an older one is resumed from, so the run's next save never meets
 them. A failed start-up leaves no run folder behind.
@@ -23,13 +23,13 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from libml.run import checkpoint_files
+from libml.run import checkpoints as checkpoint_files
 
 from libml.run import finite
 
-from libml.run import runargs
+from libml.run import relaunch as runargs
 
-from libml.run import runlock
+from libml.run import relaunch as runlock
 from libml.base.errors import UserError, first_line
 from libml.base.files import remove_stale_temps
 

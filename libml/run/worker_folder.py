@@ -29,11 +29,11 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 
-from libml.run import checkpoint_files
-from libml.run.checkpoint import READ_ERRORS, mismatch, read_model
+from libml.run import checkpoints as checkpoint_files
+from libml.run.checkpoints import READ_ERRORS, mismatch, read_model
 from libml.base.errors import UserError
 from libml.run.runfolder import RunFolder
-from libml.run.runlock import LOCK_NAME
+from libml.run.relaunch import LOCK_NAME
 
 INPUT_NAME = "input.ckpt"
 SHARED_FIX = ("--train_dir must be one file system folder that every host sees at the same "
@@ -47,7 +47,7 @@ def input_dir(tf_dir: str, worker_id: int) -> str:
 
 
 def input_checkpoint(iterators) -> tf.train.Checkpoint:
-    """The two input iterators alone (the keys of libml.run.checkpoint.make_checkpoint)."""
+    """The two input iterators alone (the keys of libml.run.checkpoints.make_checkpoint)."""
     return tf.train.Checkpoint(labeled_iterator=iterators[0], unlabeled_iterator=iterators[1])
 
 

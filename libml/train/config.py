@@ -19,7 +19,7 @@ from typing import Callable, Optional
 from absl import flags
 
 from libml.train import devices
-from libml.run.checkpoint import checkpoint_exists
+from libml.run.checkpoints import checkpoint_exists
 from libml.base.errors import UserError
 from libml.data.names import parse_dataset_name
 

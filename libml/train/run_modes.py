@@ -3,13 +3,12 @@
 libml.train.trainer.Trainer (its model, evaluation sets and run folder)."""
 import os
 
-from libml.run.checkpoint import read_model, resolve_checkpoint
-from libml.run.checkpoint_files import latest_checkpoint
+from libml.run.checkpoints import latest_checkpoint, read_model, resolve_checkpoint
 from libml.train.config import KIMG
 from libml.base.errors import UserError
 from libml.export.saving import export_model, join_export
 from libml.base.files import write_json
-from libml.run.runlock import RunLock
+from libml.run.relaunch import RunLock
 from libml.base.storage import disk_errors
 from libml.run.summaries import finite_or_none
 

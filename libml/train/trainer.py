@@ -32,9 +32,8 @@ import tensorflow as tf
 
 from libml.base import console
 from libml.train import devices, run_modes
-from libml.run.checkpoint import (READ_ERRORS, make_checkpoint, model_variables,
-                                  read_training_state)
-from libml.run.checkpoint_files import latest_checkpoint
+from libml.run.checkpoints import (READ_ERRORS, latest_checkpoint, make_checkpoint,
+                                   model_variables, read_training_state)
 from libml.train.config import KIMG, PRECISIONS, TrainConfig
 from libml.base.errors import UserError, first_line
 from libml.train.evaluate import SETS as EVAL_SETS, Evaluator
@@ -346,7 +345,7 @@ class Trainer:
         folder.save(ckpt, step, self._variables)
 
     def _args(self) -> dict:
-        """The settings args/args.json records (compared when the run resumes: libml/run/runargs.py)."""
+        """The settings args/args.json records (compared when the run resumes: libml/run/relaunch.py)."""
         c = self.config
         return dict(self.hparams, dataset=c.dataset, algorithm=self.algorithm,
                     train_kimg=c.train_kimg, report_kimg=c.report_kimg, save_kimg=c.save_kimg,
