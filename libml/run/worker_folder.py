@@ -47,8 +47,12 @@ def input_dir(tf_dir: str, worker_id: int) -> str:
 
 
 def input_checkpoint(iterators) -> tf.train.Checkpoint:
-    """The two input iterators alone (the keys of libml.run.checkpoints.make_checkpoint)."""
-    return tf.train.Checkpoint(labeled_iterator=iterators[0], unlabeled_iterator=iterators[1])
+    """The input iterators alone, under the keys of libml.run.checkpoints.make_checkpoint
+    (unlabeled None: an algorithm that reads no unlabeled data)."""
+    parts = dict(labeled_iterator=iterators[0])
+    if iterators[1] is not None:
+        parts.update(unlabeled_iterator=iterators[1])
+    return tf.train.Checkpoint(**parts)
 
 
 def workers_sum(strategy, value: int) -> int:
@@ -105,7 +109,8 @@ class WorkerFolder(RunFolder):
         scratch = f"{self._scratch}/{checkpoint_files.CHECKPOINT_NAME}-{step}"
         checkpoint.write(scratch)                # the collectives of the chief's save
         tf.io.gfile.rmtree(self._scratch)
-        position = input_checkpoint((checkpoint.labeled_iterator, checkpoint.unlabeled_iterator))
+        position = input_checkpoint((checkpoint.labeled_iterator,
+                                     getattr(checkpoint, "unlabeled_iterator", None)))
         os.makedirs(self.input_dir, exist_ok=True)
         checkpoint_files.save_checkpoint(position, self.input_dir, step, self.keep,
                                          name=INPUT_NAME)
@@ -150,7 +155,7 @@ class WorkerFolder(RunFolder):
             batches = chief_step // batch
             print(f"worker {self.worker_id}: no input position {position}: rebuilding it from "
                   f"the start of this worker's shard ({batches} batches)", file=sys.stderr)
-            for it in iterators:
+            for it in filter(None, iterators):
                 _advance(it, tf.constant(batches, tf.int64))
         self.last_good = prefix
         return prefix
