@@ -130,11 +130,6 @@ def setup(environ=None, cpuinfo: str = CPUINFO, machine: Optional[str] = None,
     return applied
 
 
-def tensorflow_imported_early() -> bool:
-    """True when TensorFlow was imported before setup() could run (its settings then had no
-    effect on this process)."""
-    return "tensorflow" in sys.modules and not _state["done"]
-
 
 # ---------------------------------------------------------------------------------------------
 # Quiet import: file descriptor 2 caught while `tensorflow` is imported

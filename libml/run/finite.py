@@ -49,9 +49,6 @@ class FirstNonFinite:
         step = int(self.variable.numpy())
         return None if step < 0 else step
 
-    def reset(self) -> None:
-        self.variable.assign(-1)
-
 
 @tf.function(autograph=False)
 def _finite_flags(tensors):

@@ -70,12 +70,6 @@ def check_loss_nclass(loss_nclass, nclass=None) -> int:
     return int(loss_nclass)
 
 
-def define_loss_nclass_flag(flag_values) -> None:
-    """--loss_nclass (idempotent), for the algorithms with a class-averaged unlabeled loss."""
-    from absl import flags
-    if "loss_nclass" not in flag_values:
-        flags.DEFINE_integer("loss_nclass", 0, LOSS_NCLASS_HELP, flag_values=flag_values)
-
 
 def check_settings(precision, ema, bn_momentum, lr, wd):
     """The shared settings, checked with the same functions as their trainer flags."""
