@@ -132,5 +132,6 @@ def test_command_line_exit_code(tmp_path):
                            f"--work_dir={tmp_path}"], cwd=root, capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "error: --experiments=tables: use one or more of sizes,mismatch,ablation,gamma_auto"]
+        "error: --experiments=tables: use one or more of sizes,mismatch,ablation,gamma_auto,"
+        "ood_score"]
     assert not os.listdir(tmp_path)                     # nothing prepared or trained
