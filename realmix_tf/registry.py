@@ -111,9 +111,9 @@ def configure(name: str, flag_values: flags.FlagValues) -> train_config.TrainCon
         print(f"note: {note}", file=sys.stderr)
     config = train_config.config_from_flags(flag_values, algorithm.config_class(), overrides,
                                             **hparams)
-    model_class.check_hparams(**hparams)
-    if "train_kimg" in model_class.hparam_table():
-        model_class.check_hparams(train_kimg=config.train_kimg)
+    run_length = ({"train_kimg": config.train_kimg}
+                  if "train_kimg" in model_class.hparam_table() else {})
+    model_class.check_hparams(**hparams, **run_length)
     return config
 
 
