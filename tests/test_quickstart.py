@@ -40,7 +40,7 @@ def test_quickstart_prepares_data_trains_both_and_prints_the_table(tmp_path):
 
 
 def test_quickstart_rejects_unknown_algorithm(tmp_path):
-    result = quickstart(tmp_path, "--algorithms=realmix,fixmatch")
+    result = quickstart(tmp_path, "--algorithms=realmix,nosuchalgo")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown --algorithms ['fixmatch']")
+    assert result.stderr.strip().splitlines()[-1].startswith("error: unknown --algorithms ['nosuchalgo']")
     assert not (tmp_path / "data").exists()
