@@ -108,7 +108,8 @@ class TrainConfig:
     data_dir: str = option("", "Data folder; default $ML_DATA.")
     train_dir: str = option("./experiments", "Root folder of the runs.")
     batch: int = option(64, "Labeled batch size B (global over all devices); the unlabeled "
-                        "batch is B images x 2 views.", positive)
+                        "batch is what the algorithm declares (MixMatch, RealMix: B images x 2 "
+                        "views; FixMatch: B x --uratio images x weak + strong).", positive)
     lr: float = option(0.002, "Adam learning rate (constant).", positive)
     wd: float = option(0.02, "Decoupled weight decay: kernels *= 1 - wd*lr after each step.",
                        non_negative("pass a weight decay >= 0"))
