@@ -1,7 +1,8 @@
 """Every registered algorithm, built from the registry (issue 20): its flags parse to its
 declared hyper-parameters and each check is wired to its flag; a short run trains, reports and
-writes its files; a run cut short (in-process) and a run killed with SIGKILL (the command
-line) resume to weights bit-identical to an uninterrupted run. 1 vs 2 logical devices:
+writes its files, fed the data its model declares; a run cut short (in-process) and a run
+killed with SIGKILL (the command line) resume to weights bit-identical to an uninterrupted
+run. 1 vs 2 logical devices:
 tests/test_distributed_steps.py, also built from the registry. A new algorithm is covered the
 moment its REGISTRY line exists."""
 import json
@@ -96,19 +97,6 @@ def test_flags_parse_to_the_declared_hyperparameters(name):
                 registry.configure(name, flag_values)
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
-def test_declared_data_is_what_the_trainer_feeds(name, toy, tmp_path):
-    """The unlabeled batches the trainer builds have the declared shape, or there are none."""
-    trainer = registry.make_trainer(name, config_for(name, toy, tmp_path))
-    labeled, unlabeled = trainer._make_iterators()
-    spec = trainer.model.unlabeled
-    assert next(labeled)["image"].shape == (8, 8, 8, 3)
-    if spec is None:
-        assert unlabeled is None
-    else:
-        assert next(unlabeled)["image"].shape == (spec.rows(8), len(spec.views), 8, 8, 3)
-
-
 # ---------------------------------------------------------------------------------------------
 # A short run, and exact resume
 
@@ -116,6 +104,14 @@ def test_declared_data_is_what_the_trainer_feeds(name, toy, tmp_path):
 def test_cut_short_run_resumes_to_identical_weights(name, toy, tmp_path, deterministic):
     reference = run(config_for(name, toy, tmp_path / "ref"), algorithm=name)
     assert int(reference.model.step.numpy()) == 64
+    # The trainer fed the declared data: [B*ratio, views, H, W, C], or none.
+    labeled, unlabeled = reference.iterators
+    spec = reference.model.unlabeled
+    assert next(labeled)["image"].shape == (8, 8, 8, 3)
+    if spec is None:
+        assert unlabeled is None
+    else:
+        assert next(unlabeled)["image"].shape == (spec.rows(8), len(spec.views), 8, 8, 3)
     stats_file = os.path.join(reference.run_dir, "stats", "accuracy.json")
     with open(stats_file) as f:
         assert json.load(f)["reports"] == 4
