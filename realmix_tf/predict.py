@@ -12,7 +12,11 @@ model's size with bicubic resampling, centre crop, the model's channel count), s
 sees what training saw. Unreadable files stop the command with one line naming them, or are
 left out and listed with --skip_bad_images. The CSV has one row per image: path (relative to
 its folder, or as given), class, class_name, confidence, then one probability column per class
-(p_<class name>, or p_<index> when the names are unknown).
+(p_<class name>, or p_<index> when the names are unknown), then "none of these classes":
+ood_score (cosine distance of the image's features to the nearest class prototype, higher =
+more outlying) and ood (out: above the export's threshold, the score below which 95 % of the
+labeled validation images fall; libml/export/ood_reference.py). An export without the
+reference (older ones, a SavedModel alone) gives no such columns, said in one info line.
 """
 import csv
 import os
@@ -23,7 +27,7 @@ from absl import flags
 
 from libml.base import cli
 
-from libml.export import saving
+from libml.export import ood_reference, saving
 from libml.data import images
 
 from libml.export import saved_model_check
@@ -63,10 +67,18 @@ class Predictor:
         meta_shape = (self.meta["height"], self.meta["width"], self.meta["channels"]) if self.meta else None
         meta_nclass = self.meta.get("nclass") if self.meta else None
         if path.endswith(".keras"):
-            self._predict, shape, nclass = saving.load_classifier(path)
+            self._outputs, shape, nclass = saving.load_classifier(path, features=True)
+            self.ood = ood_reference.read(folder, nclass)
+            self.ood_note = self.ood.describe() if self.ood else (
+                f"info: {folder} has no {ood_reference.FILE} (an export written before it): no "
+                f"ood_score/ood columns; re-export the run with --export_only to add them")
         else:
             shape, nclass = saved_model_check.check(path)     # meta.json compared below
-            self._predict = _load_saved_model(path)
+            serve = _load_saved_model(path)
+            self._outputs = lambda x: (serve(x), None)
+            self.ood = None
+            self.ood_note = (f"info: a SavedModel gives no features: no ood_score/ood columns; "
+                             f"pass the export folder (its {saving.KERAS_FILE}) to get them")
         self.shape = tuple(int(d) if d is not None else None for d in shape)
         if meta_shape is not None and self.shape != meta_shape or (
                 meta_nclass is not None and nclass is not None and int(nclass) != meta_nclass):
@@ -80,7 +92,13 @@ class Predictor:
         self.class_names = list(self.meta.get("class_names", []))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return np.asarray(self._predict(batch), np.float32)
+        return self.outputs(batch)[0]
+
+    def outputs(self, batch: np.ndarray):
+        """(probabilities [N, nclass], ood scores [N] or None without a reference), one pass."""
+        probs, features = self._outputs(batch)
+        scores = None if self.ood is None else self.ood.score(np.asarray(features))
+        return np.asarray(probs, np.float32), scores
 
 
 def _shape_text(shape) -> str:
@@ -170,14 +188,17 @@ def predict_files(model: str, specs, output: str, batch: int = 256, overwrite: b
     check_overwrite(output, overwrite)    # before the (possibly long) inference
     predictor = Predictor(model)
     size, _, channels = predictor.shape
-    rows, probs = [], []
+    rows, probs, scores = [], [], []
+    print(predictor.ood_note, file=sys.stderr)
     bar = progress(desc="predicting" if show_progress else None, total=len(found))
     for start in range(0, len(found), batch):
         chunk = found[start:start + batch]
         arrays, kept, _ = images.load_images([p for p, _ in chunk], size, channels, skip_bad,
                                              workers, summary=summary, max_megapixels=max_megapixels)
         if arrays:
-            probs.append(predictor(np.stack(arrays)))
+            p, s = predictor.outputs(np.stack(arrays))
+            probs.append(p)
+            scores.append(s)
             rows += [chunk[i][1] for i in kept]
         if bar is not None:
             bar.update(len(chunk))
@@ -187,7 +208,11 @@ def predict_files(model: str, specs, output: str, batch: int = 256, overwrite: b
         print(line, file=sys.stderr)
     if not rows:
         raise UserError("no image could be read: see the list above; fix or convert the files")
-    _write_csv(output, rows, np.concatenate(probs), predictor.class_names, overwrite)
+    ood = None if predictor.ood is None else (np.concatenate(scores), predictor.ood)
+    _write_csv(output, rows, np.concatenate(probs), predictor.class_names, overwrite, ood)
+    if ood is not None:
+        print(f"ood: {int(np.sum(ood[0] > ood[1].threshold))} of {len(rows)} images above the "
+              f"threshold (ood = out)", file=sys.stderr)
     return summary
 
 
@@ -201,18 +226,22 @@ def text_cell(text: str) -> str:
     return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
-def _write_csv(output, names, probs, class_names, overwrite):
+def _write_csv(output, names, probs, class_names, overwrite, ood=None):
+    """ood: (scores [N], the ood_reference.Reference) adds the ood_score and ood columns."""
     columns = [f"p_{class_names[i]}" if i < len(class_names) else f"p_{i}" for i in range(probs.shape[1])]
     class_names = [text_cell(n) for n in class_names]
     names = [text_cell(n) for n in names]
+    extra = [[] for _ in names] if ood is None else [[f"{s:.6f}", flag] for s, flag in
+                                                      zip(ood[0], ood[1].flags(ood[0]))]
     with atomic_path(output, overwrite) as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "class", "class_name", "confidence"] + columns)
-            for name, p in zip(names, probs):
+            writer.writerow(["path", "class", "class_name", "confidence"] + columns
+                            + ([] if ood is None else ["ood_score", "ood"]))
+            for name, p, more in zip(names, probs, extra):
                 k = int(np.argmax(p))
                 writer.writerow([name, k, class_names[k] if k < len(class_names) else "",
-                                 f"{p[k]:.6f}"] + [f"{v:.6f}" for v in p])
+                                 f"{p[k]:.6f}"] + [f"{v:.6f}" for v in p] + more)
 
 
 def main(argv=None):

@@ -30,7 +30,8 @@ def ema_probs(trainer, images):
 
 def test_export_folder_contents(finished_run):
     trainer, _ = finished_run
-    assert sorted(os.listdir(trainer.export_dir)) == ["meta.json", "model.keras", "saved_model"]
+    assert sorted(os.listdir(trainer.export_dir)) == ["meta.json", "model.keras", "ood_reference.npz",
+                                                      "saved_model"]
     meta = predict.Predictor(trainer.export_dir).meta
     assert meta["step"] == 128 and meta["nclass"] == 3 and meta["height"] == 8
     assert meta["class_names"] == ["class0", "class1", "class2"]
@@ -87,7 +88,8 @@ def test_predict_command_writes_one_row_per_image(finished_run, images, tmp_path
     with open(output) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 13
-    assert list(rows[0]) == ["path", "class", "class_name", "confidence", "p_class0", "p_class1", "p_class2"]
+    assert list(rows[0]) == ["path", "class", "class_name", "confidence", "p_class0", "p_class1", "p_class2",
+                             "ood_score", "ood"]
     by_path = {r["path"]: r for r in rows}
     expected = ema_probs(trainer, images)
     for i in range(1, 12):                       # lossless PNGs: exactly the EMA model's output
@@ -176,8 +178,8 @@ def test_predict_sees_exactly_what_training_saw(finished_run, tmp_path, monkeypa
     assert trained_on.shape == (len(names), 8, 8, 3)
 
     seen = []
-    original = predict.Predictor.__call__
-    monkeypatch.setattr(predict.Predictor, "__call__", lambda self, x: (seen.append(x), original(self, x))[1])
+    original = predict.Predictor.outputs
+    monkeypatch.setattr(predict.Predictor, "outputs", lambda self, x: (seen.append(x), original(self, x))[1])
     predict.main(["predict", f"--model={trainer.export_dir}", str(src / "labeled" / "things"),
                   f"--output={tmp_path / 'p.csv'}", "--batch=3"])
     np.testing.assert_array_equal(np.concatenate(seen), trained_on)

@@ -10,6 +10,9 @@ An export folder (`{run}/export/` by default) holds:
                      `serving_default(images: uint8 [N,H,W,C])` -> {probabilities, class,
                      confidence}; needs no Python code to serve
     meta.json        dataset, image shape, class names, training step, hyper-parameters
+    ood_reference.npz  class prototypes of the EMA features and the OOD threshold calibrated on
+                     the labeled validation images (libml/export/ood_reference.py): predict's
+                     ood_score and ood columns; absent from older exports
 Both expect images prepared as training prepared them (libml/data/images.py: EXIF rotation, 8-bit,
 shorter side resized to H with bicubic resampling, centre crop); `realmix_tf.predict` does that.
 Exports written before the plain-Keras model (a `WideResNet` in model.keras, input in [-1, 1],
@@ -22,7 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from libml.export import plain_keras
+from libml.export import ood_reference, plain_keras
 from libml.run.checkpoints import checkpoint_key, resolve_checkpoint
 from libml.base.errors import UserError, first_line
 from libml.base.files import write_json
@@ -57,9 +60,10 @@ class ServingModule(tf.Module):
                 "confidence": tf.reduce_max(probs, axis=-1)}
 
 
-def export_model(model, info, out_dir: str, meta: dict = None) -> dict:
+def export_model(model, info, out_dir: str, meta: dict = None, ood: dict = None) -> dict:
     """Writes the EMA net of `model` (an SSLModel) to `out_dir` (replaced as a whole: the new
-    export is written beside it and renamed in place when complete). Returns the paths."""
+    export is written beside it and renamed in place when complete), with the OOD reference
+    `ood` (ood_reference.build's arrays) when given. Returns the paths."""
     out_dir = os.path.abspath(out_dir)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -75,6 +79,8 @@ def export_model(model, info, out_dir: str, meta: dict = None) -> dict:
                            input="images [N,H,W,C], pixel values 0..255 (uint8 for saved_model), "
                                  "prepared as libml/data/images.py does; output probabilities")
         write_json(os.path.join(tmp, META_FILE), description)
+        if ood is not None:
+            ood_reference.write(os.path.join(tmp, ood_reference.FILE), ood)
         old = f"{out_dir}.old-{os.getpid()}"
         if os.path.exists(out_dir):
             os.replace(out_dir, old)
@@ -114,12 +120,16 @@ def load_keras_net(path: str):
     return net if isinstance(net, WideResNet) else plain_keras.LogitsNet(net)
 
 
-def load_classifier(path: str):
+def load_classifier(path: str, features: bool = False):
     """(uint8 images [N,H,W,C] -> float32 probabilities, image shape, nclass) of a .keras
-    export, loaded in Keras safe mode (keras' default: no Lambda layer, no TFSMLayer)."""
+    export, loaded in Keras safe mode (keras' default: no Lambda layer, no TFSMLayer). With
+    `features`, the function returns (probabilities, pooled features [N, D]) of one pass."""
     net = load_keras(path)
     if isinstance(net, WideResNet):
-        fn = tf.function(lambda x: tf.nn.softmax(tf.cast(net(normalize(x), training=False), tf.float32)))
+        def both(x):
+            pooled, logits = net.features_and_logits(normalize(x), training=False)
+            return tf.nn.softmax(tf.cast(logits, tf.float32)), tf.cast(pooled, tf.float32)
+        fn = tf.function(both if features else lambda x: both(x)[0])
         return fn, tuple(net.get_build_config()["input_shape"][1:]), net.nclass
     shapes = [tuple(net.input_shape[1:]) if len(net.input_shape) == 4 else None,
               tuple(net.output_shape) if isinstance(net.output_shape, tuple) else None]
@@ -127,7 +137,11 @@ def load_classifier(path: str):
         raise UserError(f"{path} takes {net.input_shape} and gives {net.output_shape}, not images "
                         f"[N,H,W,C] -> probabilities [N, nclass]: pass a .keras file written by "
                         f"the trainer's export")
-    fn = tf.function(lambda x: tf.cast(net(tf.cast(x, tf.float32), training=False), tf.float32))
+    if features:
+        net = keras.Model(net.input, [net.output, net.get_layer(plain_keras.LOGITS_NAME).input])
+        fn = tf.function(lambda x: [tf.cast(t, tf.float32) for t in net(tf.cast(x, tf.float32), training=False)])
+    else:
+        fn = tf.function(lambda x: tf.cast(net(tf.cast(x, tf.float32), training=False), tf.float32))
     return fn, shapes[0], shapes[1][1]
 
 

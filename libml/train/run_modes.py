@@ -6,6 +6,7 @@ import os
 from libml.run.checkpoints import latest_checkpoint, read_model, resolve_checkpoint
 from libml.train.config import KIMG
 from libml.base.errors import UserError
+from libml.export import ood_reference
 from libml.export.saving import export_model, join_export
 from libml.base.files import write_json
 from libml.run.relaunch import RunLock
@@ -44,15 +45,28 @@ def export_latest(trainer) -> dict:
                         f"(the same command without --export_only)")
     if not trainer.role.is_chief:         # the reads (collectives) only, nothing written
         read_model(trainer.model, prefix)
+        ood_reference_of(trainer)
         join_export(trainer.model, trainer.info)
         return {}
     with RunLock(trainer.run_dir):
         read_model(trainer.model, prefix)
+        ood = ood_reference_of(trainer)
         with disk_errors(trainer.export_dir, what="the export"):
             paths = export_model(trainer.model, trainer.info, trainer.export_dir,
-                                 export_meta(trainer))
+                                 export_meta(trainer), ood)
     print(f"exported {prefix} to {trainer.export_dir}")
     return paths
+
+
+def ood_reference_of(trainer, min_valid: int = ood_reference.MIN_VALID) -> dict:
+    """The export's OOD reference (libml/export/ood_reference.py) from the EMA model's features
+    of the labeled and the validation images, evaluated under the run's strategy (every
+    worker calls it: the gathers are collectives)."""
+    sets = ("train_labeled", "valid")
+    _, kept = trainer.evaluate(ema=True, sets=sets, keep=sets)
+    labeled, valid = kept["train_labeled"], kept["valid"]
+    return ood_reference.build(labeled["features"], labeled["labels"], valid["features"],
+                               valid["labels"], trainer.info.nclass, min_valid=min_valid)
 
 
 def export_meta(trainer) -> dict:

@@ -249,11 +249,14 @@ class Trainer:
                     self._save(folder, ckpt, step)
         writer.close()
         if c.export and not (finished_before and os.path.isdir(self.export_dir)):
+            with self._reading_data():
+                ood = run_modes.ood_reference_of(self)    # every worker: collectives
             if not self.role.is_chief:      # the reads (collectives) only, nothing written
                 join_export(self.model, self.info)
             else:
                 with disk_errors(self.export_dir, what="the export"):
-                    export_model(self.model, self.info, self.export_dir, run_modes.export_meta(self))
+                    export_model(self.model, self.info, self.export_dir, run_modes.export_meta(self),
+                                 ood)
         stats = accuracy_stats(self.history)
         if stats.get("reports"):
             window = min(20, stats["reports"])
