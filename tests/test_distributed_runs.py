@@ -69,7 +69,7 @@ def test_two_devices_cli_to_the_end_sigkill_resume_and_evaluation(toy, tmp_path)
     assert stats["reports"] == 2 and stats["kimg"] == 0.25
     assert len([f for f in os.listdir(os.path.join(ref, "tf")) if f.startswith("events")]) == 1
     assert sorted(os.listdir(os.path.join(ref, "export"))) == ["meta.json", "model.keras",
-                                                               "saved_model"]
+                                                               "ood_reference.npz", "saved_model"]
     assert not [f for f in os.listdir(os.path.dirname(ref)) if ".tmp-" in f or ".old-" in f]
 
     # The same command killed (SIGKILL) after its first checkpoint, then re-run.
@@ -122,6 +122,7 @@ def test_two_workers_chief_writes_the_run_folder_and_relaunch_resumes(toy, tmp_p
     assert len([f for f in os.listdir(os.path.join(folder, "tf")) if f.startswith("events")]) == 1
     assert json.load(open(os.path.join(folder, "stats", "accuracy.json")))["reports"] == 2
     assert os.path.isfile(os.path.join(folder, "export", "model.keras"))
+    assert os.path.isfile(os.path.join(folder, "export", "ood_reference.npz"))
     assert not os.listdir(scratch)           # worker 1's saves and export were discarded
 
     again = run(launch + base + ["--train_kimg=0.125", "--report_kimg=0.03125"],
