@@ -34,6 +34,7 @@ class Prepared:
     subsets: Dict[str, Tuple[np.ndarray, np.ndarray]]
     meta: dict
     copies: Dict[str, str] = dataclasses.field(default_factory=dict)   # extra name -> subset
+    sources: Dict[str, List[str]] = dataclasses.field(default_factory=dict)   # subset -> image files
 
 
 # ----------------------------------------------------------------------------------------

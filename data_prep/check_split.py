@@ -8,6 +8,8 @@ Validation = the first nvalid records of the unlabeled file; unlabeled = the res
 training reads them). Exit code 1 when a test image is in the labeled, unlabeled or
 validation set, or a labeled image is in the unlabeled or validation set; 0 otherwise;
 2 on bad input. Exact duplicates already present in the source data count as leaks too.
+A leaked record made by `create_datasets custom` is also named by its image file (the
+records' `source` path, carried into the split files by create_split).
 """
 import hashlib
 from typing import Dict, List, Sequence
@@ -86,8 +88,10 @@ def leaks(sets: Dict[str, Sequence[bytes]]) -> Dict[str, List[int]]:
     return found
 
 
-def report(sets: Dict[str, Sequence[bytes]], show: int = 5) -> int:
-    """Prints the overlap matrix and the leaks; returns the exit code (1 if any leak)."""
+def report(sets: Dict[str, Sequence[bytes]], show: int = 5,
+           sources: Dict[str, Sequence[str]] = None) -> int:
+    """Prints the overlap matrix and the leaks; returns the exit code (1 if any leak).
+    sources: {set: image file of each record ("" unknown)}, as split_sets orders them."""
     keys = list(sets)
     matrix = overlap_matrix(sets)
     width = max(10, *(len(k) + 2 for k in keys))
@@ -99,6 +103,17 @@ def report(sets: Dict[str, Sequence[bytes]], show: int = 5) -> int:
     for pair, positions in found.items():
         shown = ", ".join(map(str, positions[:show])) + (" ..." if len(positions) > show else "")
         print(f"LEAK: {len(positions)} images of {pair} (positions in the first set: {shown})")
+        a, b = pair.split(" in ")
+        files_a, files_b = (sources or {}).get(a, []), (sources or {}).get(b, [])
+        first_in_b = {}
+        for j, digest in enumerate(sets[b]):
+            first_in_b.setdefault(digest, j)
+        for i in positions[:show]:
+            j = first_in_b[sets[a][i]]
+            here = files_a[i] if i < len(files_a) and files_a[i] else ""
+            there = files_b[j] if j < len(files_b) and files_b[j] else ""
+            if here or there:
+                print(f"  {a} #{i} {here or '(no source path)'} = {b} #{j} {there or '(no source path)'}")
     if not found:
         print("no leak: the test set and the labeled set are disjoint from the training data")
     return 1 if found else 0
@@ -127,7 +142,8 @@ def main(argv=None) -> int:
     if nvalid > len(unlabeled):
         raise UserError(f"validation size {nvalid} exceeds the {len(unlabeled)} unlabeled records: "
                         "use a smaller validation size")
-    return report(split_sets(labeled, unlabeled, test, nvalid), FLAGS.show)
+    sources = split_sets(*(records.load_sources(p) for p in paths), nvalid)
+    return report(split_sets(labeled, unlabeled, test, nvalid), FLAGS.show, sources)
 
 
 if __name__ == "__main__":

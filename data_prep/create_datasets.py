@@ -7,7 +7,9 @@
 
 Outputs under $ML_DATA (or --data_dir): ``{name}-train.tfrecord``, ``{name}-test.tfrecord``
 (svhn also ``-extra`` and a copy ``svhn_noextra-test``; custom also ``-unlabeled``) and
-``{name}-meta.json``. Records: one PNG image and one int64 label each, in the original order.
+``{name}-meta.json``. Records: one PNG image and one int64 label each, in the original order;
+custom's also the absolute path of the image file they were read from (feature ``source``,
+which create_split copies into the split files and outliers / check_split report).
 
 CIFAR / SVHN / MNIST sources: data_prep/archives.py; STL-10: data_prep/stl10.py; custom
 image folders: data_prep/image_folders.py.
@@ -154,7 +156,8 @@ def write_prepared(root: str, prepared: Prepared, overwrite: bool = False) -> Li
     files.require_free(output_paths(root, prepared.name, prepared.subsets, prepared.copies), overwrite)
     for subset, (images, labels) in prepared.subsets.items():
         path = names.subset_path(root, prepared.name, subset)
-        records.write_images(path, images, labels, overwrite, progress=f"writing {os.path.basename(path)}")
+        records.write_images(path, images, labels, overwrite, progress=f"writing {os.path.basename(path)}",
+                             sources=prepared.sources.get(subset))
         written.append(path)
     for copy, subset in prepared.copies.items():
         source = names.subset_path(root, prepared.name, subset)

@@ -92,7 +92,7 @@ def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, 
         labels = [class_names.index(c) for c in folders for _ in folders[c]]
         return files, np.asarray(labels, np.int64)
 
-    groups, labels = [], {}
+    groups, labels, sources = [], {}, {}
     for subset, (files, subset_labels) in (("train", files_and_labels(labeled)), ("test", files_and_labels(test)),
                                            ("unlabeled", (unlabeled_files, None))):
         if not files:
@@ -105,9 +105,10 @@ def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, 
         groups.append(arrays)
         labels[subset] = (subset_labels[kept] if subset_labels is not None
                           else np.full(len(arrays), -1, np.int64))
+        sources[subset] = [os.path.abspath(files[i]) for i in kept]     # kept in the records
         for line in summaries[subset].lines(f"{subset} images"):
             print(line)
     groups, channels = images.same_channels(groups)
     subsets = {subset: (np.stack(arrays), labels[subset]) for subset, arrays in zip(labels, groups)}
     meta = datasets.make_meta(name, len(class_names), (size, size, channels), flip, class_names)
-    return Prepared(name, subsets, meta)
+    return Prepared(name, subsets, meta, sources=sources)

@@ -7,7 +7,9 @@
 file. --dataset defaults to the one the model was trained on. Writes to --output (default
 {run}/inspect/{dataset}/):
   unlabeled.csv      one row per record of the -unlabel.tfrecord (validation records first):
-                     index, split, predicted class and name, confidence, ood_score (cosine
+                     index, split, source (the image file of a `create_datasets custom`
+                     record; empty for other datasets), predicted class and name,
+                     confidence, ood_score (cosine
                      distance to the nearest class prototype of the labeled images), decision
                      (mask/keep: whether the run's mask, which drops the share gamma ranked
                      lowest by its own ranking, the confidence unless the run's --ood_score is
@@ -19,7 +21,8 @@ file. --dataset defaults to the one the model was trained on. Writes to --output
                      that are truly out of distribution
   histogram.png      the scores of the unlabeled images (split by the truth when known) and of
                      the reference, with the estimate's threshold
-  contact_sheet.png  the --sheet most and least in-distribution-looking training images
+  contact_sheet.png  the --sheet most and least in-distribution-looking training images,
+                     each titled with its record index (and file name when known)
 The score and the estimate are those of --gamma=auto (realmix_tf/ood_share.py).
 """
 import csv
@@ -184,20 +187,22 @@ def analyse(features_labeled, labels_labeled, features_unlabeled, logits_unlabel
 # ---------------------------------------------------------------------------------------------
 # Outputs
 
-def write_csv(path: str, result: dict, logits, nvalid: int, class_names, truth) -> None:
+def write_csv(path: str, result: dict, logits, nvalid: int, class_names, truth, sources=()) -> None:
     """ood_score = 1 - the similarity score: the cosine distance to the nearest prototype (or
-    labeled image, with the knn score)."""
+    labeled image, with the knn score). sources: the image file of each record ("" unknown)."""
+    from realmix_tf.predict import text_cell
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     predicted = probs.argmax(1)
-    header = ["index", "split", "predicted_class", "class_name", "confidence", "ood_score", "decision"]
+    header = ["index", "split", "source", "predicted_class", "class_name", "confidence", "ood_score",
+              "decision"]
     if truth is not None:
         header += ["origin_class", "origin_name", "in_distribution"]
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         for i, k in enumerate(predicted):
-            row = [i, "valid" if i < nvalid else "train", int(k),
+            row = [i, "valid" if i < nvalid else "train", text_cell(sources[i]) if i < len(sources) else "", int(k),
                    class_names[k] if k < len(class_names) else "", f"{probs[i, k]:.6f}",
                    f"{1.0 - result['scores'][i]:.6f}", "mask" if result["masked"][i] else "keep"]
             if truth is not None:
@@ -241,9 +246,11 @@ def write_histogram(path: str, result: dict, nvalid: int, truth) -> None:
     plt.close(fig)
 
 
-def write_contact_sheet(path: str, images: np.ndarray, result: dict, nvalid: int, count: int) -> None:
+def write_contact_sheet(path: str, images: np.ndarray, result: dict, nvalid: int, count: int,
+                        sources=()) -> None:
     """Top rows: the `count` most in-distribution-looking training images; bottom rows: the
-    `count` least (each image titled with its record index and OOD score)."""
+    `count` least (each image titled with its record index, its file name when `sources`
+    knows it, and its OOD score)."""
     plt = _pyplot()
     scores = result["scores"]
     order = nvalid + np.argsort(-scores[nvalid:], kind="stable")
@@ -263,7 +270,9 @@ def write_contact_sheet(path: str, images: np.ndarray, result: dict, nvalid: int
                 ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
                           vmin=0, vmax=255)
                 head = f"{label}:\n" if j == 0 else "\n"
-                ax.set_title(f"{head}#{i} {1 - scores[i]:.2f}", fontsize=6, loc="left" if j == 0 else "center")
+                name = os.path.basename(sources[i])[:14] + "\n" if i < len(sources) and sources[i] else ""
+                ax.set_title(f"{head}#{i} {name}{1 - scores[i]:.2f}", fontsize=6,
+                             loc="left" if j == 0 else "center")
     fig.tight_layout()
     fig.savefig(path, format="png")
     plt.close(fig)
@@ -285,6 +294,7 @@ def inspect(model: str, dataset: str = "", root: str = "", output: str = "", bat
     for path in paths.values():
         check_overwrite(path, overwrite)
     xl, yl, xu, yu, truth = load_split(name, root)
+    sources = records.load_sources(name.unlabel_path(root))     # "" where the records have none
     run_args = _read_json(os.path.join(run_dir, "args", "args.json")) if run_dir else {}
     shape = meta.get("image_shape") or [meta.get(k) for k in ("height", "width", "channels")]
     if None not in shape and tuple(xu.shape[1:]) != tuple(shape):
@@ -297,10 +307,12 @@ def inspect(model: str, dataset: str = "", root: str = "", output: str = "", bat
     os.makedirs(output, exist_ok=True)
     class_names = list(meta.get("class_names", []))
     summary = dict(result["summary"], dataset=str(name), model=model)
-    writers = {"unlabeled.csv": lambda p: write_csv(p, result, logits_u, name.nvalid, class_names, truth),
+    writers = {"unlabeled.csv": lambda p: write_csv(p, result, logits_u, name.nvalid, class_names, truth,
+                                                    sources),
                "summary.json": lambda p: write_json(p, summary, overwrite=True),
                "histogram.png": lambda p: write_histogram(p, result, name.nvalid, truth),
-               "contact_sheet.png": lambda p: write_contact_sheet(p, xu, result, name.nvalid, sheet)}
+               "contact_sheet.png": lambda p: write_contact_sheet(p, xu, result, name.nvalid, sheet,
+                                                                  sources)}
     for key, write in writers.items():
         with atomic_path(paths[key], overwrite) as tmp:
             write(tmp)

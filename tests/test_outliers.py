@@ -56,6 +56,7 @@ def test_run_folder_writes_csv_summary_and_pngs(tiny_run):
     rows = _rows(os.path.join(out, "unlabeled.csv"))
     assert [int(r["index"]) for r in rows] == list(range(NUNLABELED))
     assert [r["split"] for r in rows] == ["valid"] * NVALID + ["train"] * (NUNLABELED - NVALID)
+    assert {r["source"] for r in rows} == {""}          # the toy records carry no file path
     assert [r["in_distribution"] for r in rows] == [str(int(not o)) for o in outliers]
     assert {r["origin_class"] for r in rows if r["in_distribution"] == "0"} == {"9"}
     assert all(r["class_name"] == f"class{r['predicted_class']}" for r in rows)
@@ -185,3 +186,24 @@ def test_analyse_reports_the_masks_own_ranking_and_what_it_masks():
     assert by_score["masked_ood_share"] == pytest.approx(4 / 6) and by_score["ood_masked_share"] == 1.0
     assert inspect.mask_ranking({"ood_score": "prototype"}) == "prototype"
     assert inspect.mask_ranking({"ood_score": "confidence"}) == inspect.mask_ranking({}) == "confidence"
+
+
+
+def test_the_csv_names_the_image_file_of_records_that_carry_one(tiny_run, tmp_path):
+    """Records of `create_datasets custom` carry their file's path (feature `source`, copied
+    by create_split): the CSV's source column gives it; records without one: empty."""
+    import tensorflow as tf
+    from libml.data import records
+    toy, trainer, _ = tiny_run
+    root = tmp_path / "data"
+    shutil.copytree(toy.root, root)
+    unlabel = toy.unlabel_path.replace(toy.root, str(root))
+    named = []
+    for i, (record, label) in enumerate(zip(records.iterate_serialized(unlabel),
+                                            records.load_labels(unlabel).tolist())):
+        png = tf.train.Example.FromString(record).features.feature["image"].bytes_list.value[0]
+        named.append(records.serialize_example(png, label, f"/photos/u{i:02d}.png" if i % 2 else None))
+    records.write_serialized(unlabel, named, overwrite=True)
+    inspect.inspect(trainer.run_dir, root=str(root), output=str(tmp_path / "out"), batch=16, sheet=4)
+    rows = _rows(tmp_path / "out" / "unlabeled.csv")
+    assert [r["source"] for r in rows] == [f"/photos/u{i:02d}.png" if i % 2 else "" for i in range(NUNLABELED)]

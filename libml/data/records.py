@@ -1,7 +1,10 @@
 """TFRecord I/O in the MixMatch/FixMatch/RealMix format.
 
 Each record is a ``tf.train.Example`` with ``image`` (one PNG-encoded uint8 HxWxC image,
-bytes) and ``label`` (one int64). Writers never touch an existing file unless asked to, and
+bytes) and ``label`` (one int64). Records written from a user's image files (``create_datasets
+custom``) also carry ``source`` (the file's absolute path, UTF-8 bytes): readers parse the
+features they name and ignore the others (tf.io.parse_example, the original libml readers),
+so files with or without it read alike; `load_sources` reads it ("" where absent). Writers never touch an existing file unless asked to, and
 write to a temporary name that is renamed only when the file is complete (libml.base.files). A read
 error names the damaged file and, where known, the command that re-creates it.
 """
@@ -24,8 +27,11 @@ Paths = Union[str, Sequence[str]]
 # ---------------------------------------------------------------------------------------------
 # Encoding
 
-def serialize_example(png: bytes, label: int) -> bytes:
-    """A serialized tf.train.Example {image: png, label: label}.
+SOURCE = "source"       # optional feature: the image file a record was made from
+
+
+def serialize_example(png: bytes, label: int, source: Optional[str] = None) -> bytes:
+    """A serialized tf.train.Example {image: png, label: label} (+ {source: path} if given).
 
     Deterministic serialisation (keys in sorted order): Extend promises byte-identical shards
     for one seed, and protobuf's default does not promise a map order.
@@ -34,14 +40,17 @@ def serialize_example(png: bytes, label: int) -> bytes:
         "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[png])),
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
     }
+    if source:
+        feature[SOURCE] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[source.encode("utf-8")]))
     example = tf.train.Example(features=tf.train.Features(feature=feature))
     return example.SerializeToString(deterministic=True)
 
 
 def relabel(serialized: bytes, label: int) -> bytes:
-    """The same record with another label; the PNG bytes are kept as they are."""
-    example = tf.train.Example.FromString(serialized)
-    return serialize_example(example.features.feature["image"].bytes_list.value[0], label)
+    """The same record with another label; the PNG bytes (and the source path) are kept."""
+    features = tf.train.Example.FromString(serialized).features.feature
+    source = features[SOURCE].bytes_list.value[0].decode("utf-8") if SOURCE in features else None
+    return serialize_example(features["image"].bytes_list.value[0], label, source)
 
 
 def parse_example(serialized):
@@ -67,18 +76,22 @@ def encode_png_images(images: np.ndarray, parallel: Optional[int] = None,
 # ---------------------------------------------------------------------------------------------
 # Writing
 
-def write_records(path: str, examples: Iterable[Tuple[bytes, int]], overwrite: bool = False,
+def write_records(path: str, examples: Iterable[Tuple], overwrite: bool = False,
                   progress: Optional[str] = None, total: Optional[int] = None) -> int:
-    """Writes (png_bytes, label) pairs to `path` atomically; returns the record count."""
-    return write_serialized(path, (serialize_example(png, label) for png, label in examples),
+    """Writes (png_bytes, label) or (png_bytes, label, source path) tuples to `path`
+    atomically; returns the record count."""
+    return write_serialized(path, (serialize_example(*example) for example in examples),
                             overwrite, progress, total)
 
 
 def write_images(path: str, images: np.ndarray, labels, overwrite: bool = False,
-                 progress: Optional[str] = None) -> int:
-    """Writes uint8 [N,H,W,C] images with their labels as PNG records."""
+                 progress: Optional[str] = None, sources: Optional[Sequence[str]] = None) -> int:
+    """Writes uint8 [N,H,W,C] images with their labels (and source paths) as PNG records."""
     labels = np.asarray(labels, np.int64).tolist()
-    return write_records(path, zip(encode_png_images(images), labels), overwrite, progress, len(labels))
+    columns = [encode_png_images(images), labels] + ([list(sources)] if sources is not None else [])
+    if sources is not None and len(columns[2]) != len(labels):
+        raise ValueError(f"{len(columns[2])} source paths for {len(labels)} images")
+    return write_records(path, zip(*columns), overwrite, progress, len(labels))
 
 
 def write_serialized(path: str, records: Iterable[bytes], overwrite: bool = False,
@@ -226,6 +239,21 @@ def load_numpy(path: str, progress: Optional[str] = None) -> Tuple[np.ndarray, n
     if len(shapes) > 1:
         raise UserError(f"{path} mixes image shapes {sorted(shapes)}: re-create it with one --size")
     return np.stack(images), np.asarray(labels, np.int64)
+
+
+def load_sources(paths: Paths) -> list:
+    """The source path of every record of one file or several, in order: what `create_datasets
+    custom` recorded, "" for records without one (other datasets, files written before)."""
+    spec = {SOURCE: tf.io.FixedLenFeature([], tf.string, default_value="")}
+    result = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        ds = tf.data.TFRecordDataset(path).map(lambda r: tf.io.parse_single_example(r, spec)[SOURCE],
+                                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        try:
+            result += [s.decode("utf-8", errors="replace") for s in ds.as_numpy_iterator()]
+        except _READ_ERRORS as e:
+            raise corrupt_error(path, e) from None
+    return result
 
 
 def load_labels(paths: Paths) -> np.ndarray:
