@@ -60,6 +60,10 @@ flags.DEFINE_integer("workers", 0, "custom: image decoding threads (0 = number o
 flags.DEFINE_float("max_megapixels", images.MAX_MEGAPIXELS, "custom: largest image read, in "
                    "megapixels (checked before decoding); larger ones are unreadable files.",
                    flag_values=FLAGS)
+flags.DEFINE_bool("record_sources", True, "custom: store each image file's absolute path in its "
+                  "record (feature source), so that outliers and check_split name the files; "
+                  "--norecord_sources leaves the paths out (e.g. records to share).",
+                  flag_values=FLAGS)
 flags.DEFINE_bool("skip_bad_images", False, "custom: leave unreadable images out (listed on the "
                   "console) instead of stopping.", flag_values=FLAGS)
 
@@ -191,6 +195,8 @@ def create(dataset: str, root: str, overwrite: bool = False, archive_dir: str = 
                                custom.get("flip", True), custom.get("workers", 0),
                                custom.get("skip_bad", False),
                                custom.get("max_megapixels", images.MAX_MEGAPIXELS))
+        if not custom.get("record_sources", True):
+            prepared.sources.clear()
     else:
         if dataset == "imagenet32":
             return create_imagenet32(root, archive_dirs(archive_dir, root), overwrite, tfds_data_dir)
@@ -229,7 +235,8 @@ def main(argv=None):
         create(dataset, root, FLAGS.overwrite, FLAGS.archive_dir, FLAGS.download, FLAGS.tfds_data_dir,
                name=FLAGS.name, labeled_dir=FLAGS.labeled_dir, unlabeled_dir=FLAGS.unlabeled_dir,
                test_dir=FLAGS.test_dir, size=FLAGS.size, flip=FLAGS.flip, workers=FLAGS.workers,
-               skip_bad=FLAGS.skip_bad_images, max_megapixels=FLAGS.max_megapixels)
+               skip_bad=FLAGS.skip_bad_images, max_megapixels=FLAGS.max_megapixels,
+               record_sources=FLAGS.record_sources)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,11 @@ def test_custom_records_keep_their_source_path_and_read_as_before(tmp_path, monk
     assert tf.train.Example.FromString(again).features.feature["source"].bytes_list.value[0].decode() == expected[0]
     records.write_images(str(tmp_path / "plain.tfrecord"), arrays[:2], labels[:2])
     assert records.load_sources([str(tmp_path / "plain.tfrecord"), train]) == ["", ""] + expected
+    # --norecord_sources: the same records without the paths
+    cd.main(["create_datasets", "custom", "--name=rel", "--labeled_dir=src/labeled", "--test_dir=src/test",
+             "--size=8", "--data_dir=data", "--overwrite", "--norecord_sources"])
+    assert records.load_sources(train) == [""] * 4
+    np.testing.assert_array_equal(records.load_numpy(train)[0], arrays)
 
 
 def test_split_files_carry_the_source_path_of_every_record(tmp_path):
