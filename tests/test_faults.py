@@ -542,10 +542,11 @@ def test_two_launches_second_exits_2_naming_the_holder_and_a_killed_holder_is_ta
     assert f"took over the lock of pid {first.pid} " in third.stderr
     assert "changed settings: --train_kimg=0.0625 (recorded 64)" in third.stderr
     assert not glob.glob(str(tmp_path / "*" / "*" / "run.lock"))
-    # --eval_ckpt with another architecture: one line, none of TensorFlow's ~60 warnings.
+    # --eval_ckpt with another architecture than args.json's: one line, none of TensorFlow's
+    # ~60 warnings.
     run_dir = glob.glob(str(tmp_path / "*" / "*"))[0]
     other = launch(toy, tmp_path / "other", f"--eval_ckpt={run_dir}", "--filters=16")
-    assert "does not match this model (net/" in one_error_line(other)
+    assert "another architecture: --filters=16 (the run has 8)" in one_error_line(other)
     assert "WARNING:tensorflow" not in other.stderr and "Value in checkpoint" not in other.stderr
 
 

@@ -167,7 +167,8 @@ class TrainConfig:
                                   ".keras export, except the classifier head; step reset.",
                                   existing_checkpoint)
     eval_ckpt: str = option("", "Evaluate this run / checkpoint (raw and EMA weights on valid "
-                            "and test), print and write JSON, then exit.", existing_checkpoint)
+                            "and test), print and write JSON, then exit; flags not given come from the "
+                            "run's args/args.json.", existing_checkpoint)
     extend: int = option(0, "Train on K augmented copies of the unlabeled set (paper: 50), made "
                          "by data_prep.extend_unlabeled; 0 = off.",
                          non_negative("use 0 (off) or a number of copies"))
