@@ -15,8 +15,10 @@ file. --dataset defaults to the one the model was trained on. Writes to --output
                      lowest by its own ranking, the confidence unless the run's --ood_score is
                      a feature score, would drop it under the estimated gamma) and, for the
                      mismatch sets, origin_class and in_distribution
-  summary.json       estimated OOD share and gamma, the reference used, and with ground truth
-                     the true share, the error, the AUROCs of the feature score, of the
+  summary.json       estimated OOD share and gamma (this estimate), run_gamma (the gamma the
+                     run used: its --gamma, or --gamma=auto's last report in
+                     stats/gamma_auto.json; why the two differ: WHY_TWO_GAMMAS), the
+                     reference used, and with ground truth the true share, the error, the AUROCs of the feature score, of the
                      confidence and of the mask's ranking, and the share of masked images
                      that are truly out of distribution
   histogram.png      the scores of the unlabeled images (split by the truth when known) and of
@@ -123,6 +125,64 @@ def load_split(dataset, root: str):
                      origin_class=np.array(split["unlabel_class"], np.int64),
                      origin_names=split.get("class_names", []))
     return xl, yl, xu, yu, truth
+
+
+def run_folder_of(path: str, run_dir):
+    """The run folder of --model: a run folder itself, or the run that holds an export folder
+    or its model.keras (None for a model outside any run)."""
+    if run_dir is not None:
+        return run_dir
+    folder = os.path.abspath(path)
+    folder = os.path.dirname(folder) if path.endswith(".keras") else folder
+    parent = os.path.dirname(folder.rstrip(os.sep))
+    return parent if os.path.isfile(os.path.join(parent, "args", "args.json")) else None
+
+
+def run_gamma(run_dir, run_args: dict):
+    """The gamma the run's mask used at its end, named with where it comes from: with
+    --gamma=auto the last record of {run}/stats/gamma_auto.json (what the trainer's last report,
+    monitors/gamma and the mask from then on use), else the run's fixed --gamma. None for a
+    model without a run (or a run without a mask)."""
+    from realmix_tf.gamma_auto import HISTORY_FILE
+    history_path = os.path.join(run_dir, HISTORY_FILE) if run_dir else ""
+    if history_path and os.path.isfile(history_path):
+        history = read_json(history_path, "delete it; training rewrites it at its next report")
+        if isinstance(history, list) and history and isinstance(history[-1], dict):
+            last = history[-1]
+            return dict(gamma=float(last["gamma"]), source=f"--gamma=auto, {HISTORY_FILE} at kimg "
+                        f"{last.get('kimg', 0):g} (report {len(history)})",
+                        ood_share_estimate=last.get("ood_share_estimate"),
+                        ood_share_raw=last.get("ood_share_raw"), n_window=last.get("n_window"),
+                        trusted=last.get("trusted"), reports=len(history))
+    gamma = run_args.get("gamma")
+    if isinstance(gamma, (int, float)) and not isinstance(gamma, bool):
+        return dict(gamma=float(gamma), source=f"--gamma={gamma:g}")
+    return None
+
+
+WHY_TWO_GAMMAS = ("the run's gamma is a moving average over its reports (estimate += 0.3 x "
+                  "(raw - estimate), starting from 0 once the model is trusted, so it lags a "
+                  "rising estimate), each raw estimate on one window of --eval_batch unlabeled "
+                  "images with that report's model; outliers estimates once, on every unlabeled "
+                  "image, with the final model (its `gamma` is what a new run could pass as "
+                  "--gamma)")
+
+
+def gamma_lines(s: dict) -> list:
+    """The printed lines on gamma: the one the run used and outliers' own estimate, each named."""
+    fresh = (f"this estimate (final model, all {s['n_unlabeled']} unlabeled images, no "
+             f"smoothing): OOD share {s['estimated_ood_share']:.3f}, gamma {s['gamma']:.3f} "
+             f"(the CSV's decisions use it)")
+    used = s.get("run_gamma")
+    if used is None:
+        return [fresh]
+    line = f"gamma the run used: {used['gamma']:.3f} ({used['source']}"
+    if used.get("ood_share_raw") is not None:
+        line += f"; that report's raw estimate {used['ood_share_raw']:.3f} on {used['n_window']} images"
+    lines = [line + ")", fresh]
+    if used["source"].startswith("--gamma=auto"):
+        lines.append(f"they differ because {WHY_TWO_GAMMAS}")
+    return lines
 
 
 def mask_ranking(meta: dict) -> str:
@@ -295,7 +355,8 @@ def inspect(model: str, dataset: str = "", root: str = "", output: str = "", bat
         check_overwrite(path, overwrite)
     xl, yl, xu, yu, truth = load_split(name, root)
     sources = records.load_sources(name.unlabel_path(root))     # "" where the records have none
-    run_args = _read_json(os.path.join(run_dir, "args", "args.json")) if run_dir else {}
+    owner = run_folder_of(model, run_dir)
+    run_args = _read_json(os.path.join(owner, "args", "args.json")) if owner else {}
     shape = meta.get("image_shape") or [meta.get(k) for k in ("height", "width", "channels")]
     if None not in shape and tuple(xu.shape[1:]) != tuple(shape):
         raise UserError(f"{name} holds {'x'.join(map(str, xu.shape[1:]))} images, the model takes "
@@ -306,7 +367,8 @@ def inspect(model: str, dataset: str = "", root: str = "", output: str = "", bat
                      nclass=int(logits_u.shape[1]), mask_by=mask_ranking(dict(run_args, **meta)))
     os.makedirs(output, exist_ok=True)
     class_names = list(meta.get("class_names", []))
-    summary = dict(result["summary"], dataset=str(name), model=model)
+    summary = dict(result["summary"], dataset=str(name), model=model,
+                   run_gamma=run_gamma(owner, run_args or {}))
     writers = {"unlabeled.csv": lambda p: write_csv(p, result, logits_u, name.nvalid, class_names, truth,
                                                     sources),
                "summary.json": lambda p: write_json(p, summary, overwrite=True),
@@ -325,13 +387,14 @@ def main(argv=None):
         raise UserError(f"unexpected arguments {' '.join(rest)}: every option is a --flag")
     s = inspect(FLAGS.model, FLAGS.dataset, FLAGS.data_dir, FLAGS.output, FLAGS.batch, FLAGS.sheet,
                 FLAGS.overwrite)
-    line = f"estimated OOD share {s['estimated_ood_share']:.3f} (gamma {s['gamma']:.3f}, reference: {s['reference']})"
+    line = f"reference: {s['reference']}"
     if s.get("true_ood_share") is not None:
         fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
         line += (f"; true share {s['true_ood_share']:.3f}, AUROC of the {s['score']} score "
                  f"{fmt(s['auroc'])}, of the mask's ranking ({s['mask_ranks_by']}) "
                  f"{fmt(s['auroc_mask'])}; masked images truly OOD {fmt(s['masked_ood_share'])}")
-    print(f"{line}\nwrote {', '.join(OUTPUTS)} to {s['output']}", file=sys.stderr)
+    lines = gamma_lines(s) + [line, f"wrote {', '.join(OUTPUTS)} to {s['output']}"]
+    print("\n".join(lines), file=sys.stderr)
     return 0
 
 

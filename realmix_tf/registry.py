@@ -28,6 +28,7 @@ from libml.train import config as train_config
 from realmix_tf import legacy_flags
 from libml.train import trainer as train
 from libml.base.errors import UserError
+from libml.run import recorded_flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,9 @@ def configure(name: str, flag_values: flags.FlagValues) -> train_config.TrainCon
     """The validated TrainConfig of parsed flags, the algorithm's hyper-parameters included."""
     algorithm = get(name)
     model_class = algorithm.model_class()
+    recorded_flags.say(recorded_flags.apply_to_flags(      # --eval_ckpt=RUN: the run's settings
+        flag_values, list(train_config.flag_settings(flag_values, algorithm.config_class()))
+        + algorithm.flag_names()))
     hparams = hparams_from_flags(name, flag_values)
     if model_class.unlabeled is None and flag_values.extend:
         raise UserError(f"--extend is set but {algorithm.name} does not read unlabeled images: "

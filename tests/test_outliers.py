@@ -207,3 +207,41 @@ def test_the_csv_names_the_image_file_of_records_that_carry_one(tiny_run, tmp_pa
     inspect.inspect(trainer.run_dir, root=str(root), output=str(tmp_path / "out"), batch=16, sheet=4)
     rows = _rows(tmp_path / "out" / "unlabeled.csv")
     assert [r["source"] for r in rows] == [f"/photos/u{i:02d}.png" if i % 2 else "" for i in range(NUNLABELED)]
+
+
+def test_the_gamma_the_run_used_is_named_beside_this_estimate(tiny_run, tmp_path, capsys):
+    """Issue 24: the run's gamma (its fixed --gamma, or --gamma=auto's last report) and
+    outliers' own estimate, each named, in summary.json and on the console."""
+    toy, trainer, _ = tiny_run
+    out = str(tmp_path / "fixed")
+    assert inspect.main(["outliers", f"--model={trainer.run_dir}", f"--data_dir={toy.root}",
+                         f"--output={out}", "--batch=16", "--sheet=4"]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["run_gamma"] == {"gamma": 0.25, "source": "--gamma=0.25"}
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "gamma the run used: 0.250 (--gamma=0.25)"
+    assert err[1] == (f"this estimate (final model, all {NUNLABELED - NVALID} unlabeled images, no "
+                      f"smoothing): OOD share {summary['estimated_ood_share']:.3f}, gamma "
+                      f"{summary['gamma']:.3f} (the CSV's decisions use it)")
+    # --gamma=auto: the last record of stats/gamma_auto.json, found from the run's export folder.
+    run = tmp_path / "auto_run"
+    for part in ("args", "tf", "export"):
+        shutil.copytree(os.path.join(trainer.run_dir, part), run / part)
+    (run / "stats").mkdir()
+    history = [dict(step=32, kimg=0.03125, gamma=0.0, ood_share_estimate=0.0, ood_share_raw=None,
+                    trusted=False, n_window=40),
+               dict(step=64, kimg=0.0625, gamma=0.185, ood_share_estimate=0.185,
+                    ood_share_raw=0.3, trusted=True, n_window=40)]
+    (run / "stats" / "gamma_auto.json").write_text(json.dumps(history))
+    s = inspect.inspect(str(run / "export"), dataset=toy.name, root=toy.root,
+                        output=str(tmp_path / "auto"), batch=16, sheet=4)
+    assert s["run_gamma"] == dict(gamma=0.185, source="--gamma=auto, stats/gamma_auto.json at "
+                                  "kimg 0.0625 (report 2)", ood_share_estimate=0.185,
+                                  ood_share_raw=0.3, n_window=40, trusted=True, reports=2)
+    lines = inspect.gamma_lines(s)
+    assert lines[0] == ("gamma the run used: 0.185 (--gamma=auto, stats/gamma_auto.json at kimg "
+                        "0.0625 (report 2); that report's raw estimate 0.300 on 40 images)")
+    assert lines[2].startswith("they differ because the run's gamma is a moving average")
+    # A model outside any run: only this estimate.
+    assert inspect.run_gamma(None, {}) is None

@@ -170,6 +170,10 @@ class SSLModel(keras.Model):
         return table
 
     @classmethod
+    def hparam_defaults(cls) -> dict:
+        return {key: hp.default for key, hp in cls.hparam_table().items()}
+
+    @classmethod
     def check_hparams(cls, **hparams):
         """Each declared hyper-parameter's check (the constructor's, without building
         anything: the registry runs them before the data are read), then `check_combination`."""
@@ -189,7 +193,7 @@ class SSLModel(keras.Model):
         run length too, for the algorithms that declare train_kimg)."""
         if "train_kimg" in cls.hparam_table():
             kwargs.setdefault("train_kimg", config.train_kimg)
-        return cls(info.nclass, info.shape, **dict(config.model_kwargs(), **kwargs))
+        return cls(info.nclass, info.shape, **dict(config.model_kwargs(cls.hparam_defaults()), **kwargs))
 
     # ----------------------------------------------------------------------------------------
     def hparams(self) -> dict:

@@ -27,6 +27,9 @@ KIMG = 1024
 PRECISION_CHOICES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 PRECISIONS = tuple(PRECISION_CHOICES.values())       # Keras dtype policies of SSLModel
 SHORT_RUN_HORIZON = 10      # --short_run_scaling: decays keep e^-10 of the start after a run
+SHORT_RUN_RAMP = 0.25       # --short_run_scaling: warm-ups in kimg end by a quarter of the run
+KIMG_RAMPS = ("warmup_kimg",)   # algorithm hyper-parameters that are warm-ups in kimg (MixMatch,
+                                # RealMix; the others' ramps are fractions of --train_kimg)
 
 
 def whole_kimg(value):
@@ -115,10 +118,13 @@ class TrainConfig:
                        non_negative("pass a weight decay >= 0"))
     ema: float = option(0.999, "EMA decay of the weights used for evaluation.", decay)
     bn_momentum: float = option(0.999, "BatchNorm moving-statistics momentum.", decay)
-    short_run_scaling: bool = option(False, "For short runs (tests, quick starts): lower --ema "
-                                     "and --bn_momentum to at most 1 - 10/steps, so the averages "
-                                     "forget the random start. No effect on runs of 10,000 steps "
-                                     "or more at the defaults.")
+    short_run_scaling: bool = option(True, "Adapt a run shorter than its averages and warm-up "
+                                     "(the start banner says what changed): --ema and "
+                                     "--bn_momentum at most 1 - 10/steps, so the averages forget "
+                                     "the random start, and --warmup_kimg at most a quarter of "
+                                     "the run. No effect on runs of 10,000 steps and 4096 kimg or "
+                                     "more at the defaults (the paper's); --noshort_run_scaling "
+                                     "keeps the flags as given.")
     train_kimg: float = option(65536, "Run length in kibi-images (1 kimg = 1024 labeled images); "
                                "fractions allowed.", positive)
     report_kimg: float = option(64, "Evaluation and summary period in kimg.", positive)
@@ -167,7 +173,8 @@ class TrainConfig:
                                   ".keras export, except the classifier head; step reset.",
                                   existing_checkpoint)
     eval_ckpt: str = option("", "Evaluate this run / checkpoint (raw and EMA weights on valid "
-                            "and test), print and write JSON, then exit.", existing_checkpoint)
+                            "and test), print and write JSON, then exit; flags not given come from the "
+                            "run's args/args.json.", existing_checkpoint)
     extend: int = option(0, "Train on K augmented copies of the unlabeled set (paper: 50), made "
                          "by data_prep.extend_unlabeled; 0 = off.",
                          non_negative("use 0 (off) or a number of copies"))
@@ -271,13 +278,50 @@ class TrainConfig:
         cap = max(0.0, 1.0 - SHORT_RUN_HORIZON / self.total_steps)
         return min(self.ema, cap), min(self.bn_momentum, cap)
 
-    def model_kwargs(self) -> dict:
-        """Constructor arguments of every SSLModel: the shared settings and the algorithm's."""
+    def effective_algorithm(self, defaults=None) -> dict:
+        """The algorithm's hyper-parameters (`defaults`: the model's, for those not set), with
+        --short_run_scaling its warm-ups in kimg (KIMG_RAMPS) at most SHORT_RUN_RAMP of the run."""
+        values = dict({k: v for k, v in (defaults or {}).items() if k in KIMG_RAMPS}, **self.algorithm)
+        if not self.short_run_scaling:
+            return values
+        cap = whole_kimg(SHORT_RUN_RAMP * self.train_kimg)
+        return {k: (min(whole_kimg(v), cap) if k in KIMG_RAMPS else v) for k, v in values.items()}
+
+    def short_run_changes(self, defaults=None) -> list:
+        """[(flag, given, adapted)] of what --short_run_scaling changes (with it off: what it
+        would change); `defaults` as in effective_algorithm."""
+        scaled = dataclasses.replace(self, short_run_scaling=True)
+        given = dict(dict(ema=self.ema, bn_momentum=self.bn_momentum),
+                     **dataclasses.replace(self, short_run_scaling=False).effective_algorithm(defaults))
+        used = dict(zip(("ema", "bn_momentum"), scaled.effective_decays()),
+                    **scaled.effective_algorithm(defaults))
+        return [(k, given[k], used[k]) for k in given if used[k] != given[k]]
+
+    def short_run_line(self, defaults=None) -> str:
+        """The start banner's line on a run shorter than its averages or warm-up ('' if none)."""
+        changes = self.short_run_changes(defaults)
+        if not changes:
+            return ""
+        shown = ", ".join(f"--{k} {_short(a)} -> {_short(b)}" for k, a, b in changes)
+        length = f"{whole_kimg(self.train_kimg)} kimg = {self.total_steps} steps"
+        if self.short_run_scaling:
+            return (f"short run {length}: {shown} (EMA/BN averages over ~1/(1-decay) steps, "
+                    f"warm-ups by a quarter of the run); --noshort_run_scaling keeps the flags")
+        return (f"short run {length}: --noshort_run_scaling keeps the flags although the "
+                f"averages or warm-up outlast the run; the default would use {shown}")
+
+    def model_kwargs(self, defaults=None) -> dict:
+        """Constructor arguments of every SSLModel: the shared settings and the algorithm's
+        (`defaults` as in effective_algorithm)."""
         ema, bn_momentum = self.effective_decays()
         return dict(filters=self.filters, repeat=self.repeat, scales=self.scales, lr=self.lr,
                     wd=self.wd, ema=ema, bn_momentum=bn_momentum, seed=self.seed,
                     precision=self.precision(), jit_compile=self.jit_compile,
-                    replica_mode=self.replica_mode, **self.algorithm)
+                    replica_mode=self.replica_mode, **self.effective_algorithm(defaults))
+
+
+def _short(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 _DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,

@@ -273,7 +273,8 @@ class Trainer:
             self.info.nclass, f"Wide ResNet filters {net.filters} repeat {net.repeat} scales {net.scales}",
             console.count_parameters(net), console.describe_strategy(self.strategy),
             self.start_line(), start, step, c.train_nimg)
-        print("\n".join(lines), file=sys.stderr)
+        short_run = c.short_run_line(type(self.model).hparam_defaults())   # --short_run_scaling
+        print("\n".join(lines + ([f"  {short_run}"] if short_run else [])), file=sys.stderr)
 
     def start_line(self) -> str:
         """The run's first line: the precision chosen and why, oneDNN, the CPU."""
