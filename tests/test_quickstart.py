@@ -117,6 +117,7 @@ def test_run_error_is_one_number_named_one_way():
     assert run_error.name(8, 32) == "test error % (median of the last 8 reports)"
     assert run_error.line(2.904, 8, 32) == "test error 2.90 % (median of the last 8 reports)"
     assert run_error.line(2.9, 20, 4) == "test error 2.90 % (median of all 4 reports)"
+    assert run_error.name(1) == "test error % (the last report)"
 
 
 def write_results(plan, tests):

@@ -33,10 +33,11 @@ def error_of(test_accuracies: Sequence[Optional[float]], n: int = DEFAULT_LAST) 
 
 
 def window(n: int, reports: Optional[int] = None) -> str:
-    """'median of the last 8 reports', or for a run with fewer reports 'median of all 5 reports'."""
+    """'median of the last 8 reports'; for a run with fewer reports 'median of all 5 reports';
+    'the last report' for n = 1."""
     if reports is not None and reports < n:
-        return f"median of all {reports} reports"
-    return f"median of the last {n} reports"
+        return "the only report" if reports == 1 else f"median of all {reports} reports"
+    return "the last report" if n == 1 else f"median of the last {n} reports"
 
 
 def name(n: int, reports: Optional[int] = None) -> str:
