@@ -229,9 +229,11 @@ def duration(seconds: float) -> str:
 
 class Progress:
     """One line over the whole quickstart: run i of n, its kimg, the share done, time left.
-    The work of a run is its kimg times COST[algorithm]; the time left is the remaining work
-    at the speed measured so far in this call (before the first report: not yet known). On a
-    terminal the line is rewritten in place; otherwise it is printed at each quarter of a run."""
+    The work of a run is its kimg times COST[algorithm]. The time left is the remaining work at
+    the speed measured between reports in this call, plus, for each run still to start, the
+    time a run took from its start to its first report (TensorFlow's start, the data, tracing);
+    before two reports it is not known yet. On a terminal the line is rewritten in place;
+    otherwise it is printed at each quarter of a run."""
 
     def __init__(self, runs: List[Run], train_kimg: float, stream=None):
         self.stream = stream or sys.stdout
@@ -242,21 +244,39 @@ class Progress:
         self.done_work = 0.0          # finished runs of this call
         self.index = 0
         self.printed_quarter = -1
+        self.startups: List[float] = []            # seconds from a run's start to its first report
+        self.train_seconds = self.train_work = 0.0  # between reports
+        self.run_start = self.last_time = self.last_work = None
 
     def begin(self, index: int) -> None:
         """Run `index` starts (its command is printed already)."""
         self.index, self.printed_quarter = index, -1
+        self.run_start, self.last_time = time.time(), None
         self.show(0.0)
+
+    def time_left(self, work: float) -> Optional[float]:
+        if self.train_work <= 0 or not self.startups:
+            return None
+        later_runs = len(self.runs) - self.index - 1
+        return ((sum(self.work) - work) * self.train_seconds / self.train_work
+                + later_runs * sum(self.startups) / len(self.startups))
 
     def show(self, kimg: float) -> None:
         i, run = self.index, self.runs[self.index]
+        now = time.time()
         done = self.done_work + kimg * COST.get(run.algorithm, 2.0)
-        total = sum(self.work)
-        elapsed = time.time() - self.start
-        left = ("time left: after the first report" if done <= 0
-                else f"about {duration(elapsed * (total - done) / done)} left")
+        if kimg > 0:
+            if self.last_time is None:
+                self.startups.append(now - self.run_start)
+            else:
+                self.train_seconds += now - self.last_time
+                self.train_work += done - self.last_work
+            self.last_time, self.last_work = now, done
+        left = self.time_left(done)
+        left = ("time left: after the first reports" if left is None
+                else f"about {duration(left)} left")
         line = (f"quickstart: run {i + 1}/{len(self.runs)} {run.name}, kimg {kimg:g}/{self.kimg:g} "
-                f"| {100 * done / total:.0f} % | {duration(elapsed)} elapsed, {left}")
+                f"| {100 * done / sum(self.work):.0f} % | {duration(now - self.start)} elapsed, {left}")
         if self.tty:
             self.stream.write("\r" + line + "\033[K")
             self.stream.flush()

@@ -80,27 +80,34 @@ class FakeClock:
 def test_progress_line_says_run_i_of_n_and_the_time_left(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(quickstart.time, "time", clock)
-    runs = [quickstart.Run("realmix", [], "r.json", "r.log"), quickstart.Run("supervised", [], "s.json", "s.log")]
+    runs = [quickstart.Run("realmix", [], "r.json", "r.log"),
+            quickstart.Run("supervised", [], "s.json", "s.log")]
     out = io.StringIO()                      # not a terminal: a line per quarter of a run
     progress = quickstart.Progress(runs, 32, stream=out)
     progress.begin(0)
-    clock.now += 100
-    progress.show(8.0)
+    clock.now += 30
+    progress.show(1.0)                       # first report: 30 s from the start (startup)
+    clock.now += 70
+    progress.show(8.0)                       # 7 kimg in 70 s
+    clock.now += 10
     progress.show(9.0)                       # same quarter: not printed
-    progress.show(16.0)
     progress.end("RealMix: done")
     progress.begin(1)
     lines = out.getvalue().splitlines()
     assert lines[0] == ("quickstart: run 1/2 RealMix, kimg 0/32 | 0 % | 0 s elapsed, "
-                        "time left: after the first report")
-    # Work: 32 x 2.8 (RealMix) + 32 x 1 (supervised) = 121.6; done at kimg 16: 44.8 in 100 s,
-    # left 100 x (121.6 - 44.8) / 44.8 = 171.4 s.
-    total, done = 32 * quickstart.COST["realmix"] + 32, 16 * quickstart.COST["realmix"]
-    left = quickstart.duration(100 * (total - done) / done)
-    assert lines[2] == (f"quickstart: run 1/2 RealMix, kimg 16/32 | {100 * done / total:.0f} % | "
+                        "time left: after the first reports")
+    # Work: 32 x 2.8 (RealMix) + 32 x 1 (supervised) = 121.6. Between reports: 8 kimg x 2.8 =
+    # 22.4 in 80 s; at kimg 8 (22.4 done), the first 70 s gave 19.6: left (121.6 - 22.4) x 70 /
+    # 19.6 = 354.3 s + one run to start x 30 s.
+    cost = quickstart.COST["realmix"]
+    total, done = 32 * cost + 32, 8 * cost
+    left = quickstart.duration((total - done) * 70 / (7 * cost) + 30)
+    assert lines[1] == (f"quickstart: run 1/2 RealMix, kimg 8/32 | {100 * done / total:.0f} % | "
                         f"1 min 40 s elapsed, about {left} left")
-    assert len(lines) == 5 and lines[3] == "RealMix: done"
-    assert lines[4].startswith("quickstart: run 2/2 Supervised, kimg 0/32 | 74 % |")
+    assert len(lines) == 4 and lines[2] == "RealMix: done"
+    # Run 2: the rest of the work at 8 x 2.8 per 80 s, no run left to start.
+    left = quickstart.duration(32 * 80 / (8 * cost))
+    assert lines[3] == f"quickstart: run 2/2 Supervised, kimg 0/32 | 74 % | 1 min 50 s elapsed, about {left} left"
 
 
 def test_run_error_is_one_number_named_one_way():
