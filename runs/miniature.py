@@ -69,7 +69,7 @@ flags.DEFINE_integer("reports", 16, "Evaluations per run (--report_kimg = train_
                      flag_values=FLAGS)
 flags.DEFINE_integer("median_last", 4, "A run's test error is 100 - the median test accuracy "
                      "of its last N reports (the trainer's --median_last; the paper: 20 of "
-                     "1,024; here the last quarter of the 16 reports).", flag_values=FLAGS)
+                     "512; here the last quarter of the 16 reports).", flag_values=FLAGS)
 flags.DEFINE_float("warmup_fraction", 0.25, "Ramp-up of the unlabeled-loss weight (MixMatch, "
                    "RealMix) as a fraction of the run (--warmup_kimg = fraction x train_kimg).",
                    flag_values=FLAGS)

@@ -2,8 +2,8 @@
 
     test error = 100 - the median test accuracy of the EMA model over the run's last N reports
 
-N is the trainer's --median_last: 20 by default, the libml / paper protocol (20 of the 1,024
-reports of a full run; runs/extract_accuracy.py). Short runs pass the last quarter of their
+N is the trainer's --median_last: 20 by default, the libml / paper protocol (the paper: the
+last 20 of 512 reports; runs/extract_accuracy.py). Short runs pass the last quarter of their
 reports instead (the quickstart: 8 of 32, runs.miniature: 4 of 16), so that the window does
 not reach back into the ramp-up while the model is still improving fast. The trainer's last
 line, the quickstart's table, runs.miniature's tables and the README all print
