@@ -83,8 +83,14 @@ def _cifar10(n):
     return f"cifar10.{{seed}}@{n}-{{nvalid}}"
 
 
+def paper_tsa(n: int) -> str:
+    """RealMix's TSA in the paper's commands for n labeled images: linear with few labels
+    (<= 250), none above."""
+    return "linear" if n <= 250 else "none"
+
+
 def _tsa(n):
-    return (("tsa", "linear" if n <= 250 else "none"),)
+    return (("tsa", paper_tsa(n)),)
 
 
 def _realmix_cifar(n):

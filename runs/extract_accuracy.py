@@ -24,6 +24,7 @@ from absl import flags
 
 from libml.base import cli
 from libml.base.errors import UserError
+from libml.run import run_error
 from libml.run.summaries import MEDIAN_WINDOWS, TEST_TAGS, run_stats
 
 FLAGS = flags.FlagValues()
@@ -85,7 +86,7 @@ def report(run_dirs: Sequence[str], tags: Sequence[str]) -> str:
         lines.append(f"| {run} | {stats.get('reports', '?')} | " + " | ".join(
             _pct(stats.get(f"last{n:02d}")) for n in MEDIAN_WINDOWS) + f" | {stats['source']} |")
         groups.setdefault(experiment_key(run), []).append(100.0 - stats["last20"])
-    lines += ["", "Error % (100 - median of the last 20 test accuracies), over seeds:", "",
+    lines += ["", f"{run_error.name(20).capitalize()}, over seeds:", "",
               "| experiment | seeds | error per seed | mean ± std |", "|---|---|---|---|"]
     for key, errors in groups.items():
         lines.append(f"| {key} | {len(errors)} | {', '.join(f'{e:.2f}' for e in errors)} | "

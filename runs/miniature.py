@@ -21,8 +21,8 @@ The script prepares its own data under {work_dir}/ML_DATA (create_datasets mnist
 create_split, create_mismatch --source=mnist5k, extend_unlabeled), trains every run in this
 process with libml.train.trainer (fresh model per run) under {work_dir}/train_dir, and writes
 {output}/results.md, results.json and one PNG per experiment. A cell is the mean ± sample
-standard deviation over seeds of the error = 100 - median test accuracy of the last
---median_last reports. Re-running reuses finished runs (their result is cached in
+standard deviation over seeds of the runs' test error % (median of the last --median_last
+reports; libml/run/run_error.py), the number each trainer's last line says. Re-running reuses finished runs (their result is cached in
 {work_dir}/results/) and resumes interrupted ones from their checkpoints.
 """
 import dataclasses
@@ -42,6 +42,7 @@ from absl import flags
 from libml.base import cli
 from libml.base.errors import UserError
 from libml.base.files import write_json
+from libml.run import run_error
 from runs.experiments import (CIFAR, MISMATCH_GAMMA, MT_CIFAR, PI_CIFAR, RELEASED_LOSS_SCALE,
                               VAT_FLAGS, paper_error)
 
@@ -66,8 +67,9 @@ flags.DEFINE_float("train_kimg", 32, "Length of every run in kimg (1 kimg = 1024
                    "32 kimg = 512 steps of 64).", flag_values=FLAGS)
 flags.DEFINE_integer("reports", 16, "Evaluations per run (--report_kimg = train_kimg / reports).",
                      flag_values=FLAGS)
-flags.DEFINE_integer("median_last", 4, "The error of a run is 100 - the median test accuracy of "
-                     "its last N reports (the paper: 20 of 512).", flag_values=FLAGS)
+flags.DEFINE_integer("median_last", 4, "A run's test error is 100 - the median test accuracy "
+                     "of its last N reports (the trainer's --median_last; the paper: 20 of "
+                     "512; here the last quarter of the 16 reports).", flag_values=FLAGS)
 flags.DEFINE_float("warmup_fraction", 0.25, "Ramp-up of the unlabeled-loss weight (MixMatch, "
                    "RealMix) as a fraction of the run (--warmup_kimg = fraction x train_kimg).",
                    flag_values=FLAGS)
@@ -340,9 +342,8 @@ def prepare_extension(dataset: str, copies: int, aug: str, root: str) -> None:
 # Training
 
 def median_error(test_accuracies: Sequence[float], last: int) -> Optional[float]:
-    from libml.run.summaries import median_last
-    median = median_last(test_accuracies, last)
-    return None if median is None else 100.0 - median
+    """The run's test error (libml/run/run_error.py), the number its trainer's last line says."""
+    return run_error.error_of(test_accuracies, last)
 
 
 def run_decay(s: Settings) -> float:
@@ -357,7 +358,7 @@ def train_flags(run: Run, s: Settings, root: str, train_dir: str) -> dict:
                   train_kimg=s.train_kimg, report_kimg=s.report_kimg, save_kimg=s.train_kimg / 2,
                   keep_ckpt=1, filters=s.filters, repeat=s.repeat, seed=run.seed,
                   mixed_precision=s.mixed_precision, short_run_scaling=True, export=False,
-                  progress=False, data_autotune=s.data_autotune)
+                  progress=False, data_autotune=s.data_autotune, median_last=s.median_last)
     values.update(dict(run.hparams))
     if run.extend:
         values.update(extend=run.extend, extend_aug=s.extend_aug)
@@ -490,8 +491,9 @@ def markdown_report(tables: dict, s: Settings, meta: dict) -> str:
     seeds = ", ".join(map(str, s.seeds))
     out = ["# RealMix miniature replication on mnist5k", "",
            f"Seeds {seeds} (split and training seed); each cell is the mean ± sample standard "
-           f"deviation over the seeds of the error = 100 − median test accuracy of the last "
-           f"{s.median_last} of {s.reports} reports (EMA model). Every run: {s.train_kimg:g} kimg "
+           f"deviation over the seeds of the runs' {run_error.name(s.median_last)}, of "
+           f"{s.reports} reports per run (EMA model; the number each trainer's last line "
+           f"says). Every run: {s.train_kimg:g} kimg "
            f"({round(s.train_kimg * 1024 / s.batch)} steps of batch {s.batch}), a report every "
            f"{s.report_kimg:g} kimg, WRN with filters={s.filters} repeat={s.repeat}, "
            f"--mixed_precision={s.mixed_precision}, EMA decay = BN momentum = {run_decay(s):.6g} "

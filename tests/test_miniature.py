@@ -102,7 +102,7 @@ def test_quick_run_writes_table_and_plot(tmp_path):
     for row in rows:
         error = float(row.split("|")[2])
         assert 0.0 <= error <= 100.0
-    assert "Seeds 1 (" in text and "0.25 kimg" in text and "last 1 of 2 reports" in text
+    assert "Seeds 1 (" in text and "0.25 kimg" in text and "test error % (the last report), of 2 reports per run" in text
     with Image.open(out / "sizes.png") as png:
         assert png.format == "PNG" and png.size[0] > 300 and png.size[1] > 200
 

@@ -221,7 +221,7 @@ def test_start_banner_and_whole_run_progress_bar(finished_run, toy, tmp_path, ca
     resumed-from) and one progress bar over the whole run from its resumed position."""
     import re
     trainer, _ = finished_run
-    config = dataclasses_replace(copy_run(trainer, tmp_path), progress=True)
+    config = dataclasses_replace(copy_run(trainer, tmp_path), progress=True, median_last=2)
     tf_dir = os.path.join(config.train_dir, os.path.relpath(trainer.tf_dir, trainer.config.train_dir))
     with open(os.path.join(tf_dir, "model.ckpt-128.data-00000-of-00001"), "r+b") as f:
         f.truncate(100)                                   # resumes from model.ckpt-96
@@ -241,6 +241,10 @@ def test_start_banner_and_whole_run_progress_bar(finished_run, toy, tmp_path, ca
     assert re.search(r"^RealMix +75%\|.*\| 96(\.0)?/128 img", bars[0]), bars[0]   # starts where it resumed
     assert re.search(r"^RealMix +100%\|.*\| 128/128 img \[.*, report 4/4, test \d+\.\d\d %$", bars[-1]), bars[-1]
     assert any(line.startswith("kimg 0.125 ") for line in err)
+    # The end line: the run's one test error (--median_last=2: median of the last 2 reports).
+    last2 = sorted(h["test"] for h in again.history[-2:])
+    assert err[-2:] == [again.run_dir, f"  test error {100 - sum(last2) / 2:.2f} % "
+                                       f"(median of the last 2 reports)"]
 
 
 def test_eval_ckpt_evaluates_raw_and_ema_and_writes_json(finished_run, toy, tmp_path):

@@ -145,7 +145,7 @@ class RunLock:
 
 RESUMABLE = frozenset({"train_kimg", "report_kimg", "save_kimg", "keep_ckpt", "eval_batch",
                        "progress", "export", "jit_compile", "deterministic", "data_dir",
-                       "data_autotune"})
+                       "data_autotune", "median_last"})
 START_ONLY = frozenset({"load_checkpoint"})
 # Recorded facts that are not flags (shown without `--`).
 NOT_FLAGS = frozenset({"algorithm", "image_shape", "class_names", "nclass", "precision"})

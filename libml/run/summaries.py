@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from libml.base.errors import UserError
+from libml.run.run_error import median_last  # noqa: F401  (THE median; re-exported)
 
 MEDIAN_WINDOWS = (1, 10, 20, 50)
 TEST_TAGS = ("accuracy", "accuracy_test")      # the test accuracy: ours, the released code's
@@ -58,13 +59,6 @@ def write_histogram(tag: str, values, buckets: int = 30) -> None:
 
 def finite_or_none(x) -> Optional[float]:
     return None if x is None or not math.isfinite(x) else float(x)
-
-
-def median_last(test_accuracies: Sequence[Optional[float]], n: int) -> Optional[float]:
-    """Median of the finite values among the last n (None if there is none): THE median of the
-    last n reports used by the trainer, extract_accuracy, quickstart and miniature."""
-    window = [a for a in list(test_accuracies)[-n:] if a is not None and math.isfinite(a)]
-    return float(np.median(window)) if window else None
 
 
 def median_accuracies(test_accuracies: Sequence[Optional[float]]) -> dict:

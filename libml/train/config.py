@@ -129,6 +129,10 @@ class TrainConfig:
                                "fractions allowed.", positive)
     report_kimg: float = option(64, "Evaluation and summary period in kimg.", positive)
     save_kimg: float = option(64, "Checkpoint period in kimg.", positive)
+    median_last: int = option(20, "The run's test error is 100 - the median test accuracy "
+                              "of its last N reports (libml/run/run_error.py): 20 = the "
+                              "libml / paper protocol; short runs: the last quarter of "
+                              "their reports.", positive)
     keep_ckpt: int = option(50, "Checkpoints kept (oldest deleted).", positive)
     filters: int = option(32, "Width of the first ResNet stage (32 = WRN-28-2).", positive)
     repeat: int = option(4, "Residual blocks per stage (4 = 28 layers).", positive)

@@ -42,6 +42,7 @@ from libml.run.finite import FirstNonFinite, all_finite, loss_values
 from libml.base.machine import cpu_info, isa_line, onednn_enabled
 from libml.run.runfolder import RunFolder, recorded_precision
 from libml.base.storage import disk_errors
+from libml.run import run_error
 from libml.run.worker_folder import WorkerFolder, follow_chief
 from libml.train.reports import Reports
 from libml.run.summaries import accuracy_stats
@@ -259,9 +260,9 @@ class Trainer:
                                  ood)
         stats = accuracy_stats(self.history)
         if stats.get("reports"):
-            window = min(20, stats["reports"])
-            print(f"{self.run_dir}\n  test error {stats['error_last20']:.2f} % (median of the last "
-                  f"{window} reports; stats/accuracy.json)", file=sys.stderr)
+            tests, n = [h["test"] for h in self.history], c.median_last
+            print(f"{self.run_dir}\n  {run_error.line(run_error.error_of(tests, n), n, len(tests))}",
+                  file=sys.stderr)
         return stats
 
     def _print_banner(self, start: str, step: int) -> None:
