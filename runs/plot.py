@@ -18,6 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 from absl import flags
 
 from libml.base import cli
+from libml.base.console import plural
 
 from libml.run import summaries
 from libml.base.errors import UserError
@@ -125,7 +126,7 @@ def main(argv=None):
         raise UserError(f"no run folders under {' '.join(paths)}: train first, or pass the "
                         f"train_dir of the runs")
     count = draw(runs, FLAGS.output, FLAGS.sets, FLAGS.title, FLAGS.log, FLAGS.overwrite)
-    print(f"drew {count} curves of {len(runs)} runs -> {FLAGS.output}")
+    print(f"drew {plural(count, 'curve')} of {plural(len(runs), 'run')} -> {FLAGS.output}")
     return 0
 
 

@@ -37,7 +37,7 @@ from libml.run.checkpoints import (READ_ERRORS, latest_checkpoint, make_checkpoi
 from libml.train.config import KIMG, PRECISIONS, TrainConfig
 from libml.base.errors import UserError, first_line
 from libml.train.evaluate import SETS as EVAL_SETS, Evaluator
-from libml.export.saving import export_model, join_export, transfer_weights
+from libml.export.saving import export_model, export_note, join_export, transfer_weights
 from libml.run.finite import FirstNonFinite, all_finite, loss_values
 from libml.base.machine import cpu_info, isa_line, onednn_enabled
 from libml.run.runfolder import RunFolder, recorded_precision
@@ -248,17 +248,21 @@ class Trainer:
                 if (step - c.batch) // c.save_nimg < step // c.save_nimg or step >= c.train_nimg:
                     self._save(folder, ckpt, step)
         writer.close()
+        exported = None
         if c.export and not (finished_before and os.path.isdir(self.export_dir)):
             if not self.role.is_chief:      # the reads (collectives) only, nothing written
                 join_export(self.model, self.info)
             else:
                 with disk_errors(self.export_dir, what="the export"):
-                    export_model(self.model, self.info, self.export_dir, run_modes.export_meta(self))
+                    exported = export_model(self.model, self.info, self.export_dir,
+                                            run_modes.export_meta(self))
         stats = accuracy_stats(self.history)
         if stats.get("reports"):
             window = min(20, stats["reports"])
             print(f"{self.run_dir}\n  test error {stats['error_last20']:.2f} % (median of the last "
                   f"{window} reports; stats/accuracy.json)", file=sys.stderr)
+        if exported:
+            print(export_note(exported), file=sys.stderr)
         return stats
 
     def _print_banner(self, start: str, step: int) -> None:
