@@ -24,9 +24,11 @@ def test_usage_line_names_the_module_the_user_ran():
     assert cli.command_name("plot") == "plot"
 
 
-def test_quickstart_help_names_runs_quickstart():
-    result = subprocess.run([sys.executable, "-m", "runs.quickstart", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+def test_quickstart_help_names_runs_quickstart(tmp_path):
+    """From a folder outside the repository (the project on the path, as `pip install -e .` puts it)."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-m", "runs.quickstart", "--help"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0] == "usage: python -m runs.quickstart [flags]"
 

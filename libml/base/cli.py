@@ -76,6 +76,17 @@ def _parse_global(argv):
         sys.exit(EXIT_USER_ERROR)
 
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def child_env(**extra) -> dict:
+    """os.environ plus `extra`, with this project's folder first on PYTHONPATH: a tool that
+    starts `python -m <module>` children in the caller's working folder (so that the user's
+    relative paths mean the same to them) finds the modules installed or not."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != PROJECT_ROOT]
+    return dict(os.environ, **extra, PYTHONPATH=os.pathsep.join([PROJECT_ROOT] + paths))
+
+
 def command_name(program: str) -> str:
     """How the user started this tool, for its usage line: `python -m runs.quickstart` for a
     module file (`python -m` puts the file's path in argv[0]: the module is the path from the
