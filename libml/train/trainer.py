@@ -8,10 +8,10 @@ The algorithm supplies only a model (a `libml.train.algorithm.SSLModel` with `tr
     Trainer(config, RealMix.from_config, "RealMix").run()
 
 Progress is counted in images (`model.step`), as in libml: `kimg` = 1024 images. A run lives
-in `{train_dir}/{dataset}/{Algorithm}_{hyper-parameters}/` (libml/run/naming.py) with `args/args.json`,
-checkpoints and event files under `tf/`, `stats/accuracy.json` and `export/`. Re-running the
-same command resumes from the newest complete checkpoint, including the input iterators, so a
-run stopped at any point ends with the same weights as an uninterrupted one (under TF op
+in `{train_dir}/{dataset}/{Algorithm}_{hyper-parameters}/` (libml/run/naming.py) with
+`args/args.json`, checkpoints and event files under `tf/`, `stats/accuracy.json` and `export/`.
+Re-running the same command resumes from the newest complete checkpoint, including the input
+iterators, so a run stopped at any point ends with the same weights as an uninterrupted one (under TF op
 determinism).
 
 Devices: `make_strategy(config)` is the one place where the tf.distribute strategy is chosen
@@ -145,7 +145,7 @@ class Trainer:
         for key, hp in type(self.model).hparam_table().items():
             try:
                 defaults[key] = hp.value(hp.default)
-            except Exception:               # a default the parser does not take: shown always
+            except (TypeError, ValueError):     # a default the parser does not take: shown always
                 defaults.pop(key, None)
         return defaults
 
