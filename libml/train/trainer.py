@@ -11,8 +11,8 @@ Progress is counted in images (`model.step`), as in libml: `kimg` = 1024 images.
 in `{train_dir}/{dataset}/{Algorithm}_{hyper-parameters}/` (libml/run/naming.py) with
 `args/args.json`, checkpoints and event files under `tf/`, `stats/accuracy.json` and `export/`.
 Re-running the same command resumes from the newest complete checkpoint, including the input
-iterators, so a run stopped at any point ends with the same weights as an uninterrupted one (under TF op
-determinism).
+iterators, so a run stopped at any point ends with the same weights as an uninterrupted one
+(under TF op determinism).
 
 Devices: `make_strategy(config)` is the one place where the tf.distribute strategy is chosen
 (libml/train/devices.py: --distribute, TF_CONFIG), and `Trainer.distribute` the one place where
