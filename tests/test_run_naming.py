@@ -102,6 +102,8 @@ def test_trainer_run_folder_is_short_and_writes_the_hparams_summary(finished_run
     assert words[0] == "RealMix" and naming.is_digest(words[-1]) and len(name) <= naming.SHORT_MAX
     assert {"batch8", "filters8", "gamma0.25", "tsalinear"} <= set(words)
     assert "lr0.002" not in words and "wd0.02" not in words       # defaults are not repeated
+    assert trainer.hparams["scales"] == 1 and not any(w.startswith(("scales", "ema", "bn_momentum"))
+                                                      for w in words)   # resolved from defaults
     starts = []
     for path in glob.glob(os.path.join(trainer.tf_dir, "events.out.tfevents.*")):
         for record in tf.data.TFRecordDataset(path).as_numpy_iterator():

@@ -139,9 +139,12 @@ class Trainer:
 
     def _hparam_defaults(self) -> dict:
         """The default of each run hyper-parameter that has one (the short run folder name
-        shows the others): the trainer's flags' and the algorithm's."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self.config)
-                    if f.default is not dataclasses.MISSING}
+        shows the others): the trainer's flags' and the algorithm's. A trainer flag left at
+        its default counts as default whatever it resolved to (--scales=0: from the image
+        size; --ema under --short_run_scaling)."""
+        c = self.config
+        defaults = {f.name: self.hparams.get(f.name, f.default) if getattr(c, f.name) == f.default
+                    else f.default for f in dataclasses.fields(c) if f.default is not dataclasses.MISSING}
         for key, hp in type(self.model).hparam_table().items():
             try:
                 defaults[key] = hp.value(hp.default)
