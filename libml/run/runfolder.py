@@ -60,7 +60,9 @@ def other_length_note(run_dir: str) -> str:
     """For algorithms whose schedule depends on the run length (RealMix's TSA, Mean Teacher's
     and VAT's warm-ups), --train_kimg is part of the run folder's name, so another value is
     another run. When a new run folder has siblings that differ only in train_kimg and hold
-    checkpoints, one line says so (and how to continue one of them) instead of silence."""
+    checkpoints, one line says so (and how to continue one of them) instead of silence. Short
+    names (libml/run/naming.py) match whatever their digest; they name train_kimg only when it
+    is not the default, so a run of the default length is not found this way."""
     name, parent = os.path.basename(run_dir.rstrip(os.sep)), os.path.dirname(run_dir.rstrip(os.sep))
     match = re.search(rf"(?:^|_){LENGTH_KEY}([^_]+)(?:_|$)", name)
     if not match or not os.path.isdir(parent):
