@@ -60,6 +60,15 @@ def check_memory(count: int, size: int) -> None:
                         f"memory, {free / 2**30:.1f} GB is available: use a smaller --size")
 
 
+def channels_line(channels: int, colour: int, total: int) -> str:
+    """Why the dataset has 1 or 3 channels (images.same_channels chose them)."""
+    if channels == 1:
+        return f"channels 1: all {total} images are grayscale"
+    gray = total - colour
+    return (f"channels 3 (RGB): {colour} of {total} images are in colour"
+            + (f"; the {gray} grayscale ones are repeated to 3 channels" if gray else ""))
+
+
 def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, size: int,
                 flip: bool = True, workers: int = 0, skip_bad: bool = False,
                 max_megapixels: float = images.MAX_MEGAPIXELS) -> Prepared:
@@ -108,7 +117,11 @@ def load_custom(name: str, labeled_dir: str, unlabeled_dir: str, test_dir: str, 
         sources[subset] = [os.path.abspath(files[i]) for i in kept]     # kept in the records
         for line in summaries[subset].lines(f"{subset} images"):
             print(line)
+    print(f"classes ({len(class_names)}, label = position, from the sub-folder names of "
+          f"{labeled_dir}): {', '.join(class_names)}")
+    colour = sum(im.shape[-1] != 1 for g in groups for im in g)
     groups, channels = images.same_channels(groups)
+    print(channels_line(channels, colour, sum(len(g) for g in groups)))
     subsets = {subset: (np.stack(arrays), labels[subset]) for subset, arrays in zip(labels, groups)}
     meta = datasets.make_meta(name, len(class_names), (size, size, channels), flip, class_names)
     return Prepared(name, subsets, meta, sources=sources)

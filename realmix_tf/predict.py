@@ -191,19 +191,22 @@ def predict_files(model: str, specs, output: str, batch: int = 256, overwrite: b
     rows, probs, scores = [], [], []
     print(predictor.ood_note, file=sys.stderr)
     bar = progress(desc="predicting" if show_progress else None, total=len(found))
-    for start in range(0, len(found), batch):
-        chunk = found[start:start + batch]
-        arrays, kept, _ = images.load_images([p for p, _ in chunk], size, channels, skip_bad,
-                                             workers, summary=summary, max_megapixels=max_megapixels)
-        if arrays:
-            p, s = predictor.outputs(np.stack(arrays))
-            probs.append(p)
-            scores.append(s)
-            rows += [chunk[i][1] for i in kept]
+    try:
+        for start in range(0, len(found), batch):
+            chunk = found[start:start + batch]
+            arrays, kept, _ = images.load_images([p for p, _ in chunk], size, channels, skip_bad,
+                                                 workers, summary=summary,
+                                                 max_megapixels=max_megapixels)
+            if arrays:
+                p, s = predictor.outputs(np.stack(arrays))
+                probs.append(p)
+                scores.append(s)
+                rows += [chunk[i][1] for i in kept]
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:        # the bar's line ends before any error line
         if bar is not None:
-            bar.update(len(chunk))
-    if bar is not None:
-        bar.close()
+            bar.close()
     for line in summary.lines():
         print(line, file=sys.stderr)
     if not rows:

@@ -310,9 +310,10 @@ def run_order(c: Command) -> int:
 
 def run_commands(commands: Sequence[Command], s: Settings, data: str, train: str,
                  runner=subprocess.call) -> int:
-    """Runs the commands in order; skips finished ones; stops at the first failure (UserError).
+    """Runs the commands in order, in the caller's working folder (relative paths mean what
+    they mean to the caller); skips finished ones; stops at the first failure (UserError).
     Returns the number of commands run."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = cli.child_env()
     count = 0
     for c in commands:
         shown = c.render(data, train)
@@ -323,7 +324,7 @@ def run_commands(commands: Sequence[Command], s: Settings, data: str, train: str
         argv = c.argv(data, train)
         if c.module == "runs.extract_accuracy":
             argv = [p for a in argv for p in (sorted(glob.glob(a)) or [a])]
-        rc = runner([sys.executable, "-m", c.module] + resolve_globs(argv), cwd=repo)
+        rc = runner([sys.executable, "-m", c.module] + resolve_globs(argv), env=env)
         count += 1
         if rc != 0:
             raise UserError(f"command failed with exit code {rc}: {shown}: fix the problem shown "

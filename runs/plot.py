@@ -18,8 +18,10 @@ from typing import Dict, List, Sequence, Tuple
 from absl import flags
 
 from libml.base import cli
+from libml.base.console import plural
 
 from libml.run import summaries
+from libml.run.naming import is_digest
 from libml.base.errors import UserError
 from libml.base.files import atomic_path, check_overwrite
 
@@ -58,7 +60,8 @@ def curves(run_dir: str, sets: Sequence[str] = ("test",)) -> Dict[str, Tuple[Lis
 def labels(run_dirs: Sequence[str]) -> Dict[str, str]:
     """Short legend labels: the algorithm (the run folder's first word), the dataset when the
     runs use several, and the hyper-parameters in which runs of the same algorithm differ (run
-    folders are `{Algorithm}_{key}{value}_...`, far too long for a legend)."""
+    folders are `{Algorithm}_{key}{value}_...`, far too long for a legend under libml's naming;
+    a short name's digest is shown only where two labels would otherwise be the same)."""
     parts = {run: os.path.normpath(run).split(os.sep) for run in run_dirs}
     tokens = {run: p[-1].split("_") for run, p in parts.items()}
     common = {}           # algorithm -> tokens all its runs share
@@ -67,10 +70,14 @@ def labels(run_dirs: Sequence[str]) -> Dict[str, str]:
     several_datasets = len({p[-2] for p in parts.values() if len(p) > 1}) > 1
     result = {}
     for run, t in tokens.items():
-        text = t[0] + "".join(f" {x}" for x in t[1:] if x not in common[t[0]])
+        text = t[0] + "".join(f" {x}" for x in t[1:] if x not in common[t[0]] and not is_digest(x))
         if several_datasets and len(parts[run]) > 1:
             text = f"{parts[run][-2]} {text}"
         result[run] = text if len(text) <= 60 else text[:57] + "..."
+    texts = list(result.values())
+    for run, text in result.items():       # the short names' digest only where labels tie
+        if texts.count(text) > 1 and is_digest(tokens[run][-1]):
+            result[run] = f"{text} {tokens[run][-1]}"
     return result
 
 
@@ -125,7 +132,7 @@ def main(argv=None):
         raise UserError(f"no run folders under {' '.join(paths)}: train first, or pass the "
                         f"train_dir of the runs")
     count = draw(runs, FLAGS.output, FLAGS.sets, FLAGS.title, FLAGS.log, FLAGS.overwrite)
-    print(f"drew {count} curves of {len(runs)} runs -> {FLAGS.output}")
+    print(f"drew {plural(count, 'curve')} of {plural(len(runs), 'run')} -> {FLAGS.output}")
     return 0
 
 

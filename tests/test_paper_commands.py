@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from libml.base import cli
 from libml.base.errors import UserError
 from libml.data import names
 from libml.data.names import parse_dataset_name
@@ -214,8 +215,9 @@ def test_run_skips_finished_steps_resolves_the_checkpoint_and_stops_at_a_failure
 
     calls = []
 
-    def runner(argv, cwd):
+    def runner(argv, env):
         calls.append(argv[2:])
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == cli.PROJECT_ROOT   # modules found from any cwd
         return 0
 
     assert pc.run_commands(commands, s, data, train, runner) == len(calls)
@@ -231,7 +233,7 @@ def test_run_skips_finished_steps_resolves_the_checkpoint_and_stops_at_a_failure
 
     calls.clear()
     with pytest.raises(UserError, match="command failed with exit code 3: python -m data_prep.create_datasets imagenet32"):
-        pc.run_commands(commands, s, data, train, lambda argv, cwd: calls.append(argv) or 3)
+        pc.run_commands(commands, s, data, train, lambda argv, env: calls.append(argv) or 3)
     assert len(calls) == 1
     pattern = f"--load_checkpoint={train}/imagenet32-1/FullySupervised_*"
     os.makedirs(pretrain + "_2")

@@ -52,6 +52,10 @@ def test_short_labels():
     runs = ["e/cifar10.1@250-1/RealMix_batch64_gamma0.5_lr0.002", "e/cifar10.1@250-1/RealMix_batch64_gamma0.0_lr0.002",
             "e/cifar10.1@250-1/Supervised_batch64_lr0.002"]
     assert list(plot.labels(runs).values()) == ["RealMix gamma0.5", "RealMix gamma0.0", "Supervised"]
+    short = plot.labels(["e/c.1@1-1/RealMix_gamma0.5_0a1b2c3d", "e/c.1@1-1/RealMix_0f0f0f0f",
+                         "e/c.1@1-1/RealMix_nu3_12345678", "e/c.1@1-1/RealMix_nu3_87654321"])
+    assert list(short.values()) == ["RealMix gamma0.5", "RealMix", "RealMix nu3 12345678",
+                                    "RealMix nu3 87654321"]      # the digest only where labels tie
     two = plot.labels(["e/a.1@1-1/RealMix_x1", "e/b.1@1-1/RealMix_x1"])
     assert list(two.values()) == ["a.1@1-1 RealMix", "b.1@1-1 RealMix"]
 

@@ -13,6 +13,7 @@ from libml.run import checkpoints as checkpoint
 from libml.train import config as train_config
 from libml.export import saving
 from libml.base import machine as platform
+from libml.run import naming
 from libml.run import summaries
 from libml.train import trainer as train
 from libml.base.errors import UserError
@@ -101,7 +102,8 @@ def test_run_folder_and_args_json(finished_run, toy):
     assert os.path.dirname(trainer.run_dir).endswith(toy.name)
     parts = name.split("_")
     assert parts[0] == "RealMix" and "batch8" in parts and "filters8" in parts and "gamma0.25" in parts
-    assert name == train.run_folder_name("RealMix", trainer.hparams)
+    assert name == naming.short_run_folder_name("RealMix", trainer.hparams, trainer._hparam_defaults(),
+                                                RealMix.hparam_table())
     with open(os.path.join(trainer.run_dir, "args", "args.json")) as f:
         args = json.load(f)
     assert args["dataset"] == toy.name and args["tsa"] == "linear" and args["nclass"] == 3

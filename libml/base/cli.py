@@ -30,7 +30,7 @@ def parse(flag_values: flags.FlagValues, argv: Optional[Sequence[str]] = None) -
     """
     argv = list(sys.argv if argv is None else argv)
     if any(a in HELP_ARGS for a in argv[1:]):
-        print(f"usage: python -m {_program(argv)} [flags]\n")
+        print(f"usage: {command_name(argv[0])} [flags]\n")
         print(flag_values.get_help(include_special_flags=False))
         sys.exit(0)
     flag_values.unparse_flags()
@@ -76,6 +76,29 @@ def _parse_global(argv):
         sys.exit(EXIT_USER_ERROR)
 
 
-def _program(argv) -> str:
-    name = os.path.splitext(os.path.basename(argv[0] or "script"))[0]
-    return f"data_prep.{name}" if name != "__main__" else "data_prep"
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def child_env(**extra) -> dict:
+    """os.environ plus `extra`, with this project's folder first on PYTHONPATH: a tool that
+    starts `python -m <module>` children in the caller's working folder (so that the user's
+    relative paths mean the same to them) finds the modules installed or not."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != PROJECT_ROOT]
+    return dict(os.environ, **extra, PYTHONPATH=os.pathsep.join([PROJECT_ROOT] + paths))
+
+
+def command_name(program: str) -> str:
+    """How the user started this tool, for its usage line: `python -m runs.quickstart` for a
+    module file (`python -m` puts the file's path in argv[0]: the module is the path from the
+    outermost package folder), else the command itself (`realmix-quickstart`, an installed
+    entry point, see pyproject.toml)."""
+    path = os.path.abspath(program) if program else ""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    if ext != ".py":
+        return os.path.basename(program or "") or "python -m <module>"
+    parts = [] if stem == "__main__" else [stem]
+    folder = os.path.dirname(path)
+    while os.path.exists(os.path.join(folder, "__init__.py")):
+        parts.insert(0, os.path.basename(folder))
+        folder = os.path.dirname(folder)
+    return f"python -m {'.'.join(parts)}" if parts else f"python {program}"

@@ -19,6 +19,11 @@ from typing import Dict, List, Optional, Sequence
 KIMG = 1024
 
 
+def plural(n: int, word: str, words: str = "") -> str:
+    """1, 'curve' -> '1 curve'; 2, 'curve' -> '2 curves' (`words`: an irregular plural)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
 def human(n: float) -> str:
     """1234 -> '1,234'; 1.47e6 -> '1.47 M'."""
     if n >= 1e6:

@@ -93,6 +93,20 @@ def export_model(model, info, out_dir: str, meta: dict = None, ood: dict = None)
             "meta": os.path.join(out_dir, META_FILE)}
 
 
+def export_note(paths: dict) -> str:
+    """The line that tells where an export went and how to use it (`paths`: export_model's)."""
+    folder = os.path.dirname(paths["keras"])
+    return (f"  export    {_shown(paths['keras'])} (plain Keras), {_shown(paths['saved_model'])} "
+            f"(SavedModel); predict with: python -m realmix_tf.predict --model={_shown(folder)} "
+            f"IMAGES")
+
+
+def _shown(path: str) -> str:
+    """`path` relative to the working folder when it lies under it, else absolute."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
 def join_export(model, info) -> None:
     """A non-chief worker's part of `export_model` under MultiWorkerMirroredStrategy: reading
     the EMA net's weights (the sync-on-read BatchNorm statistics are a collective every worker

@@ -26,6 +26,7 @@ import tensorflow as tf
 from libml.run import checkpoints as checkpoint_files
 
 from libml.run import finite
+from libml.run.naming import is_digest
 
 from libml.run import relaunch as runargs
 
@@ -59,12 +60,18 @@ def other_length_note(run_dir: str) -> str:
     """For algorithms whose schedule depends on the run length (RealMix's TSA, Mean Teacher's
     and VAT's warm-ups), --train_kimg is part of the run folder's name, so another value is
     another run. When a new run folder has siblings that differ only in train_kimg and hold
-    checkpoints, one line says so (and how to continue one of them) instead of silence."""
+    checkpoints, one line says so (and how to continue one of them) instead of silence. Short
+    names (libml/run/naming.py) match whatever their digest; they name train_kimg only when it
+    is not the default, so a run of the default length is not found this way."""
     name, parent = os.path.basename(run_dir.rstrip(os.sep)), os.path.dirname(run_dir.rstrip(os.sep))
     match = re.search(rf"(?:^|_){LENGTH_KEY}([^_]+)(?:_|$)", name)
     if not match or not os.path.isdir(parent):
         return ""
-    pattern = re.compile(re.escape(name[:match.start(1)]) + r"([^_]+)" + re.escape(name[match.end(1):]) + "$")
+    rest = name[match.end(1):]
+    *rest_words, last = rest.split("_")
+    rest = (re.escape("_".join(rest_words)) + "_[0-9a-f]{%d}" % len(last)
+            if rest_words and is_digest(last) else re.escape(rest))   # short names: any digest
+    pattern = re.compile(re.escape(name[:match.start(1)]) + r"([^_]+)" + rest + "$")
     others = sorted(m.group(1) for m in map(pattern.match, os.listdir(parent))
                     if m and m.group(1) != match.group(1)
                     and checkpoint_files.list_checkpoints(os.path.join(parent, m.group(0), "tf")))

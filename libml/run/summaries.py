@@ -9,7 +9,8 @@ Files of a run folder read here:
     stats/accuracy_history.json   [{step, kimg, train_labeled, valid, test}, ...], one per report
     stats/accuracy.json           accuracy_stats(history): last01/10/20/50, error_lastNN,
                                   reports, kimg, last{train_labeled, valid, test}
-    tf/events.out.tfevents.*      tag `accuracy` = test accuracy (`accuracy_test`: released RealMix)
+    tf/events.out.tfevents.*      tag `accuracy` = test accuracy (`accuracy_test`: released RealMix),
+                                  `_hparams_/session_start_info`: the run's hyper-parameters
 """
 import glob
 import json
@@ -52,6 +53,22 @@ def write_histogram(tag: str, values, buckets: int = 30) -> None:
     counts, edges = np.histogram(values, bins=buckets)
     tensor = np.stack([edges[:-1], edges[1:], counts.astype(np.float64)], axis=1)
     tf.summary.write(tag, tf.constant(tensor, tf.float64), metadata=_plugin_metadata("histograms"))
+
+
+HPARAM_TYPES = (bool, int, float, str)
+
+
+def write_hparams(hparams: dict, trial_id: str) -> bool:
+    """The run's hyper-parameters for TensorBoard's HPARAMS tab (its session start: one row per
+    run, one column per hyper-parameter of any run, the run's scalars such as `accuracy` as the
+    metric columns). Values that are not bool, int, float or str are written as text. False
+    (nothing written) without the `tensorboard` package, which only views the summaries."""
+    try:
+        from tensorboard.plugins.hparams import api as hp
+    except ImportError:
+        return False
+    values = {k: (v if isinstance(v, HPARAM_TYPES) else str(v)) for k, v in hparams.items()}
+    return bool(hp.hparams(values, trial_id=trial_id))
 
 
 # ---------------------------------------------------------------------------------------------

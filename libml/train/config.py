@@ -192,6 +192,10 @@ class TrainConfig:
                           "the end of training.")
     export_only: bool = option(False, "Export the newest checkpoint of the run now, then exit.")
     progress: bool = option(True, "Show a progress bar per report period.")
+    run_naming: str = option("short", "Run folder names: short ({Algorithm}_{the hyper-parameters "
+                             "that differ from their defaults}_{digest of all}) or libml (every "
+                             "hyper-parameter, as the released code). A run already in a "
+                             "libml-named folder is continued there.", one_of("short", "libml"))
     algorithm: dict = dataclasses.field(default_factory=dict)   # algorithm hyper-parameters
     # Not a flag: the Keras policy a resumed run recorded (args.json); --mixed_precision=auto
     # keeps it instead of choosing anew (Trainer sets it).

@@ -7,7 +7,7 @@ from libml.run.checkpoints import latest_checkpoint, read_model, resolve_checkpo
 from libml.train.config import KIMG
 from libml.base.errors import UserError
 from libml.export import ood_reference
-from libml.export.saving import export_model, join_export
+from libml.export.saving import export_model, export_note, join_export
 from libml.base.files import write_json
 from libml.run.relaunch import RunLock
 from libml.base.storage import disk_errors
@@ -54,7 +54,7 @@ def export_latest(trainer) -> dict:
         with disk_errors(trainer.export_dir, what="the export"):
             paths = export_model(trainer.model, trainer.info, trainer.export_dir,
                                  export_meta(trainer), ood)
-    print(f"exported {prefix} to {trainer.export_dir}")
+    print(f"exported {prefix}\n{export_note(paths)}")
     return paths
 
 

@@ -8,11 +8,11 @@ The algorithm supplies only a model (a `libml.train.algorithm.SSLModel` with `tr
     Trainer(config, RealMix.from_config, "RealMix").run()
 
 Progress is counted in images (`model.step`), as in libml: `kimg` = 1024 images. A run lives
-in `{train_dir}/{dataset}/{Algorithm}_{sorted hyper-parameters}/` with `args/args.json`,
-checkpoints and event files under `tf/`, `stats/accuracy.json` and `export/`. Re-running the
-same command resumes from the newest complete checkpoint, including the input iterators, so a
-run stopped at any point ends with the same weights as an uninterrupted one (under TF op
-determinism).
+in `{train_dir}/{dataset}/{Algorithm}_{hyper-parameters}/` (libml/run/naming.py) with
+`args/args.json`, checkpoints and event files under `tf/`, `stats/accuracy.json` and `export/`.
+Re-running the same command resumes from the newest complete checkpoint, including the input
+iterators, so a run stopped at any point ends with the same weights as an uninterrupted one
+(under TF op determinism).
 
 Devices: `make_strategy(config)` is the one place where the tf.distribute strategy is chosen
 (libml/train/devices.py: --distribute, TF_CONFIG), and `Trainer.distribute` the one place where
@@ -22,7 +22,6 @@ the others make their (required) saves in memory and keep only their own input p
 """
 import contextlib
 import dataclasses
-import hashlib
 import os
 import sys
 import time
@@ -37,15 +36,17 @@ from libml.run.checkpoints import (READ_ERRORS, latest_checkpoint, make_checkpoi
 from libml.train.config import KIMG, PRECISIONS, TrainConfig
 from libml.base.errors import UserError, first_line
 from libml.train.evaluate import SETS as EVAL_SETS, Evaluator
-from libml.export.saving import export_model, join_export, transfer_weights
+from libml.export.saving import export_model, export_note, join_export, transfer_weights
 from libml.run.finite import FirstNonFinite, all_finite, loss_values
 from libml.base.machine import cpu_info, isa_line, onednn_enabled
 from libml.run.runfolder import RunFolder, recorded_precision
+from libml.run import naming
+from libml.run.naming import run_folder_name  # noqa: F401 (libml's naming, used by tests and runs/)
 from libml.base.storage import disk_errors
 from libml.run import run_error
 from libml.run.worker_folder import WorkerFolder, follow_chief
 from libml.train.reports import Reports
-from libml.run.summaries import accuracy_stats
+from libml.run.summaries import accuracy_stats, write_hparams
 
 
 def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
@@ -54,28 +55,6 @@ def make_strategy(config: TrainConfig) -> tf.distribute.Strategy:
     return devices.make_strategy(config.distribute,
                                  config.cpu_devices or devices.env_cpu_devices(),
                                  config.worker_timeout, config.collective)
-
-
-MAX_NAME_BYTES = 255
-
-
-def run_folder_name(algorithm: str, hparams: dict) -> str:
-    """libml's `{Algorithm}_{key}{value}_...` with keys sorted (spec §9); a name over 255 bytes
-    (many hyper-parameters) keeps its first bytes and ends with a digest of the whole name
-    (args/args.json records every value)."""
-    name = "_".join([algorithm] + [f"{k}{_fmt(v)}" for k, v in sorted(hparams.items())])
-    if len(name.encode()) > MAX_NAME_BYTES:   # file systems refuse longer names: a stable digest
-        digest = hashlib.sha1(name.encode()).hexdigest()[:16]
-        name = name.encode()[:MAX_NAME_BYTES - len(digest) - 1].decode(errors="ignore")
-        name = f"{name}_{digest}"
-    return name
-
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        # Derived decays such as 1 - 10/steps print 17 digits; file names are limited to 255 bytes.
-        value = float(f"{value:.6g}")
-    return str(value).replace("/", "-").replace(" ", "")
 
 
 def _data_options(config: TrainConfig) -> Optional[tf.data.Options]:
@@ -113,8 +92,9 @@ class Trainer:
         self.info = self.data.info
         self.model = self._build_model(make_model)
         self.hparams = self._run_hparams()
-        self.run_dir = os.path.join(config.train_dir, str(config.dataset_name()),
-                                    run_folder_name(algorithm, self.hparams))
+        self.run_dir = naming.run_dir(os.path.join(config.train_dir, str(config.dataset_name())),
+                                      algorithm, self.hparams, self._hparam_defaults(),
+                                      config.run_naming, type(self.model).hparam_table())
         recorded = recorded_precision(self.run_dir, PRECISIONS)
         if config.mixed_precision == "auto" and recorded:     # a resumed run keeps its precision
             self.config = dataclasses.replace(self.config, recorded_precision=recorded)
@@ -157,6 +137,21 @@ class Trainer:
         if c.shuffle_buffer:
             hp["shuffle_buffer"] = c.shuffle_buffer
         return hp
+
+    def _hparam_defaults(self) -> dict:
+        """The default of each run hyper-parameter that has one (the short run folder name
+        shows the others): the trainer's flags' and the algorithm's. A trainer flag left at
+        its default counts as default whatever it resolved to (--scales=0: from the image
+        size; --ema under --short_run_scaling)."""
+        c = self.config
+        defaults = {f.name: self.hparams.get(f.name, f.default) if getattr(c, f.name) == f.default
+                    else f.default for f in dataclasses.fields(c) if f.default is not dataclasses.MISSING}
+        for key, hp in type(self.model).hparam_table().items():
+            try:
+                defaults[key] = hp.value(hp.default)
+            except (TypeError, ValueError):     # a default the parser does not take: shown always
+                defaults.pop(key, None)
+        return defaults
 
     def distribute(self, batches):
         """THE place where input meets the strategy. Training: a batch of this worker's
@@ -237,6 +232,8 @@ class Trainer:
             print(f"{self.run_dir}: already trained to {step / KIMG:g} kimg", file=sys.stderr)
         else:
             self._print_banner(start, step)
+            with writer.as_default(step=step):      # TensorBoard's HPARAMS tab: this run's row
+                write_hparams(self._summary_hparams(), os.path.basename(self.run_dir))
         self.bar = console.RunProgress(step, c.train_nimg, c.report_nimg, c.progress, self.algorithm)
         with self.bar:
             while step < c.train_nimg:
@@ -249,6 +246,7 @@ class Trainer:
                 if (step - c.batch) // c.save_nimg < step // c.save_nimg or step >= c.train_nimg:
                     self._save(folder, ckpt, step)
         writer.close()
+        exported = None
         if c.export and not (finished_before and os.path.isdir(self.export_dir)):
             with self._reading_data():
                 ood = run_modes.ood_reference_of(self)    # every worker: collectives
@@ -256,13 +254,15 @@ class Trainer:
                 join_export(self.model, self.info)
             else:
                 with disk_errors(self.export_dir, what="the export"):
-                    export_model(self.model, self.info, self.export_dir, run_modes.export_meta(self),
-                                 ood)
+                    exported = export_model(self.model, self.info, self.export_dir,
+                                            run_modes.export_meta(self), ood)
         stats = accuracy_stats(self.history)
         if stats.get("reports"):
             tests, n = [h["test"] for h in self.history], c.median_last
             print(f"{self.run_dir}\n  {run_error.line(run_error.error_of(tests, n), n, len(tests))}",
                   file=sys.stderr)
+        if exported:
+            print(export_note(exported), file=sys.stderr)
         return stats
 
     def _print_banner(self, start: str, step: int) -> None:
@@ -348,6 +348,12 @@ class Trainer:
         """Checkpoint `step`, unless a loss or a weight went non-finite (the run stops then)."""
         folder.check_loss(self._nonfinite.value())
         folder.save(ckpt, step, self._variables)
+
+    def _summary_hparams(self) -> dict:
+        """The hyper-parameters of the HPARAMS tab: the run folder's, the dataset and algorithm
+        (to filter by) and the run length."""
+        return dict(self.hparams, dataset=self.config.dataset, algorithm=self.algorithm,
+                    train_kimg=self.config.train_kimg)
 
     def _args(self) -> dict:
         """The settings args/args.json records (compared when the run resumes: libml/run/relaunch.py)."""
