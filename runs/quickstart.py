@@ -25,6 +25,7 @@ those files without starting TensorFlow. Deterministic by --seed (TF op determin
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
@@ -130,6 +131,8 @@ def check_flags(f) -> None:
         if f[name].value < 1:
             raise UserError(f"--{name}={f[name].value} must be positive: use a number >= 1")
     for name in ("train_kimg", "report_kimg"):
+        if not math.isfinite(f[name].value):
+            raise UserError(f"--{name}={f[name].value:g} is not a finite number: use a number > 0")
         if not f[name].value > 0:
             raise UserError(f"--{name}={f[name].value:g} must be positive: use a number > 0")
     if f.extend < 0:

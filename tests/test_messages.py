@@ -82,12 +82,13 @@ def test_custom_dataset_prints_its_classes_and_why_three_channels(tmp_path, caps
 
 class _FakePredictor:
     shape, class_names = (8, 8, 3), ["a", "b"]
+    ood, ood_note = None, "info: no OOD reference"
 
     def __init__(self, path):
         pass
 
-    def __call__(self, images):
-        return np.full((len(images), 2), 0.5, np.float32)
+    def outputs(self, images):
+        return np.full((len(images), 2), 0.5, np.float32), None
 
 
 def test_predict_error_line_starts_on_its_own_line_after_the_bar(tmp_path, monkeypatch, capsys):
