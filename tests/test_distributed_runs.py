@@ -106,7 +106,8 @@ def test_two_devices_cli_to_the_end_sigkill_resume_and_evaluation(toy, tmp_path)
     assert results[0]["ema"]["test"] is not None
 
 
-@pytest.mark.slow
+# Not slow-marked: the one 2-worker (MultiWorkerMirroredStrategy, 127.0.0.1) training run that
+# CI runs on every CPU kind (~40 s); the other multi-worker runs are in tests/test_multiworker_resume.py.
 def test_two_workers_chief_writes_the_run_folder_and_relaunch_resumes(toy, tmp_path):
     scratch = tmp_path / "scratch"           # the workers' temporary folders go here
     scratch.mkdir()
