@@ -39,15 +39,25 @@ def test_export_folder_contents(finished_run):
 
 def test_keras_export_is_plain_keras_and_predicts_like_the_ema_model(finished_run, images, tmp_path):
     """model.keras loads with keras.models.load_model in a fresh Python that cannot import this
-    project (isolated mode, no PYTHONPATH) and predicts what the in-memory EMA model predicts."""
+    project (isolated mode, no PYTHONPATH, and its packages blocked: `pip install -e .` makes
+    them importable from anywhere) and predicts what the in-memory EMA model predicts."""
     trainer, _ = finished_run
     path = os.path.join(trainer.export_dir, saving.KERAS_FILE)
     np.save(tmp_path / "images.npy", images)
     script = textwrap.dedent(f"""
-        import importlib.util
+        import importlib.abc, sys
+        PROJECT = ("libml", "realmix_tf", "data_prep", "runs", "tests")
+
+        class Blocked(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in PROJECT:
+                    raise ModuleNotFoundError(f"the project's {{name}} was imported")
+                return None
+
+        sys.meta_path.insert(0, Blocked())
         import numpy as np, keras
-        assert importlib.util.find_spec("libml") is None, "the project is importable"
         model = keras.models.load_model({path!r})
+        assert not [m for m in sys.modules if m.split(".")[0] in PROJECT]
         np.save({str(tmp_path / 'out.npy')!r}, model.predict(np.load({str(tmp_path / 'images.npy')!r}), verbose=0))
     """)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
