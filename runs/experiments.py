@@ -196,9 +196,8 @@ def build_experiments() -> List[Experiment]:
     for n, paper, std in ((150, 6.13, 0.16), (24, 10.32, 2.04)):     # its 93.87 / 89.68 % accuracy
         e.append(_ssl(7, "IOMatch", f"6/4 split, {n} labels", paper, "realmix_tf.iomatch",
                       f"cifar6_mismatch50.{{seed}}@{n}-{{nvalid}}", iomatch, std,
-                      note="Li et al. 2023, Table 1 (closed-set; known classes 0-5, all 50k "
-                      "images unlabeled = 40 % unknown, 2^18 steps there; here the animal "
-                      "6 at 50 %; Adam, not its SGD)"))
+                      note="Li et al. 2023, Table 1, closed-set (the same 6 animal classes; "
+                      "unlabeled there: all 50k images, 40 % unknown; 2^18 steps; SGD, not Adam)"))
     return e
 
 
