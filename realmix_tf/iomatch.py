@@ -142,7 +142,7 @@ class IOMatch(SSLModel):
                          non_negative("use a weight >= 0 (IOMatch: 1)"), float),
         lambda_op=hparam(1.0, "Weight of the open-set loss on the strong views.",
                          non_negative("use a weight >= 0 (IOMatch: 1)"), float),
-        op_start_kimg=hparam(64, "The open-set loss is off for the first kimg of training "
+        op_start_kimg=hparam(64.0, "The open-set loss is off for the first kimg of training "
                              "(IOMatch: its first epoch, 1024 steps of 64 = 64 kimg).",
                              non_negative("use a kimg count >= 0 (IOMatch: 64)"), whole_kimg),
         uratio=hparam(7, "Unlabeled images per labeled image in a batch.", positive, int),
