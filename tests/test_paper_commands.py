@@ -159,6 +159,12 @@ def test_preparation_commands_and_their_outputs(tmp_path):
     assert {paths[k] for k in ("label", "unlabel", "test", "meta")} == {p.format(data=data) for p in steps[1].outputs}
     assert steps[2].outputs[0].format(data=data) == os.path.join(
         names.extend_dir("cifar6_mismatch75.2@2400-500", data, 50, "erase", 0), extend.MANIFEST)
+    # IOMatch's anchor: 25 labels per class, passed on to create_mismatch.
+    iomatch = pc.prep_commands(experiment(7, "IOMatch", "6/4 split, 150 labels"), "cifar6_mismatch50.1@150-500", s)
+    assert iomatch[1].render(data, "x") == ("python -m data_prep.create_mismatch --source=cifar10 "
+                                            "--mismatch=50 --seed=1 --labels_per_class=25")
+    paths = create_mismatch.output_paths(data, "cifar6_mismatch50", 1, 150)
+    assert {paths[k] for k in ("label", "unlabel", "test", "meta")} == {p.format(data=data) for p in iomatch[1].outputs}
     svhn = pc.prep_commands(experiment(3, "MixMatch [2]", "250 labels"), "svhn_noextra.1@250-500", s)
     assert svhn[1].render("$ML_DATA", "x") == ("python -m data_prep.create_split --seed=1 --size=250 "
                                                "$ML_DATA/SSL/svhn_noextra $ML_DATA/svhn-train.tfrecord")
