@@ -118,9 +118,10 @@ def prep_commands(exp: Experiment, dataset: str, s: Settings) -> List[Command]:
     split_outputs = (f"{split}-label.tfrecord", f"{split}-unlabel.tfrecord")
     if d.name.startswith("cifar6_mismatch"):
         level = d.name[len("cifar6_mismatch"):]
+        labels = () if d.nlabeled == 2400 else (f"--labels_per_class={d.nlabeled // 6}",)
         steps = [create_datasets_command("cifar10", s),
                  Command("data_prep.create_mismatch", ("--source=cifar10", f"--mismatch={level}",
-                                                       f"--seed={d.seed}") + s.data_flag(),
+                                                       f"--seed={d.seed}") + labels + s.data_flag(),
                          split_outputs + (f"{{data}}/{d.name}-test.tfrecord", f"{{data}}/{d.name}-meta.json"))]
     else:
         source, stem = _source_of(d.name)

@@ -16,7 +16,8 @@ from tests.two_devices import run_script
 # summation orders, as test_pi_vat explains): every registered algorithm is built from the
 # registry.
 TEST_HPARAMS = dict(warmup_kimg=0, w_match=10.0, gamma=0.5, tsa="linear", train_kimg=0.0625,
-                    warmup_pos=0.5, vat_xi=1e-1)
+                    warmup_pos=0.5, vat_xi=1e-1,
+                    op_start_kimg=0, p_cutoff=0.0, q_cutoff=0.0)   # IOMatch: every term on
 # Settings of a registered algorithm that change its step, checked too.
 VARIANTS = {"realmix_prototype": ("realmix", dict(ood_score="prototype"))}
 
@@ -61,8 +62,8 @@ def summary(model, outs):
     return dict(
         scalars=[{{k: float(v) for k, v in o.items()}} for o, _ in outs],
         grads=[[g.numpy().tolist() for g in gs] for _, gs in outs],
-        names=[v.path for v in net.trainable_variables],
-        weights=[v.numpy().tolist() for v in net.trainable_variables + model.ema_net.trainable_variables],
+        names=[v.path for v in model._trained],          # the net's, then any heads' (IOMatch)
+        weights=[v.numpy().tolist() for v in model._trained + [s for s, _ in model._ema_pairs]],
         logits=net(tf.constant(probe_x), training=True, update_bn_stats=False).numpy().tolist(),
         step=int(model.step.numpy()))
 

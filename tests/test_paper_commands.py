@@ -48,6 +48,7 @@ PAPER = {
     (6, "RealMix (γ = 0.3)"): {"75% mismatch": 20.73},
     (6, "RealMix w/o OODMask"): {"75% mismatch": 22.70},
     (7, "FixMatch (RA)"): {"250 labels": (5.07, 0.65), "4000 labels": (4.26, 0.05)},   # its paper
+    (7, "IOMatch"): {"6/4 split, 150 labels": (6.13, 0.16), "6/4 split, 24 labels": (10.32, 2.04)},
 }
 
 
@@ -82,7 +83,7 @@ def test_dataset_names_parse_and_flags_exist_in_the_target_modules():
                        "data_prep.extend_unlabeled", "realmix_tf.realmix", "realmix_tf.mixmatch",
                        "realmix_tf.mean_teacher", "realmix_tf.supervised", "realmix_tf.fully_supervised",
                        "realmix_tf.pi_model", "realmix_tf.vat", "realmix_tf.fixmatch",
-                       "runs.extract_accuracy"}
+                       "realmix_tf.iomatch", "runs.extract_accuracy"}
     accepted = {m: pc.module_flags(m) for m in modules}
     assert "gamma" in accepted["realmix_tf.realmix"] and "gamma" not in accepted["realmix_tf.mixmatch"]
     assert "extend" not in accepted["realmix_tf.supervised"]
@@ -158,6 +159,12 @@ def test_preparation_commands_and_their_outputs(tmp_path):
     assert {paths[k] for k in ("label", "unlabel", "test", "meta")} == {p.format(data=data) for p in steps[1].outputs}
     assert steps[2].outputs[0].format(data=data) == os.path.join(
         names.extend_dir("cifar6_mismatch75.2@2400-500", data, 50, "erase", 0), extend.MANIFEST)
+    # IOMatch's anchor: 25 labels per class, passed on to create_mismatch.
+    iomatch = pc.prep_commands(experiment(7, "IOMatch", "6/4 split, 150 labels"), "cifar6_mismatch50.1@150-500", s)
+    assert iomatch[1].render(data, "x") == ("python -m data_prep.create_mismatch --source=cifar10 "
+                                            "--mismatch=50 --seed=1 --labels_per_class=25")
+    paths = create_mismatch.output_paths(data, "cifar6_mismatch50", 1, 150)
+    assert {paths[k] for k in ("label", "unlabel", "test", "meta")} == {p.format(data=data) for p in iomatch[1].outputs}
     svhn = pc.prep_commands(experiment(3, "MixMatch [2]", "250 labels"), "svhn_noextra.1@250-500", s)
     assert svhn[1].render("$ML_DATA", "x") == ("python -m data_prep.create_split --seed=1 --size=250 "
                                                "$ML_DATA/SSL/svhn_noextra $ML_DATA/svhn-train.tfrecord")

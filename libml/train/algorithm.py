@@ -143,23 +143,34 @@ class SSLModel(keras.Model):
         self.net = WideResNet(seed=self.seed, name="net", **arch).build_for(self.image_shape)
         self.ema_net = WideResNet(seed=self.seed, name="ema_net", **arch).build_for(
             self.image_shape)
-        self._ema_pairs = list(zip(self.ema_net.trainable_variables, self.net.trainable_variables))
+        heads = self.build_heads()     # [(live, ema)] layers besides the nets (none by default)
+        self._trained = list(self.net.trainable_variables) + [
+            v for live, _ in heads for v in live.trainable_variables]
+        self._ema_pairs = [pair for live, ema in [(self.net, self.ema_net)] + heads
+                           for pair in zip(ema.trainable_variables, live.trainable_variables)]
         self._bn_pairs = [(e, n) for le, ln in zip(self.ema_net.bn_layers(), self.net.bn_layers())
                           for e, n in ((le.moving_mean, ln.moving_mean),
                                        (le.moving_variance, ln.moving_variance))]
-        self._decayed = self.net.kernels()
+        self._decayed = [v for v in self._trained if v.path.endswith("kernel")]
         for shadow, var in self._ema_pairs + self._bn_pairs:
             shadow.assign(var)
 
         optimizer = keras.optimizers.Adam(learning_rate=self.lr, epsilon=1e-8)
         if precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(self.net.trainable_variables)
+        optimizer.build(self._trained)
         self.optimizer = optimizer
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step",
                                    aggregation="only_first_replica")
 
         self._losses_and_gradients = self.maybe_jit(self._loss_and_gradients)
+
+    def build_heads(self) -> list:
+        """Keras layers the algorithm adds beside `net` (IOMatch's heads), as [(live, ema)]
+        pairs, built and made attributes of the model (so checkpointed): the live layer's
+        weights train with the net's (Adam, decoupled decay of kernels), the ema layer holds
+        their EMA shadows. Called by the constructor once the nets exist; none by default."""
+        return []
 
     @classmethod
     def hparam_table(cls) -> Dict[str, HParam]:
@@ -230,11 +241,11 @@ class SSLModel(keras.Model):
             # The inner optimizer counts only the steps it applied.
             counter = tf_variable(self.optimizer.inner_optimizer.iterations)
             before = counter.read_value()
-            self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
+            self.optimizer.apply_gradients(zip(grads, self._trained))
             applied = tf.cast(counter.read_value() > before, tf.float32)
             decay, ema_rate = 1.0 - applied * (self.wd * self.lr), applied * ema_rate
         else:
-            self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
+            self.optimizer.apply_gradients(zip(grads, self._trained))
 
         def update(strategy, decay, ema_rate):
             for kernel in self._decayed:
@@ -293,7 +304,7 @@ class SSLModel(keras.Model):
         with tf.GradientTape() as tape:
             loss, scalars = self.train_loss(labeled, unlabeled, step, draws)
             scaled_loss = self.scale_loss(loss)
-        return tape.gradient(scaled_loss, self.net.trainable_variables), scalars
+        return tape.gradient(scaled_loss, self._trained), scalars
 
     def train_loss(self, labeled, unlabeled, step, draws):
         """(loss, {tag: scalar}) of this replica's batch, every value as this replica's share
