@@ -59,6 +59,7 @@ REGISTRY: Dict[str, Algorithm] = {
     "supervised": Algorithm("realmix_tf.supervised", "Supervised"),
     "fully_supervised": Algorithm("realmix_tf.fully_supervised", "FullySupervised"),
     "fixmatch": Algorithm("realmix_tf.fixmatch", "FixMatch"),
+    "openmatch": Algorithm("realmix_tf.openmatch", "OpenMatch"),
 }
 
 

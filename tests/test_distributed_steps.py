@@ -11,12 +11,12 @@ from realmix_tf import registry
 from tests.two_devices import run_script
 
 # Hyper-parameters a short test needs, by name, for whichever algorithm declares them (ramps
-# at full weight, the OOD mask and TSA on; VAT's finite-difference step above float32 rounding:
-# at libml's 1e-6 the power iteration's direction is rounding noise, different for any two
-# summation orders, as test_pi_vat explains): every registered algorithm is built from the
-# registry.
+# at full weight, the OOD mask and TSA on, OpenMatch's FixMatch loss from the start; VAT's
+# finite-difference step above float32 rounding: at libml's 1e-6 the power iteration's
+# direction is rounding noise, different for any two summation orders, as test_pi_vat
+# explains): every registered algorithm is built from the registry.
 TEST_HPARAMS = dict(warmup_kimg=0, w_match=10.0, gamma=0.5, tsa="linear", train_kimg=0.0625,
-                    warmup_pos=0.5, vat_xi=1e-1)
+                    warmup_pos=0.5, vat_xi=1e-1, start_fix_kimg=0)
 # Settings of a registered algorithm that change its step, checked too.
 VARIANTS = {"realmix_prototype": ("realmix", dict(ood_score="prototype"))}
 
@@ -61,8 +61,9 @@ def summary(model, outs):
     return dict(
         scalars=[{{k: float(v) for k, v in o.items()}} for o, _ in outs],
         grads=[[g.numpy().tolist() for g in gs] for _, gs in outs],
-        names=[v.path for v in net.trainable_variables],
-        weights=[v.numpy().tolist() for v in net.trainable_variables + model.ema_net.trainable_variables],
+        names=[v.path for v in model.trained_variables()],     # the net's, then any head's
+        weights=[v.numpy().tolist() for v in model.trained_variables() + model.ema_net.trainable_variables
+                 + [v for _, copy in model.heads for v in copy.trainable_variables]],
         logits=net(tf.constant(probe_x), training=True, update_bn_stats=False).numpy().tolist(),
         step=int(model.step.numpy()))
 

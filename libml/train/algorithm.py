@@ -24,6 +24,7 @@ the reported scalars. An algorithm (realmix_tf/<algo>.py) writes only:
     unlabeled = Unlabeled(views=("weak", "strong"), ratio=7)   # its data; None: labeled only
     def train_loss(self, labeled, unlabeled, step, draws) -> (loss, {tag: this replica's share})
     def draws(self, step, batch) -> dict     # optional: random draws of the global batch
+    def make_heads(self) -> [(layer, EMA copy)]  # optional: trained layers beside the net
 
 `from_config(info, config)` builds it for the trainer.
 """
@@ -143,23 +144,40 @@ class SSLModel(keras.Model):
         self.net = WideResNet(seed=self.seed, name="net", **arch).build_for(self.image_shape)
         self.ema_net = WideResNet(seed=self.seed, name="ema_net", **arch).build_for(
             self.image_shape)
-        self._ema_pairs = list(zip(self.ema_net.trainable_variables, self.net.trainable_variables))
+        self.heads = self.make_heads()
+        shadows = list(self.ema_net.trainable_variables) + [
+            v for _, copy in self.heads for v in copy.trainable_variables]
+        self._ema_pairs = list(zip(shadows, self.trained_variables()))
         self._bn_pairs = [(e, n) for le, ln in zip(self.ema_net.bn_layers(), self.net.bn_layers())
                           for e, n in ((le.moving_mean, ln.moving_mean),
                                        (le.moving_variance, ln.moving_variance))]
-        self._decayed = self.net.kernels()
+        self._decayed = self.net.kernels() + [v for head, _ in self.heads
+                                              for v in head.trainable_variables
+                                              if v.path.endswith("kernel")]
         for shadow, var in self._ema_pairs + self._bn_pairs:
             shadow.assign(var)
 
         optimizer = keras.optimizers.Adam(learning_rate=self.lr, epsilon=1e-8)
         if precision == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-        optimizer.build(self.net.trainable_variables)
+        optimizer.build(self.trained_variables())
         self.optimizer = optimizer
         self.step = keras.Variable(0, dtype="int64", trainable=False, name="step",
                                    aggregation="only_first_replica")
 
         self._losses_and_gradients = self.maybe_jit(self._loss_and_gradients)
+
+    def make_heads(self) -> list:
+        """Trained layers beside `net` (OpenMatch's one-vs-all head), made and built once by
+        the constructor: [(layer, its EMA copy)]. Their weights are trained with the net's, their
+        kernels decayed, averaged into the copy and checkpointed (attributes of the model).
+        None by default."""
+        return []
+
+    def trained_variables(self) -> list:
+        """What the optimizer trains: the net's trainable weights, then the heads'."""
+        return list(self.net.trainable_variables) + [
+            v for head, _ in self.heads for v in head.trainable_variables]
 
     @classmethod
     def hparam_table(cls) -> Dict[str, HParam]:
@@ -230,11 +248,11 @@ class SSLModel(keras.Model):
             # The inner optimizer counts only the steps it applied.
             counter = tf_variable(self.optimizer.inner_optimizer.iterations)
             before = counter.read_value()
-            self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
+            self.optimizer.apply_gradients(zip(grads, self.trained_variables()))
             applied = tf.cast(counter.read_value() > before, tf.float32)
             decay, ema_rate = 1.0 - applied * (self.wd * self.lr), applied * ema_rate
         else:
-            self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
+            self.optimizer.apply_gradients(zip(grads, self.trained_variables()))
 
         def update(strategy, decay, ema_rate):
             for kernel in self._decayed:
@@ -293,7 +311,7 @@ class SSLModel(keras.Model):
         with tf.GradientTape() as tape:
             loss, scalars = self.train_loss(labeled, unlabeled, step, draws)
             scaled_loss = self.scale_loss(loss)
-        return tape.gradient(scaled_loss, self.net.trainable_variables), scalars
+        return tape.gradient(scaled_loss, self.trained_variables()), scalars
 
     def train_loss(self, labeled, unlabeled, step, draws):
         """(loss, {tag: scalar}) of this replica's batch, every value as this replica's share
