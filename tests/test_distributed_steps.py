@@ -128,7 +128,10 @@ def test_two_replicas_equal_one_device_on_the_global_batch(results, algorithm):
     for g1, g2 in zip(one["grads"], two["grads"]):          # summed over the 2 replicas
         for name, a, c in zip(names, g1, g2):
             a, c = np.asarray(a), np.asarray(c)
-            np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6, err_msg=name)
+            # A conv bias's true gradient is 0 (conv_bias): float32 noise, ~1e-6 with OpenMatch's
+            # five loss terms.
+            atol = 1e-5 if conv_bias(name) else 1e-6
+            np.testing.assert_allclose(c, a, rtol=1e-4, atol=atol, err_msg=name)
     n = len(names)
     for i, (w1, w2) in enumerate(zip(one["weights"], two["weights"])):
         if not conv_bias(names[i % n]):
