@@ -60,6 +60,7 @@ REGISTRY: Dict[str, Algorithm] = {
     "fully_supervised": Algorithm("realmix_tf.fully_supervised", "FullySupervised"),
     "fixmatch": Algorithm("realmix_tf.fixmatch", "FixMatch"),
     "iomatch": Algorithm("realmix_tf.iomatch", "IOMatch"),
+    "openmatch": Algorithm("realmix_tf.openmatch", "OpenMatch"),
 }
 
 

@@ -198,6 +198,16 @@ def build_experiments() -> List[Experiment]:
                       f"cifar6_mismatch50.{{seed}}@{n}-{{nvalid}}", iomatch, std,
                       note="Li et al. 2023, Table 1, closed-set (the same 6 animal classes; "
                       "unlabeled there: all 50k images, 40 % unknown; 2^18 steps; SGD, not Adam)"))
+    # OpenMatch: OP_Match run_cifar10.sh (mu 2, lambda_oem 0.1, lambda_socr 0.5, threshold 0,
+    # T 1); an epoch there = 1024 steps x 64 labeled images = 64 kimg, so start_fix 10 epochs =
+    # 640 kimg and its 512 epochs = the 32768 kimg of every command here.
+    openmatch = (("uratio", "2"), ("threshold", "0"), ("temperature", "1"), ("lambda_oem", "0.1"),
+                 ("lambda_socr", "0.5"), ("start_fix_kimg", "640"))
+    e.append(_ssl(7, "OpenMatch", "6/4 classes, 400 labels", 5.9, "realmix_tf.openmatch",
+                  "cifar6_mismatch50.{seed}@2400-{nvalid}", openmatch,
+                  note="Saito et al. 2021, Table 1 (94.1 % accuracy); its unlabeled set holds "
+                  "the rest of all 10 classes (~42 % unknowns), here 50 % mismatch; Adam and "
+                  "decoupled wd here, not its SGD-Nesterov, cosine lr, L2 5e-4"))
     return e
 
 

@@ -11,12 +11,12 @@ from realmix_tf import registry
 from tests.two_devices import run_script
 
 # Hyper-parameters a short test needs, by name, for whichever algorithm declares them (ramps
-# at full weight, the OOD mask and TSA on; VAT's finite-difference step above float32 rounding:
-# at libml's 1e-6 the power iteration's direction is rounding noise, different for any two
-# summation orders, as test_pi_vat explains): every registered algorithm is built from the
-# registry.
+# at full weight, the OOD mask and TSA on, OpenMatch's FixMatch loss from the start; VAT's
+# finite-difference step above float32 rounding: at libml's 1e-6 the power iteration's
+# direction is rounding noise, different for any two summation orders, as test_pi_vat
+# explains): every registered algorithm is built from the registry.
 TEST_HPARAMS = dict(warmup_kimg=0, w_match=10.0, gamma=0.5, tsa="linear", train_kimg=0.0625,
-                    warmup_pos=0.5, vat_xi=1e-1,
+                    warmup_pos=0.5, vat_xi=1e-1, start_fix_kimg=0,    # OpenMatch: L_fix on
                     op_start_kimg=0, p_cutoff=0.0, q_cutoff=0.0)   # IOMatch: every term on
 # Settings of a registered algorithm that change its step, checked too.
 VARIANTS = {"realmix_prototype": ("realmix", dict(ood_score="prototype"))}
@@ -128,7 +128,10 @@ def test_two_replicas_equal_one_device_on_the_global_batch(results, algorithm):
     for g1, g2 in zip(one["grads"], two["grads"]):          # summed over the 2 replicas
         for name, a, c in zip(names, g1, g2):
             a, c = np.asarray(a), np.asarray(c)
-            np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6, err_msg=name)
+            # A conv bias's true gradient is 0 (conv_bias): float32 noise, ~1e-6 with OpenMatch's
+            # five loss terms.
+            atol = 1e-5 if conv_bias(name) else 1e-6
+            np.testing.assert_allclose(c, a, rtol=1e-4, atol=atol, err_msg=name)
     n = len(names)
     for i, (w1, w2) in enumerate(zip(one["weights"], two["weights"])):
         if not conv_bias(names[i % n]):

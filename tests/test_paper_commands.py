@@ -49,6 +49,7 @@ PAPER = {
     (6, "RealMix w/o OODMask"): {"75% mismatch": 22.70},
     (7, "FixMatch (RA)"): {"250 labels": (5.07, 0.65), "4000 labels": (4.26, 0.05)},   # its paper
     (7, "IOMatch"): {"6/4 split, 150 labels": (6.13, 0.16), "6/4 split, 24 labels": (10.32, 2.04)},
+    (7, "OpenMatch"): {"6/4 classes, 400 labels": 5.9},     # Saito et al. 2021, Table 1
 }
 
 
@@ -83,7 +84,7 @@ def test_dataset_names_parse_and_flags_exist_in_the_target_modules():
                        "data_prep.extend_unlabeled", "realmix_tf.realmix", "realmix_tf.mixmatch",
                        "realmix_tf.mean_teacher", "realmix_tf.supervised", "realmix_tf.fully_supervised",
                        "realmix_tf.pi_model", "realmix_tf.vat", "realmix_tf.fixmatch",
-                       "realmix_tf.iomatch", "runs.extract_accuracy"}
+                       "realmix_tf.iomatch", "realmix_tf.openmatch", "runs.extract_accuracy"}
     accepted = {m: pc.module_flags(m) for m in modules}
     assert "gamma" in accepted["realmix_tf.realmix"] and "gamma" not in accepted["realmix_tf.mixmatch"]
     assert "extend" not in accepted["realmix_tf.supervised"]

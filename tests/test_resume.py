@@ -43,6 +43,7 @@ def tiny_config(toy, train_dir, **overrides):
 def all_weights(trainer):
     model = trainer.model
     variables = model.net.weights + model.ema_net.weights + list(model.optimizer.variables)
+    variables += [v for pair in model.head_pairs for layer in pair for v in layer.weights]
     return [v.numpy() for v in variables] + [model.step.numpy()]
 
 

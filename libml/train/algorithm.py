@@ -24,6 +24,7 @@ the reported scalars. An algorithm (realmix_tf/<algo>.py) writes only:
     unlabeled = Unlabeled(views=("weak", "strong"), ratio=7)   # its data; None: labeled only
     def train_loss(self, labeled, unlabeled, step, draws) -> (loss, {tag: this replica's share})
     def draws(self, step, batch) -> dict     # optional: random draws of the global batch
+    def build_heads(self) -> [(layer, EMA copy)]  # optional: trained layers beside the net
 
 `from_config(info, config)` builds it for the trainer.
 """
@@ -143,10 +144,10 @@ class SSLModel(keras.Model):
         self.net = WideResNet(seed=self.seed, name="net", **arch).build_for(self.image_shape)
         self.ema_net = WideResNet(seed=self.seed, name="ema_net", **arch).build_for(
             self.image_shape)
-        heads = self.build_heads()     # [(live, ema)] layers besides the nets (none by default)
+        self.head_pairs = self.build_heads()   # [(live, ema)] layers beside the nets (none by default)
         self._trained = list(self.net.trainable_variables) + [
-            v for live, _ in heads for v in live.trainable_variables]
-        self._ema_pairs = [pair for live, ema in [(self.net, self.ema_net)] + heads
+            v for live, _ in self.head_pairs for v in live.trainable_variables]
+        self._ema_pairs = [pair for live, ema in [(self.net, self.ema_net)] + self.head_pairs
                            for pair in zip(ema.trainable_variables, live.trainable_variables)]
         self._bn_pairs = [(e, n) for le, ln in zip(self.ema_net.bn_layers(), self.net.bn_layers())
                           for e, n in ((le.moving_mean, ln.moving_mean),
@@ -166,11 +167,16 @@ class SSLModel(keras.Model):
         self._losses_and_gradients = self.maybe_jit(self._loss_and_gradients)
 
     def build_heads(self) -> list:
-        """Keras layers the algorithm adds beside `net` (IOMatch's heads), as [(live, ema)]
-        pairs, built and made attributes of the model (so checkpointed): the live layer's
-        weights train with the net's (Adam, decoupled decay of kernels), the ema layer holds
-        their EMA shadows. Called by the constructor once the nets exist; none by default."""
+        """Keras layers the algorithm adds beside `net` (OpenMatch's one-vs-all head, IOMatch's
+        heads), as [(live, ema)] pairs, built and made attributes of the model (so checkpointed):
+        the live layer's weights train with the net's (Adam, decoupled decay of kernels), the ema
+        layer holds their EMA shadows. Called by the constructor once the nets exist; none by
+        default. The model keeps them as `head_pairs`."""
         return []
+
+    def trained_variables(self) -> list:
+        """What the optimizer trains: the net's trainable weights, then the heads'."""
+        return list(self._trained)
 
     @classmethod
     def hparam_table(cls) -> Dict[str, HParam]:

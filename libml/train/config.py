@@ -28,8 +28,9 @@ PRECISION_CHOICES = {"none": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed
 PRECISIONS = tuple(PRECISION_CHOICES.values())       # Keras dtype policies of SSLModel
 SHORT_RUN_HORIZON = 10      # --short_run_scaling: decays keep e^-10 of the start after a run
 SHORT_RUN_RAMP = 0.25       # --short_run_scaling: warm-ups in kimg end by a quarter of the run
-KIMG_RAMPS = ("warmup_kimg", "op_start_kimg")   # hyper-parameters that are warm-ups in kimg
-                                # (MixMatch, RealMix, IOMatch; the others': fractions of --train_kimg)
+KIMG_RAMPS = ("warmup_kimg", "op_start_kimg", "start_fix_kimg")   # hyper-parameters that are
+        # warm-ups in kimg (MixMatch, RealMix; IOMatch's open-set start; OpenMatch's start_fix;
+        # the others' ramps are fractions of --train_kimg)
 
 
 def whole_kimg(value):
