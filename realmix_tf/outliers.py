@@ -41,7 +41,7 @@ from realmix_tf import ood_share
 
 from libml.data import records
 from libml.base.errors import UserError
-from libml.base.files import atomic_path, check_overwrite, read_json, write_json
+from libml.base.files import atomic_path, check_overwrite, read_json, text_cell, write_json
 from libml.data.names import data_dir, parse_dataset_name
 
 FLAGS = flags.FlagValues()
@@ -250,7 +250,6 @@ def analyse(features_labeled, labels_labeled, features_unlabeled, logits_unlabel
 def write_csv(path: str, result: dict, logits, nvalid: int, class_names, truth, sources=()) -> None:
     """ood_score = 1 - the similarity score: the cosine distance to the nearest prototype (or
     labeled image, with the knn score). sources: the image file of each record ("" unknown)."""
-    from realmix_tf.predict import text_cell
     probs = np.exp(logits - logits.max(1, keepdims=True))
     probs /= probs.sum(1, keepdims=True)
     predicted = probs.argmax(1)

@@ -32,7 +32,7 @@ from libml.data import images
 
 from libml.export import saved_model_check
 from libml.base.errors import UserError, first_line
-from libml.base.files import atomic_path, check_overwrite, progress, read_json
+from libml.base.files import atomic_path, check_overwrite, progress, read_json, text_cell
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("model", "", "Export folder, run folder, .keras file or SavedModel folder.",
@@ -217,16 +217,6 @@ def predict_files(model: str, specs, output: str, batch: int = 256, overwrite: b
         print(f"ood: {int(np.sum(ood[0] > ood[1].threshold))} of {len(rows)} images above the "
               f"threshold (ood = out)", file=sys.stderr)
     return summary
-
-
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def text_cell(text: str) -> str:
-    """`text` for a CSV cell that a spreadsheet shows as text: a leading = + - @ (or tab, CR),
-    which would make it a formula, is preceded by a quote (OWASP's CSV injection advice)."""
-    text = str(text)
-    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def _write_csv(output, names, probs, class_names, overwrite, ood=None):

@@ -118,6 +118,16 @@ def remove_stale_temps(folder: str, recursive: bool = True, min_age: float = STA
     return sorted(removed)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text_cell(text: str) -> str:
+    """`text` for a CSV cell that a spreadsheet shows as text: a leading = + - @ (or tab, CR),
+    which would make it a formula, is preceded by a quote (OWASP's CSV injection advice)."""
+    text = str(text)
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
+
+
 def write_json(path: str, value, overwrite: bool = False) -> None:
     """Writes JSON atomically (sorted keys, 2-space indent, numpy scalars as numbers)."""
     with atomic_path(path, overwrite) as tmp:

@@ -145,6 +145,7 @@ class SSLModel(keras.Model):
         self.ema_net = WideResNet(seed=self.seed, name="ema_net", **arch).build_for(
             self.image_shape)
         self.head_pairs = self.build_heads()   # [(live, ema)] layers beside the nets (none by default)
+        # What the optimizer trains: the net's trainable weights, then the heads'.
         self._trained = list(self.net.trainable_variables) + [
             v for live, _ in self.head_pairs for v in live.trainable_variables]
         self._ema_pairs = [pair for live, ema in [(self.net, self.ema_net)] + self.head_pairs
@@ -173,10 +174,6 @@ class SSLModel(keras.Model):
         layer holds their EMA shadows. Called by the constructor once the nets exist; none by
         default. The model keeps them as `head_pairs`."""
         return []
-
-    def trained_variables(self) -> list:
-        """What the optimizer trains: the net's trainable weights, then the heads'."""
-        return list(self._trained)
 
     @classmethod
     def hparam_table(cls) -> Dict[str, HParam]:
